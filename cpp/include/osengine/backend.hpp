@@ -1,0 +1,27 @@
+// Backends and runtime CPU dispatch.
+#pragma once
+#include <string>
+
+namespace osengine {
+
+// automatic: the fastest backend this machine supports for the data's device.
+// reference: scalar C++, the oracle every optimized kernel is tested against.
+// avx2:      x86-64 AVX2 + FMA kernels (runtime-checked; UnsupportedError where the CPU lacks them).
+// cuda:      NVIDIA GPUs (its own build option).
+enum class Backend { automatic, reference, avx2, cuda };
+
+const char* backend_name(Backend backend);
+Backend parse_backend(const std::string& name);  // "auto", "reference", "avx2", "cuda"
+
+// Whether the running CPU has AVX2 + FMA and this build contains the AVX2 kernels.
+bool cpu_has_avx2();
+// The backend `automatic` resolves to for CPU data.
+Backend best_cpu_backend();
+// Resolve `automatic`; throw UnsupportedError for a backend that cannot run here.
+Backend resolve_cpu_backend(Backend requested, const char* op);
+
+// Threads used by the CPU kernels (OpenMP). 0 restores the default (all cores).
+void set_num_threads(int num_threads);
+int get_num_threads();
+
+}  // namespace osengine

@@ -1,0 +1,54 @@
+// Quantized weights packed once, at load time, into one backend's GEMM layout.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "osengine/backend.hpp"
+#include "osengine/tensor.hpp"
+
+namespace osengine {
+
+class PackedWeights {
+ public:
+  // weights: int8 codes [N, K] (bits = 8, values in [-127, 127]: symmetric int8 never produces -128, and the AVX2
+  // kernel's exactness relies on it) or int4 [N, K/2] packed as in int4.hpp (bits = 4, values in [-8, 7]).
+  // group_size: 0 (per-channel / per-tensor scales) or a divisor of K (per-group scales, and the
+  // zero-point column sums are kept per group). backend: the layout to pack for (automatic = fastest here).
+  static PackedWeights pack(const TensorView& weights, int bits, std::int64_t group_size = 0,
+                            Backend backend = Backend::automatic);
+
+  std::int64_t n() const { return n_; }
+  std::int64_t k() const { return k_; }
+  int bits() const { return bits_; }
+  std::int64_t group_size() const { return group_size_; }
+  std::int64_t num_groups() const { return group_size_ > 0 ? k_ / group_size_ : 1; }
+  Backend backend() const { return backend_; }
+
+  // sum_k W[n, k] per group: [num_groups, N] int32 (row-major). Used for the activation zero-point correction.
+  const std::vector<std::int32_t>& column_sums() const { return column_sums_; }
+  // Bytes held by the packed layout (weights only).
+  std::size_t nbytes() const { return data_.size(); }
+  // Recover the int8 codes [N, K]: out must be an int8 [N, K] contiguous view.
+  void unpack(const TensorView& out) const;
+
+  // Layout-specific storage; read by the kernels.
+  const std::uint8_t* data() const { return data_.data(); }
+  std::int64_t padded_n() const { return padded_n_; }
+  std::int64_t padded_k() const { return padded_k_; }
+
+  PackedWeights() = default;
+
+ private:
+  friend struct PackedWeightsBuilder;
+  std::int64_t n_ = 0, k_ = 0, padded_n_ = 0, padded_k_ = 0, group_size_ = 0;
+  int bits_ = 8;
+  Backend backend_ = Backend::reference;
+  std::vector<std::uint8_t> data_;
+  std::vector<std::int32_t> column_sums_;
+};
+
+// Column sums of int8 codes [N, K] per group: out int32 [num_groups, N].
+void column_sums(const TensorView& weights_int8, std::int64_t group_size, const TensorView& out);
+
+}  // namespace osengine

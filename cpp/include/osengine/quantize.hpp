@@ -1,0 +1,48 @@
+// Activation quantization with a fused OS+ shift and scale:
+//
+//     y = (x - shift[k]) / smooth_scale[k]                 (both optional, per channel k of K)
+//     q = clamp(round_half_even(y / delta) + zero_point, qmin, qmax)      stored as int8
+//
+// bits in 2..8. Symmetric: codes in [-(2^(b-1)-1), 2^(b-1)-1], zero_point == 0.
+// Asymmetric: codes in [-2^(b-1), 2^(b-1)-1] with an integer zero_point in that range, so that
+// x ~= delta * (q - zero_point); this keeps every bit width in a signed int8 (for b = 8 it is uint8 minus 128).
+//
+// Groups: group_size G (0 = one group spanning the row) splits each row into K/G groups with their own delta/zp.
+// All arithmetic is IEEE fp32 in the order written above (true divisions), so every backend gives identical codes.
+#pragma once
+#include <cstdint>
+
+#include "osengine/backend.hpp"
+#include "osengine/tensor.hpp"
+
+namespace osengine {
+
+struct QuantizeOptions {
+  int bits = 8;
+  bool symmetric = true;
+  std::int64_t group_size = 0;
+  Backend backend = Backend::automatic;
+};
+
+// Static (calibrated) quantization. x: [M, K] float32 or bfloat16, contiguous.
+// shift, smooth_scale: optional float32 [K] (smooth_scale > 0). delta: float32 with one value, or [K/G] with groups.
+// zero_point: optional int32, same shape as delta (must be 0 for symmetric). out_codes: int8 [M, K].
+void quantize_static(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
+                     const TensorView& delta, const TensorView& zero_point, const TensorView& out_codes,
+                     const QuantizeOptions& options);
+
+// Dynamic per-token (per-row) quantization: delta and zero_point are computed from each row (or row group)
+// of y and written out. out_delta: float32 [M] or [M, K/G]; out_zero_point: int32, same shape (written as 0
+// for symmetric). Dynamic ranges always include 0. A row whose range is 0 gets delta = 1.
+void quantize_dynamic(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
+                      const TensorView& out_codes, const TensorView& out_delta, const TensorView& out_zero_point,
+                      const QuantizeOptions& options);
+
+// Code range of a bit width.
+struct CodeRange {
+  int qmin;
+  int qmax;
+};
+CodeRange code_range(int bits, bool symmetric);
+
+}  // namespace osengine

@@ -1,0 +1,77 @@
+#include "common/checks.hpp"
+
+#include <cmath>
+#include <sstream>
+
+namespace osengine::detail {
+
+std::string dtype_list(std::initializer_list<DType> dtypes) {
+  std::string text;
+  std::size_t i = 0;
+  for (DType d : dtypes) {
+    if (i++) text += (i == dtypes.size() ? " or " : ", ");
+    text += dtype_name(d);
+  }
+  return text;
+}
+
+void Checker::tensor(const TensorView& t, const std::string& argument, std::initializer_list<DType> dtypes,
+                     int ndim) const {
+  required(t, argument);
+  bool dtype_ok = false;
+  for (DType d : dtypes) dtype_ok = dtype_ok || d == t.dtype;
+  if (!dtype_ok) fail_type(argument, std::string("expected dtype ") + dtype_list(dtypes) + ", got " + dtype_name(t.dtype));
+  if (t.device != Device::cpu) fail_type(argument, "expected a CPU tensor (the CUDA backend is not built in)");
+  if (ndim >= 0 && t.ndim() != ndim)
+    fail(argument, "expected " + std::to_string(ndim) + " dimensions, got shape " + t.shape_string());
+  if (!t.is_contiguous()) fail_type(argument, "must be contiguous (row-major); got strides that are not");
+  if (t.numel() > 0 && t.data == nullptr) fail(argument, "has a null data pointer");
+}
+
+void Checker::dim_equals(const TensorView& t, const std::string& argument, int dim, std::int64_t expected,
+                         const std::string& meaning) const {
+  if (t.size(dim) != expected) {
+    std::ostringstream msg;
+    msg << "dimension " << dim << " must be " << expected << " (" << meaning << "), got shape " << t.shape_string();
+    fail(argument, msg.str());
+  }
+}
+
+void Checker::not_empty(const TensorView& t, const std::string& argument) const {
+  if (t.numel() == 0) fail(argument, "is empty (shape " + t.shape_string() + "); every dimension must be >= 1");
+}
+
+void Checker::positive_finite(const TensorView& t, const std::string& argument) const {
+  const float* p = t.ptr<const float>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (!(std::isfinite(p[i]) && p[i] > 0.0f)) {
+      std::ostringstream msg;
+      msg << "must be positive and finite; found " << p[i] << " at flat index " << i;
+      fail(argument, msg.str());
+    }
+  }
+}
+
+void Checker::finite(const TensorView& t, const std::string& argument) const {
+  const float* p = t.ptr<const float>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (!std::isfinite(p[i])) {
+      std::ostringstream msg;
+      msg << "must be finite; found " << p[i] << " at flat index " << i;
+      fail(argument, msg.str());
+    }
+  }
+}
+
+void Checker::int_range(const TensorView& t, const std::string& argument, std::int64_t lo, std::int64_t hi) const {
+  const std::int32_t* p = t.ptr<const std::int32_t>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (p[i] < lo || p[i] > hi) {
+      std::ostringstream msg;
+      msg << "values must lie in [" << lo << ", " << hi << "]; found " << p[i] << " at flat index " << i;
+      fail(argument, msg.str());
+    }
+  }
+}
+
+}  // namespace osengine::detail

@@ -1,0 +1,45 @@
+// Argument validation shared by the ops. Each check throws ArgumentError / DTypeError naming the argument.
+#pragma once
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "osengine/errors.hpp"
+#include "osengine/tensor.hpp"
+
+namespace osengine::detail {
+
+class Checker {
+ public:
+  explicit Checker(const char* op) : op_(op) {}
+
+  [[noreturn]] void fail(const std::string& argument, const std::string& what) const {
+    throw ArgumentError(op_, argument, what);
+  }
+  [[noreturn]] void fail_type(const std::string& argument, const std::string& what) const {
+    throw DTypeError(op_, argument, what);
+  }
+
+  // Given, on the CPU, contiguous, of one of the dtypes, with `ndim` dimensions (-1: any).
+  void tensor(const TensorView& t, const std::string& argument, std::initializer_list<DType> dtypes,
+              int ndim = -1) const;
+  void required(const TensorView& t, const std::string& argument) const {
+    if (!t.defined()) fail(argument, "is required");
+  }
+  void dim_equals(const TensorView& t, const std::string& argument, int dim, std::int64_t expected,
+                  const std::string& meaning) const;
+  void not_empty(const TensorView& t, const std::string& argument) const;
+  // Every element finite and > 0.
+  void positive_finite(const TensorView& t, const std::string& argument) const;
+  void finite(const TensorView& t, const std::string& argument) const;
+  void int_range(const TensorView& t, const std::string& argument, std::int64_t lo, std::int64_t hi) const;
+
+  const char* op() const { return op_; }
+
+ private:
+  const char* op_;
+};
+
+std::string dtype_list(std::initializer_list<DType> dtypes);
+
+}  // namespace osengine::detail

@@ -1,0 +1,56 @@
+#include <string>
+
+#include "osengine/backend.hpp"
+#include "osengine/errors.hpp"
+
+namespace osengine {
+
+const char* backend_name(Backend backend) {
+  switch (backend) {
+    case Backend::automatic: return "auto";
+    case Backend::reference: return "reference";
+    case Backend::avx2: return "avx2";
+    case Backend::cuda: return "cuda";
+  }
+  return "unknown";
+}
+
+Backend parse_backend(const std::string& name) {
+  if (name == "auto") return Backend::automatic;
+  if (name == "reference") return Backend::reference;
+  if (name == "avx2") return Backend::avx2;
+  if (name == "cuda") return Backend::cuda;
+  throw ArgumentError("parse_backend", "backend",
+                      "unknown backend '" + name + "'; expected 'auto', 'reference', 'avx2' or 'cuda'");
+}
+
+bool cpu_has_avx2() {
+#if defined(OSENGINE_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+Backend best_cpu_backend() { return cpu_has_avx2() ? Backend::avx2 : Backend::reference; }
+
+Backend resolve_cpu_backend(Backend requested, const char* op) {
+  switch (requested) {
+    case Backend::automatic: return best_cpu_backend();
+    case Backend::reference: return Backend::reference;
+    case Backend::avx2:
+      if (!cpu_has_avx2())
+        throw UnsupportedError(std::string("osengine.") + op +
+                               ": backend 'avx2' needs a CPU with AVX2 and FMA and a build with the AVX2 kernels");
+      return Backend::avx2;
+    case Backend::cuda:
+      throw UnsupportedError(std::string("osengine.") + op + ": backend 'cuda' is not built into this osengine");
+  }
+  return Backend::reference;
+}
+
+}  // namespace osengine

@@ -1,0 +1,75 @@
+// The contract between the ops (validation, dispatch) and the backends' kernels. Kernels receive validated,
+// contiguous raw buffers and never throw for data-dependent reasons; they report what they found instead.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "osengine/gemm.hpp"
+#include "osengine/packed_weights.hpp"
+#include "osengine/tensor.hpp"
+
+namespace osengine::detail {
+
+struct QuantizeProblem {
+  const void* x = nullptr;     // [m, k] float32 or bfloat16 (x_dtype)
+  DType x_dtype = DType::float32;
+  std::int64_t m = 0, k = 0;
+  const float* shift = nullptr;         // [k] or null
+  const float* smooth_scale = nullptr;  // [k] or null
+  std::int64_t group_size = 0;          // > 0, divides k (k itself when the op was given 0)
+  int qmin = 0, qmax = 0;
+  bool symmetric = true;
+  bool dynamic = false;
+  // static: one value per group (param_stride 1) or one value for all groups (param_stride 0)
+  const float* delta = nullptr;
+  const std::int32_t* zero_point = nullptr;  // null = 0
+  std::int64_t param_stride = 0;
+  // dynamic outputs: [m, k / group_size]
+  float* out_delta = nullptr;
+  std::int32_t* out_zero_point = nullptr;
+  std::int8_t* codes = nullptr;  // [m, k]
+};
+
+// Returns the first row whose transformed values y = (x - shift) / smooth_scale hold a NaN or Inf, or -1.
+// Rows after a non-finite one may or may not have been written.
+std::int64_t quantize_reference(const QuantizeProblem& problem);
+std::int64_t quantize_avx2(const QuantizeProblem& problem);
+
+struct GemmProblem {
+  const std::int8_t* a = nullptr;  // int8 [m, k], or int4 packed [m, k/2] for int4_packed
+  ActivationFormat a_format = ActivationFormat::int8;
+  std::int64_t m = 0, n = 0, k = 0;
+  const PackedWeights* weights = nullptr;
+  // Raw accumulator mode: when set, write sum_k A W^T as int32 [m, n] and ignore the epilogue below.
+  std::int32_t* out_accumulators = nullptr;
+  // Epilogue. Scales are addressed as base[row * stride_row + group * stride_group] (strides 0 broadcast).
+  const float* a_scale = nullptr;
+  std::int64_t a_scale_stride_m = 0, a_scale_stride_g = 0;
+  const std::int32_t* a_zero_point = nullptr;  // null = 0; same strides as a_scale
+  const float* w_scale = nullptr;
+  std::int64_t w_scale_stride_n = 0, w_scale_stride_g = 0;
+  const float* bias = nullptr;  // [n] or null
+  const void* residual = nullptr;  // [m, n] or null
+  DType residual_dtype = DType::float32;
+  Activation activation = Activation::none;
+  void* out = nullptr;  // [m, n]
+  DType out_dtype = DType::float32;
+};
+
+void gemm_reference(const GemmProblem& problem);
+void gemm_avx2(const GemmProblem& problem);
+
+// Weight layouts. `codes` are int8 [n, k] (int4 values already sign-extended to int8).
+struct WeightLayout {
+  std::vector<std::uint8_t> data;
+  std::int64_t padded_n = 0, padded_k = 0;
+};
+WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits);
+void unpack_weights_reference(const PackedWeights& weights, std::int8_t* codes);
+WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits);
+void unpack_weights_avx2(const PackedWeights& weights, std::int8_t* codes);
+
+// Applies the epilogue's activation (scalar); shared by the backends for their scalar tails.
+float apply_activation(Activation activation, float x);
+
+}  // namespace osengine::detail

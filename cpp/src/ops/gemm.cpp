@@ -1,0 +1,152 @@
+// Quantized GEMMs: validation and dispatch to the backend the weights were packed for.
+#include "osengine/gemm.hpp"
+
+#include <sstream>
+
+#include "common/checks.hpp"
+#include "kernels.hpp"
+
+namespace osengine {
+
+const char* activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::none: return "none";
+    case Activation::relu: return "relu";
+    case Activation::gelu: return "gelu";
+    case Activation::gelu_tanh: return "gelu_tanh";
+    case Activation::silu: return "silu";
+  }
+  return "unknown";
+}
+
+Activation parse_activation(const std::string& name) {
+  for (Activation a : {Activation::none, Activation::relu, Activation::gelu, Activation::gelu_tanh, Activation::silu})
+    if (name == activation_name(a)) return a;
+  throw ArgumentError("gemm", "activation",
+                      "unknown activation '" + name + "'; expected 'none', 'relu', 'gelu', 'gelu_tanh' or 'silu'");
+}
+
+namespace {
+
+void check_activations(const detail::Checker& check, const TensorView& a, ActivationFormat format,
+                       const PackedWeights& weights, detail::GemmProblem& p) {
+  if (weights.n() == 0) check.fail("weights", "is empty (default-constructed PackedWeights); create it with PackedWeights::pack");
+  if (format == ActivationFormat::int8) {
+    check.tensor(a, "a", {DType::int8}, 2);
+  } else {
+    check.tensor(a, "a", {DType::uint8, DType::int8}, 2);
+    if (weights.bits() != 4)
+      check.fail("a", "packed int4 activations (W4A4) need int4 weights; these weights are int" +
+                          std::to_string(weights.bits()));
+  }
+  check.not_empty(a, "a");
+  const std::int64_t k = format == ActivationFormat::int8 ? a.size(1) : a.size(1) * 2;
+  if (k != weights.k()) {
+    std::ostringstream msg;
+    msg << "K mismatch: a has K = " << k << (format == ActivationFormat::int4_packed ? " (packed int4: 2 per byte)" : "")
+        << " but the weights have K = " << weights.k();
+    check.fail("a", msg.str());
+  }
+  p.a = a.ptr<const std::int8_t>();
+  p.a_format = format;
+  p.m = a.size(0);
+  p.n = weights.n();
+  p.k = k;
+  p.weights = &weights;
+}
+
+// Validates a per-row (per-token / per-channel) and optionally per-group scale-like tensor and returns its strides.
+void scale_strides(const detail::Checker& check, const TensorView& t, const char* name, std::int64_t rows,
+                   const char* rows_meaning, std::int64_t groups, std::int64_t& stride_row, std::int64_t& stride_group) {
+  const std::int64_t count = t.numel();
+  if (count == 1) {
+    stride_row = stride_group = 0;
+  } else if (count == rows && (t.ndim() == 1 || (t.ndim() == 2 && t.size(1) == 1))) {
+    stride_row = 1;
+    stride_group = 0;
+  } else if (groups > 1 && t.ndim() == 2 && t.size(0) == rows && t.size(1) == groups) {
+    stride_row = groups;
+    stride_group = 1;
+  } else {
+    std::ostringstream msg;
+    msg << "must hold one value, one per " << rows_meaning << " ([" << rows << "])";
+    if (groups > 1) msg << " or one per " << rows_meaning << " and group ([" << rows << ", " << groups << "])";
+    msg << "; got shape " << t.shape_string();
+    if (groups == 1 && t.ndim() == 2 && t.size(0) == rows)
+      msg << " (per-group scales need weights packed with that group_size)";
+    check.fail(name, msg.str());
+  }
+}
+
+void dispatch(const detail::GemmProblem& p) {
+#ifdef OSENGINE_HAVE_AVX2_KERNELS
+  if (p.weights->backend() == Backend::avx2) return detail::gemm_avx2(p);
+#endif
+  detail::gemm_reference(p);
+}
+
+}  // namespace
+
+void gemm(const GemmArgs& args, const PackedWeights& weights) {
+  const detail::Checker check("gemm");
+  detail::GemmProblem p;
+  check_activations(check, args.a, args.a_format, weights, p);
+  const std::int64_t groups = weights.num_groups();
+
+  check.tensor(args.a_scale, "a_scale", {DType::float32});
+  scale_strides(check, args.a_scale, "a_scale", p.m, "token (row of a)", groups, p.a_scale_stride_m, p.a_scale_stride_g);
+  check.positive_finite(args.a_scale, "a_scale");
+  p.a_scale = args.a_scale.ptr<const float>();
+  if (args.a_zero_point.defined()) {
+    check.tensor(args.a_zero_point, "a_zero_point", {DType::int32});
+    if (args.a_zero_point.shape != args.a_scale.shape)
+      check.fail("a_zero_point", "must have the shape of a_scale " + args.a_scale.shape_string() + ", got " +
+                                     args.a_zero_point.shape_string());
+    if (args.a_format == ActivationFormat::int8)
+      check.int_range(args.a_zero_point, "a_zero_point", -128, 127);
+    else
+      check.int_range(args.a_zero_point, "a_zero_point", -8, 7);
+    p.a_zero_point = args.a_zero_point.ptr<const std::int32_t>();
+  }
+  check.tensor(args.w_scale, "w_scale", {DType::float32});
+  scale_strides(check, args.w_scale, "w_scale", p.n, "output channel (row of the weights)", groups, p.w_scale_stride_n,
+                p.w_scale_stride_g);
+  check.positive_finite(args.w_scale, "w_scale");
+  p.w_scale = args.w_scale.ptr<const float>();
+  if (args.bias.defined()) {
+    check.tensor(args.bias, "bias", {DType::float32}, 1);
+    check.dim_equals(args.bias, "bias", 0, p.n, "N, one value per output channel");
+    check.finite(args.bias, "bias");
+    p.bias = args.bias.ptr<const float>();
+  }
+  if (args.residual.defined()) {
+    check.tensor(args.residual, "residual", {DType::float32, DType::bfloat16}, 2);
+    if (args.residual.size(0) != p.m || args.residual.size(1) != p.n)
+      check.fail("residual", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
+                                 args.residual.shape_string());
+    p.residual = args.residual.data;
+    p.residual_dtype = args.residual.dtype;
+  }
+  check.tensor(args.out, "out", {DType::float32, DType::bfloat16}, 2);
+  if (args.out.size(0) != p.m || args.out.size(1) != p.n)
+    check.fail("out", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
+                          args.out.shape_string());
+  p.out = args.out.data;
+  p.out_dtype = args.out.dtype;
+  p.activation = args.activation;
+  dispatch(p);
+}
+
+void gemm_accumulate(const TensorView& a, ActivationFormat a_format, const PackedWeights& weights, const TensorView& out) {
+  const detail::Checker check("gemm_accumulate");
+  detail::GemmProblem p;
+  check_activations(check, a, a_format, weights, p);
+  check.tensor(out, "out", {DType::int32}, 2);
+  if (out.size(0) != p.m || out.size(1) != p.n)
+    check.fail("out", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
+                          out.shape_string());
+  p.out_accumulators = out.ptr<std::int32_t>();
+  dispatch(p);
+}
+
+}  // namespace osengine

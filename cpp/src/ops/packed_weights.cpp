@@ -1,0 +1,109 @@
+#include "osengine/packed_weights.hpp"
+
+#include <sstream>
+
+#include "common/checks.hpp"
+#include "kernels.hpp"
+#include "osengine/int4.hpp"
+
+namespace osengine {
+
+namespace {
+
+void compute_column_sums(const std::int8_t* codes, std::int64_t n, std::int64_t k, std::int64_t group_size,
+                         std::int32_t* out) {
+  const std::int64_t group = group_size > 0 ? group_size : k;
+  const std::int64_t groups = k / group;
+  for (std::int64_t g = 0; g < groups; ++g)
+    for (std::int64_t row = 0; row < n; ++row) {
+      std::int32_t sum = 0;
+      for (std::int64_t i = g * group; i < (g + 1) * group; ++i) sum += codes[row * k + i];
+      out[g * n + row] = sum;
+    }
+}
+
+}  // namespace
+
+struct PackedWeightsBuilder {
+  static PackedWeights build(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
+                             std::int64_t group_size, Backend backend) {
+    PackedWeights w;
+    w.n_ = n;
+    w.k_ = k;
+    w.bits_ = bits;
+    w.group_size_ = group_size;
+    w.backend_ = backend;
+    w.column_sums_.resize(static_cast<std::size_t>(w.num_groups() * n));
+    compute_column_sums(codes, n, k, group_size, w.column_sums_.data());
+    detail::WeightLayout layout;
+#ifdef OSENGINE_HAVE_AVX2_KERNELS
+    if (backend == Backend::avx2)
+      layout = detail::pack_weights_avx2(codes, n, k, bits);
+    else
+#endif
+      layout = detail::pack_weights_reference(codes, n, k, bits);
+    w.data_ = std::move(layout.data);
+    w.padded_n_ = layout.padded_n;
+    w.padded_k_ = layout.padded_k;
+    return w;
+  }
+};
+
+PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int64_t group_size, Backend backend) {
+  const detail::Checker check("pack_weights");
+  if (bits != 8 && bits != 4) check.fail("bits", "must be 8 or 4, got " + std::to_string(bits));
+  check.tensor(weights, "weights", bits == 8 ? std::initializer_list<DType>{DType::int8}
+                                              : std::initializer_list<DType>{DType::uint8, DType::int8}, 2);
+  check.not_empty(weights, "weights");
+  const std::int64_t n = weights.size(0);
+  const std::int64_t k = bits == 8 ? weights.size(1) : weights.size(1) * 2;
+  if (k > 65536) check.fail("weights", "K must be <= 65536 so that int32 accumulation stays exact, got K = " + std::to_string(k));
+  if (group_size < 0) check.fail("group_size", "must be >= 0 (0 = no groups)");
+  if (group_size > 0 && k % group_size != 0) {
+    std::ostringstream msg;
+    msg << "must divide K = " << k << ", got " << group_size;
+    check.fail("group_size", msg.str());
+  }
+  if (group_size > 0 && group_size % 2 != 0) check.fail("group_size", "must be even, got " + std::to_string(group_size));
+  const Backend resolved = resolve_cpu_backend(backend, "pack_weights");
+
+  std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
+  if (bits == 8) {
+    const auto* src = weights.ptr<const std::int8_t>();
+    for (std::int64_t i = 0; i < n * k; ++i) {
+      if (src[i] == -128)
+        check.fail("weights", "int8 weight codes must lie in [-127, 127] (symmetric quantization); found -128 at row " +
+                                  std::to_string(i / k) + ", column " + std::to_string(i % k));
+      codes[static_cast<std::size_t>(i)] = src[i];
+    }
+  } else {
+    unpack_int4(weights, TensorView(codes.data(), DType::int8, {n, k}));
+  }
+  return PackedWeightsBuilder::build(codes.data(), n, k, bits, group_size, resolved);
+}
+
+void PackedWeights::unpack(const TensorView& out) const {
+  const detail::Checker check("PackedWeights.unpack");
+  check.tensor(out, "out", {DType::int8}, 2);
+  if (out.size(0) != n_ || out.size(1) != k_)
+    check.fail("out", "must have shape [" + std::to_string(n_) + ", " + std::to_string(k_) + "], got " + out.shape_string());
+#ifdef OSENGINE_HAVE_AVX2_KERNELS
+  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, out.ptr<std::int8_t>());
+#endif
+  detail::unpack_weights_reference(*this, out.ptr<std::int8_t>());
+}
+
+void column_sums(const TensorView& weights_int8, std::int64_t group_size, const TensorView& out) {
+  const detail::Checker check("column_sums");
+  check.tensor(weights_int8, "weights", {DType::int8}, 2);
+  const std::int64_t n = weights_int8.size(0), k = weights_int8.size(1);
+  if (group_size < 0 || (group_size > 0 && k % group_size != 0))
+    check.fail("group_size", "must be 0 or divide K = " + std::to_string(k) + ", got " + std::to_string(group_size));
+  const std::int64_t groups = group_size > 0 ? k / group_size : 1;
+  check.tensor(out, "out", {DType::int32}, 2);
+  if (out.size(0) != groups || out.size(1) != n)
+    check.fail("out", "must have shape [" + std::to_string(groups) + ", " + std::to_string(n) + "], got " + out.shape_string());
+  compute_column_sums(weights_int8.ptr<const std::int8_t>(), n, k, group_size, out.ptr<std::int32_t>());
+}
+
+}  // namespace osengine

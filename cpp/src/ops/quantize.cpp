@@ -1,0 +1,146 @@
+// Activation quantization: validation and dispatch.
+#include "osengine/quantize.hpp"
+
+#include <sstream>
+
+#include "common/checks.hpp"
+#include "common/float_math.hpp"
+#include "kernels.hpp"
+#include "osengine/errors.hpp"
+
+namespace osengine {
+
+CodeRange code_range(int bits, bool symmetric) {
+  const int half = 1 << (bits - 1);
+  return symmetric ? CodeRange{-(half - 1), half - 1} : CodeRange{-half, half - 1};
+}
+
+namespace {
+
+detail::QuantizeProblem common_problem(const detail::Checker& check, const TensorView& x, const TensorView& shift,
+                                       const TensorView& smooth_scale, const TensorView& out_codes,
+                                       const QuantizeOptions& options) {
+  if (options.bits < 2 || options.bits > 8)
+    check.fail("bits", "must be in 2..8, got " + std::to_string(options.bits));
+  check.tensor(x, "x", {DType::float32, DType::bfloat16}, 2);
+  check.not_empty(x, "x");
+  const std::int64_t m = x.size(0), k = x.size(1);
+  if (options.group_size < 0) check.fail("group_size", "must be >= 0 (0 = no groups)");
+  if (options.group_size > 0 && k % options.group_size != 0) {
+    std::ostringstream msg;
+    msg << "must divide K = " << k << " (the last dimension of x), got " << options.group_size;
+    check.fail("group_size", msg.str());
+  }
+  for (const auto* arg : {&shift, &smooth_scale}) {
+    if (!arg->defined()) continue;
+    const char* name = arg == &shift ? "shift" : "smooth_scale";
+    check.tensor(*arg, name, {DType::float32}, 1);
+    check.dim_equals(*arg, name, 0, k, "K, one value per channel of x");
+  }
+  if (shift.defined()) check.finite(shift, "shift");
+  if (smooth_scale.defined()) check.positive_finite(smooth_scale, "smooth_scale");
+  check.tensor(out_codes, "out_codes", {DType::int8}, 2);
+  if (out_codes.size(0) != m || out_codes.size(1) != k)
+    check.fail("out_codes", "must have the shape of x " + x.shape_string() + ", got " + out_codes.shape_string());
+
+  detail::QuantizeProblem p;
+  p.x = x.data;
+  p.x_dtype = x.dtype;
+  p.m = m;
+  p.k = k;
+  p.shift = shift.defined() ? shift.ptr<const float>() : nullptr;
+  p.smooth_scale = smooth_scale.defined() ? smooth_scale.ptr<const float>() : nullptr;
+  p.group_size = options.group_size > 0 ? options.group_size : k;
+  const CodeRange range = code_range(options.bits, options.symmetric);
+  p.qmin = range.qmin;
+  p.qmax = range.qmax;
+  p.symmetric = options.symmetric;
+  p.codes = out_codes.ptr<std::int8_t>();
+  return p;
+}
+
+std::int64_t run_quantize(const detail::QuantizeProblem& p, Backend backend, const char* op) {
+  switch (resolve_cpu_backend(backend, op)) {
+#ifdef OSENGINE_HAVE_AVX2_KERNELS
+    case Backend::avx2: return detail::quantize_avx2(p);
+#endif
+    default: return detail::quantize_reference(p);
+  }
+}
+
+[[noreturn]] void report_nonfinite(const detail::Checker& check, const detail::QuantizeProblem& p, std::int64_t row) {
+  for (std::int64_t col = 0; col < p.k; ++col) {
+    const std::int64_t i = row * p.k + col;
+    const float v = p.x_dtype == DType::bfloat16 ? detail::bf16_to_float(static_cast<const std::uint16_t*>(p.x)[i])
+                                                 : static_cast<const float*>(p.x)[i];
+    if (!std::isfinite(v)) {
+      std::ostringstream msg;
+      msg << "contains a non-finite value (" << v << ") at row " << row << ", column " << col
+          << "; activations must be finite";
+      check.fail("x", msg.str());
+    }
+  }
+  std::ostringstream msg;
+  msg << "(x - shift) / smooth_scale overflows to a non-finite value in row " << row
+      << " although x is finite there; check that smooth_scale is not tiny";
+  check.fail("smooth_scale", msg.str());
+}
+
+}  // namespace
+
+void quantize_static(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
+                     const TensorView& delta, const TensorView& zero_point, const TensorView& out_codes,
+                     const QuantizeOptions& options) {
+  const detail::Checker check("quantize_static");
+  detail::QuantizeProblem p = common_problem(check, x, shift, smooth_scale, out_codes, options);
+  const std::int64_t groups = p.k / p.group_size;
+  check.tensor(delta, "delta", {DType::float32});
+  if (delta.numel() != 1 && delta.numel() != groups) {
+    std::ostringstream msg;
+    msg << "must hold one value or one per group (" << groups << "), got shape " << delta.shape_string();
+    check.fail("delta", msg.str());
+  }
+  check.positive_finite(delta, "delta");
+  if (zero_point.defined()) {
+    check.tensor(zero_point, "zero_point", {DType::int32});
+    if (zero_point.numel() != delta.numel())
+      check.fail("zero_point", "must have as many values as delta (" + std::to_string(delta.numel()) + "), got shape " +
+                                   zero_point.shape_string());
+    if (options.symmetric)
+      check.int_range(zero_point, "zero_point", 0, 0);
+    else
+      check.int_range(zero_point, "zero_point", p.qmin, p.qmax);
+    p.zero_point = zero_point.ptr<const std::int32_t>();
+  }
+  p.delta = delta.ptr<const float>();
+  p.param_stride = delta.numel() == 1 ? 0 : 1;
+  p.dynamic = false;
+  const std::int64_t bad_row = run_quantize(p, options.backend, "quantize_static");
+  if (bad_row >= 0) report_nonfinite(check, p, bad_row);
+}
+
+void quantize_dynamic(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
+                      const TensorView& out_codes, const TensorView& out_delta, const TensorView& out_zero_point,
+                      const QuantizeOptions& options) {
+  const detail::Checker check("quantize_dynamic");
+  detail::QuantizeProblem p = common_problem(check, x, shift, smooth_scale, out_codes, options);
+  const std::int64_t groups = p.k / p.group_size;
+  check.tensor(out_delta, "out_delta", {DType::float32});
+  check.tensor(out_zero_point, "out_zero_point", {DType::int32});
+  for (const auto* arg : {&out_delta, &out_zero_point}) {
+    if (arg->numel() != p.m * groups) {
+      std::ostringstream msg;
+      msg << "must hold one value per row" << (groups > 1 ? " and group" : "") << " ([" << p.m;
+      if (groups > 1) msg << ", " << groups;
+      msg << "]), got shape " << arg->shape_string();
+      check.fail(arg == &out_delta ? "out_delta" : "out_zero_point", msg.str());
+    }
+  }
+  p.out_delta = out_delta.ptr<float>();
+  p.out_zero_point = out_zero_point.ptr<std::int32_t>();
+  p.dynamic = true;
+  const std::int64_t bad_row = run_quantize(p, options.backend, "quantize_dynamic");
+  if (bad_row >= 0) report_nonfinite(check, p, bad_row);
+}
+
+}  // namespace osengine

@@ -1,0 +1,59 @@
+"""osengine: Outlier Suppression+ quantization of transformer language models, with an int8 / int4 engine.
+
+The engine's ops (numpy arrays or torch tensors, no copies) are available at the top level; the quantization front
+end (`quantize`, `evaluate`, `load_model`) is imported lazily so that `import osengine` stays light.
+"""
+from __future__ import annotations
+
+from ._C import __version__
+from .ops import (
+    PackedWeights,
+    QuantizedActivations,
+    best_cpu_backend,
+    code_range,
+    column_sums,
+    cpu_has_avx2,
+    gemm,
+    gemm_accumulate,
+    gemm_w4a4,
+    get_num_threads,
+    pack_int4,
+    pack_weights,
+    set_num_threads,
+    unpack_int4,
+)
+from .ops import quantize as quantize_activations
+
+_FRONT_END = {"quantize": "api", "evaluate": "api", "load_model": "api"}
+
+
+def __getattr__(name: str):
+    module = _FRONT_END.get(name)
+    if module is None:
+        raise AttributeError(f"module 'osengine' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = [
+    "__version__",
+    "PackedWeights",
+    "QuantizedActivations",
+    "best_cpu_backend",
+    "code_range",
+    "column_sums",
+    "cpu_has_avx2",
+    "gemm",
+    "gemm_accumulate",
+    "gemm_w4a4",
+    "get_num_threads",
+    "pack_int4",
+    "pack_weights",
+    "quantize_activations",
+    "set_num_threads",
+    "unpack_int4",
+    "quantize",
+    "evaluate",
+    "load_model",
+]
