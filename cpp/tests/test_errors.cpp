@@ -1,0 +1,139 @@
+// Bad input gets an exception naming the op and the argument, never a crash or garbage.
+#include <cmath>
+#include <limits>
+
+#include "harness.hpp"
+#include "test_util.hpp"
+
+using namespace osengine;
+
+namespace {
+struct Fixture {
+  std::int64_t m = 2, n = 3, k = 8;
+  std::vector<float> x = std::vector<float>(16, 1.0f);
+  std::vector<std::int8_t> codes = std::vector<std::int8_t>(16, 1);
+  std::vector<std::int8_t> w = std::vector<std::int8_t>(24, 1);
+  std::vector<float> a_scale = {0.1f, 0.2f}, w_scale = {0.1f, 0.1f, 0.1f};
+  std::vector<float> out = std::vector<float>(6);
+  PackedWeights packed = PackedWeights::pack(view(w.data(), {3, 8}), 8, 0, Backend::reference);
+  GemmArgs args() {
+    GemmArgs g;
+    g.a = view(codes.data(), {m, k});
+    g.a_scale = view(a_scale.data(), {m});
+    g.w_scale = view(w_scale.data(), {n});
+    g.out = view(out.data(), {m, n});
+    return g;
+  }
+};
+const QuantizeOptions kDefault{8, false, 0, Backend::reference};
+}  // namespace
+
+TEST(quantize_rejects_bad_bits_groups_dtypes_and_shapes) {
+  Fixture f;
+  std::vector<float> d(2);
+  std::vector<std::int32_t> z(2);
+  auto run = [&](TensorView x, TensorView out, QuantizeOptions o) {
+    quantize_dynamic(x, {}, {}, out, view(d.data(), {2}), view(z.data(), {2}), o);
+  };
+  CHECK_THROWS(run(view(f.x.data(), {2, 8}), view(f.codes.data(), {2, 8}), QuantizeOptions{9, false, 0, Backend::reference}),
+               ArgumentError, "'bits': must be in 2..8");
+  CHECK_THROWS(run(view(f.x.data(), {2, 8}), view(f.codes.data(), {2, 8}), QuantizeOptions{8, false, 3, Backend::reference}),
+               ArgumentError, "'group_size': must divide K = 8");
+  CHECK_THROWS(run(TensorView(f.codes.data(), DType::int8, {2, 8}), view(f.codes.data(), {2, 8}), kDefault), DTypeError,
+               "'x': expected dtype float32 or bfloat16, got int8");
+  CHECK_THROWS(run(TensorView(f.x.data(), DType::float32, {2, 4}, {8, 2}), view(f.codes.data(), {2, 4}), kDefault),
+               DTypeError, "'x': must be contiguous");
+  CHECK_THROWS(run(view(f.x.data(), {0, 8}), view(f.codes.data(), {0, 8}), kDefault), ArgumentError, "'x': is empty");
+  CHECK_THROWS(run(view(f.x.data(), {2, 8}), view(f.codes.data(), {2, 7}), kDefault), ArgumentError, "'out_codes'");
+  CHECK_THROWS(run(view(f.x.data(), {16}), view(f.codes.data(), {2, 8}), kDefault), ArgumentError,
+               "'x': expected 2 dimensions");
+}
+
+TEST(quantize_rejects_non_finite_activations_and_bad_static_parameters) {
+  Fixture f;
+  f.x[11] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> d(2);
+  std::vector<std::int32_t> z(2);
+  CHECK_THROWS(quantize_dynamic(view(f.x.data(), {2, 8}), {}, {}, view(f.codes.data(), {2, 8}), view(d.data(), {2}),
+                                view(z.data(), {2}), kDefault),
+               ArgumentError, "'x': contains a non-finite value (nan) at row 1, column 3");
+  f.x[11] = 1.0f;
+  float delta = 0.0f;
+  CHECK_THROWS(quantize_static(view(f.x.data(), {2, 8}), {}, {}, view(&delta, {1}), {}, view(f.codes.data(), {2, 8}),
+                               kDefault),
+               ArgumentError, "'delta': must be positive and finite");
+  delta = 0.5f;
+  std::int32_t zp = 300;
+  CHECK_THROWS(quantize_static(view(f.x.data(), {2, 8}), {}, {}, view(&delta, {1}), view(&zp, {1}),
+                               view(f.codes.data(), {2, 8}), kDefault),
+               ArgumentError, "'zero_point': values must lie in [-128, 127]");
+  std::vector<float> s(8, 1.0f);
+  s[2] = -1.0f;
+  CHECK_THROWS(quantize_static(view(f.x.data(), {2, 8}), {}, view(s.data(), {8}), view(&delta, {1}), {},
+                               view(f.codes.data(), {2, 8}), kDefault),
+               ArgumentError, "'smooth_scale': must be positive and finite; found -1 at flat index 2");
+  CHECK_THROWS(quantize_static(view(f.x.data(), {2, 8}), view(s.data(), {7}), {}, view(&delta, {1}), {},
+                               view(f.codes.data(), {2, 8}), kDefault),
+               ArgumentError, "'shift': dimension 0 must be 8");
+}
+
+TEST(pack_weights_rejects_bad_codes_and_groups) {
+  std::vector<std::int8_t> w(24, 1);
+  w[5] = -128;
+  CHECK_THROWS(PackedWeights::pack(view(w.data(), {3, 8}), 8, 0, Backend::reference), ArgumentError,
+               "'weights': int8 weight codes must lie in [-127, 127]");
+  w[5] = 0;
+  CHECK_THROWS(PackedWeights::pack(view(w.data(), {3, 8}), 5, 0, Backend::reference), ArgumentError,
+               "'bits': must be 8 or 4");
+  CHECK_THROWS(PackedWeights::pack(view(w.data(), {3, 8}), 8, 3, Backend::reference), ArgumentError,
+               "'group_size': must divide K = 8");
+  std::vector<float> wf(24);
+  CHECK_THROWS(PackedWeights::pack(view(wf.data(), {3, 8}), 8, 0, Backend::reference), DTypeError,
+               "'weights': expected dtype int8");
+  std::vector<std::int8_t> odd(9, 1);
+  std::vector<std::uint8_t> packed(4);
+  CHECK_THROWS(pack_int4(view(odd.data(), {9}), view(packed.data(), {4})), ArgumentError, "last dimension must be even");
+  odd[0] = 9;
+  CHECK_THROWS(pack_int4(view(odd.data(), {8}), view(packed.data(), {4})), ArgumentError, "int4 codes must lie in [-8, 7]");
+}
+
+TEST(gemm_rejects_mismatched_shapes_and_bad_scales) {
+  Fixture f;
+  auto args = f.args();
+  args.a = view(f.codes.data(), {4, 4});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'a': K mismatch: a has K = 4 but the weights have K = 8");
+  args = f.args();
+  f.a_scale[1] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'a_scale': must be positive and finite");
+  f.a_scale[1] = 0.2f;
+  args.w_scale = view(f.w_scale.data(), {2});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'w_scale': must hold one value, one per output channel");
+  args = f.args();
+  args.out = view(f.out.data(), {3, 2});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'out': must have shape [M, N] = [2, 3]");
+  args = f.args();
+  std::vector<float> bias = {1.0f, std::nanf(""), 0.0f};
+  args.bias = view(bias.data(), {3});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'bias': must be finite");
+  args = f.args();
+  std::vector<std::int32_t> zp = {0, 500};
+  args.a_zero_point = view(zp.data(), {2});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'a_zero_point': values must lie in [-128, 127]");
+  args = f.args();
+  args.a_format = ActivationFormat::int4_packed;
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'a': packed int4 activations (W4A4) need int4 weights");
+  args = f.args();
+  std::vector<float> group_scale(6, 1.0f);
+  args.w_scale = view(group_scale.data(), {3, 2});
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "per-group scales need weights packed with that group_size");
+  args = f.args();
+  CHECK_THROWS(gemm(args, PackedWeights()), ArgumentError, "'weights': is empty");
+}
+
+TEST(unknown_names_are_rejected) {
+  CHECK_THROWS(parse_backend("tpu"), ArgumentError, "unknown backend 'tpu'");
+  CHECK_THROWS(parse_activation("tanh"), ArgumentError, "unknown activation 'tanh'");
+  CHECK_THROWS(set_num_threads(-1), ArgumentError, "'num_threads'");
+}
+
+OSENGINE_TEST_MAIN
