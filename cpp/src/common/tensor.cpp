@@ -61,6 +61,7 @@ std::int64_t TensorView::size(int dim) const {
 
 bool TensorView::is_contiguous() const {
   if (strides.size() != shape.size()) return false;
+  if (numel() == 0) return true;  // no element to address (numpy reports zero strides for empty arrays)
   std::int64_t step = 1;
   for (std::size_t i = shape.size(); i-- > 0;) {
     if (shape[i] != 1 && strides[i] != step) return false;
