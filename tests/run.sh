@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "Run the tests"):
+#   1. install the package (C++ engine + osengine._C + front end + built-in plugins), warnings as errors;
+#   2. C++ unit tests through ctest, then again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. install the C++ engine and build + run cpp/examples/01_quantize_and_gemm through find_package(osengine);
+#   4. the Python tests.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=${OSENGINE_TEST_DIR:-$root/build/test-run}
+jobs=$(nproc)
+mkdir -p "$work"
+step() { printf '\n==== %s ====\n' "$*"; }
+
+step "install osengine (warnings are errors)"
+# torch: the CPU build (a plain 'torch' requirement could pull a multi-GB CUDA build); kept if already present.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON
+
+step "C++ tests (Release, -Werror)"
+cmake -S "$root" -B "$work/release" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOSENGINE_BUILD_TESTS=ON \
+  -DOSENGINE_WERROR=ON -DCMAKE_INSTALL_PREFIX="$work/prefix" >/dev/null
+cmake --build "$work/release" -j "$jobs"
+ctest --test-dir "$work/release" --output-on-failure -j "$jobs"
+
+step "C++ tests under ASan + UBSan"
+cmake -S "$root" -B "$work/asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOSENGINE_BUILD_TESTS=ON \
+  -DOSENGINE_WERROR=ON -DOSENGINE_SANITIZE=ON -DOSENGINE_CUDA=OFF >/dev/null
+cmake --build "$work/asan" -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir "$work/asan" --output-on-failure -j "$jobs"
+
+step "C++ example linked through find_package(osengine)"
+cmake --install "$work/release" >/dev/null
+cmake -S "$root/cpp/examples/01_quantize_and_gemm" -B "$work/example" -G Ninja \
+  -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
+cmake --build "$work/example"
+"$work/example/quantize_and_gemm"
+
+step "Python tests"
+cd "$root"
+python -m pytest -q tests
