@@ -1,0 +1,460 @@
+// AVX2 int8 / int4 GEMMs with the fused OS+ epilogue; bit-identical to gemm_reference.cpp.
+//
+// Exactness scheme (no VNNI on the target, so no vpdpbusd):
+//   Every product is computed with vpmaddwd on int16 operands: both A and W codes are sign-extended to int16 and
+//   vpmaddwd multiplies 16 int16 pairs and adds adjacent products into 8 int32 lanes. |a| <= 128 and |w| <= 127
+//   (int4: <= 8), so each lane gets at most 2 * 128 * 127 = 32512 in magnitude: vpmaddwd never saturates (its
+//   only saturating case, -32768 * -32768 twice, cannot occur) and the int32 sums over K <= 65536 are exact.
+//   We considered the vpmaddubsw "sign trick" (u8 = |a| via vpsignb(a, a), s8 = vpsignb(w, a): pair sums bounded
+//   by 2 * 128 * 127 = 32512 < 32767, exact) but without VNNI each vpmaddubsw still needs a vpmaddwd(x, 1) to
+//   widen its int16 pair sums to int32 (adding two of them in int16 could overflow), and on Zen 3 both run on the
+//   same two multiply pipes: 32 MACs per 2 multiply-pipe ops either way. The int16 scheme needs no vpsignb and
+//   reaches the same multiply-pipe bound with fewer instructions (the sign-extension of W, vpmovsxbw from
+//   memory, runs on other pipes), so it is the one used here. Measured on Zen 3 it comes close to that bound.
+//
+// Layouts:
+//   A (activations) is widened per call into a per-thread int16 buffer, row-major [M, Kp] (Kp = K rounded up to
+//   even, zero-padded), so one 32-bit broadcast (vpbroadcastd) gives the pair (a[k], a[k+1]) in every lane.
+//   int4-packed activations (W4A4) are unpacked into the same buffer.
+//   W8: panels of 16 output channels. For each k-pair step s of a panel, 32 bytes: bytes 0..15 hold columns 0..7
+//   as (w[c][2s], w[c][2s+1]) pairs, bytes 16..31 columns 8..15, so vpmovsxbw of each 16-byte half gives the int16
+//   operand of one vpmaddwd against the broadcast A pair. N is padded to 16 and K to even with zeros.
+//   W4: the same two 16-element vectors, stored as nibbles of one 16-byte chunk per step: low nibbles = columns
+//   0..7, high nibbles = columns 8..15. Unpack: vpmovzxbw, and/shift, sign-extend with (x ^ 8) - 8. Half the bytes
+//   of W8, which is what the memory-bound M = 1 (decode) case streams.
+//
+// Microkernel: MR x 16 outputs (MR <= 6 rows, 2 ymm of 8 int32 per row: 12 accumulators + 2 W + 1 A broadcast
+//   = 15 ymm registers). Per k-pair step: 2 W loads (sign/nibble-extended), MR broadcasts, 2*MR vpmaddwd and
+//   2*MR vpaddd. The full K range of a group (all of K without groups) runs in registers; the epilogue is applied
+//   on the register tile: c = acc - zp * colsum (int32), y = fma(float(c), a_scale * w_scale, y) per group in
+//   group order starting from bias, then the activation (AVX2 mirrors of float_math.hpp), + residual, store fp32
+//   or bf16 (round to nearest even, as float_to_bf16).
+//
+// Blocking / threading: the work is cut into items (M block of MB rows) x (N panel of 16 columns), M block
+//   outer, so a thread streams the packed A block (sized to stay in L3 next to W) once per panel while the panel
+//   (16 x K bytes) stays in L2. parallel_for splits the items into contiguous chunks; the minimum chunk keeps
+//   small problems on one thread.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/threading.hpp"
+#include "cpu/float_math_avx2.hpp"
+#include "kernels.hpp"
+
+namespace osengine::detail {
+
+namespace {
+
+constexpr std::int64_t kNR = 16;  // panel width (output channels)
+constexpr int kMR = 6;            // rows per microkernel tile
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+// Byte offset and nibble of W element (column c in 0..15 of a panel, t = k & 1) inside one k-pair step.
+inline std::int64_t w8_offset(std::int64_t c, std::int64_t t) { return (c / 8) * 16 + (c % 8) * 2 + t; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// W loads: two int16 vectors (columns 0..7 and 8..15, each as k pairs) of one step.
+template <int BITS>
+inline void load_w(const std::uint8_t* w, __m256i& w0, __m256i& w1);
+
+template <>
+inline void load_w<8>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
+  w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+}
+
+template <>
+inline void load_w<4>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i low = _mm256_set1_epi16(0x0f), eight = _mm256_set1_epi16(8);
+  w0 = _mm256_sub_epi16(_mm256_xor_si256(_mm256_and_si256(v, low), eight), eight);
+  w1 = _mm256_sub_epi16(_mm256_xor_si256(_mm256_srli_epi16(v, 4), eight), eight);
+}
+
+template <int BITS>
+constexpr std::int64_t step_bytes() {
+  return BITS == 8 ? 32 : 16;
+}
+
+// acc[r][h] += sum over steps [s0, s1) of A row r (int16 pairs, one int32 per step) x W vector h.
+template <int MR, int BITS>
+inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s0,
+                       std::int64_t s1, __m256i (&acc)[MR][2]) {
+  constexpr std::int64_t sb = step_bytes<BITS>();
+  const std::int32_t* ar[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) ar[r] = a + r * lda;
+  for (std::int64_t s = s0; s < s1; ++s) {
+    __m256i w0, w1;
+    load_w<BITS>(w + s * sb, w0, w1);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256i av = _mm256_set1_epi32(ar[r][s]);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, w1));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-panel epilogue parameters, padded to 16 columns.
+struct PanelParams {
+  std::vector<float> bias;        // [16]
+  std::vector<float> w_scale;     // [groups][16]
+  std::vector<std::int32_t> colsum;  // [groups][16] (only with a zero point)
+  std::int64_t n0 = -1, nvalid = 0;
+};
+
+struct Context {
+  const GemmProblem* p = nullptr;
+  const std::int32_t* a16 = nullptr;  // widened A [M, steps] int32 pairs
+  std::int64_t steps = 0;             // Kp / 2
+  std::int64_t groups = 1, group_steps = 0;
+  const std::uint8_t* w = nullptr;
+};
+
+void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& pp) {
+  const GemmProblem& p = *ctx.p;
+  pp.n0 = panel * kNR;
+  pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
+  pp.bias.assign(kNR, 0.0f);
+  if (p.bias)
+    for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.bias[c] = p.bias[pp.n0 + c];
+  pp.w_scale.assign(static_cast<std::size_t>(ctx.groups * kNR), 0.0f);
+  for (std::int64_t g = 0; g < ctx.groups; ++g)
+    for (std::int64_t c = 0; c < pp.nvalid; ++c)
+      pp.w_scale[g * kNR + c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n + g * p.w_scale_stride_g];
+  if (p.a_zero_point) {
+    const std::int32_t* cs = p.weights->column_sums().data();
+    pp.colsum.assign(static_cast<std::size_t>(ctx.groups * kNR), 0);
+    for (std::int64_t g = 0; g < ctx.groups; ++g)
+      for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.colsum[g * kNR + c] = cs[g * p.n + pp.n0 + c];
+  }
+}
+
+template <int MR>
+inline void fold_group(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, std::int64_t g,
+                       const __m256i (&acc)[MR][2], __m256 (&y)[MR][2]) {
+  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR);
+  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR + 8);
+  __m256i cs0 = _mm256_setzero_si256(), cs1 = _mm256_setzero_si256();
+  if (p.a_zero_point) {
+    cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp.colsum.data() + g * kNR));
+    cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp.colsum.data() + g * kNR + 8));
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    const std::int64_t ai = (m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g;
+    __m256i c0 = acc[r][0], c1 = acc[r][1];
+    if (p.a_zero_point) {
+      const __m256i zp = _mm256_set1_epi32(p.a_zero_point[ai]);
+      c0 = _mm256_sub_epi32(c0, _mm256_mullo_epi32(zp, cs0));
+      c1 = _mm256_sub_epi32(c1, _mm256_mullo_epi32(zp, cs1));
+    }
+    const __m256 as = _mm256_set1_ps(p.a_scale[ai]);
+    y[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0), _mm256_mul_ps(as, ws0), y[r][0]);
+    y[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), _mm256_mul_ps(as, ws1), y[r][1]);
+  }
+}
+
+inline __m256 activate(Activation act, __m256 x) {
+  switch (act) {
+    case Activation::none: return x;
+    case Activation::relu: return _mm256_max_ps(x, _mm256_setzero_ps());
+    case Activation::gelu: return avx2::gelu_approx(x);
+    case Activation::gelu_tanh: return avx2::gelu_tanh_approx(x);
+    case Activation::silu: return avx2::silu_approx(x);
+  }
+  return x;
+}
+
+// Activation, residual and store of one row of 16 (nvalid) outputs.
+inline void finish_row(const GemmProblem& p, std::int64_t m, std::int64_t n0, std::int64_t nvalid, __m256 y0,
+                       __m256 y1) {
+  y0 = activate(p.activation, y0);
+  y1 = activate(p.activation, y1);
+  const std::int64_t base = m * p.n + n0;
+  if (p.residual) {
+    if (nvalid == kNR) {
+      if (p.residual_dtype == DType::bfloat16) {
+        const auto* r = static_cast<const std::uint16_t*>(p.residual) + base;
+        y0 = _mm256_add_ps(y0, avx2::load_bf16(r));
+        y1 = _mm256_add_ps(y1, avx2::load_bf16(r + 8));
+      } else {
+        const auto* r = static_cast<const float*>(p.residual) + base;
+        y0 = _mm256_add_ps(y0, _mm256_loadu_ps(r));
+        y1 = _mm256_add_ps(y1, _mm256_loadu_ps(r + 8));
+      }
+    } else {
+      alignas(32) float tmp[kNR] = {};
+      for (std::int64_t c = 0; c < nvalid; ++c)
+        tmp[c] = p.residual_dtype == DType::bfloat16 ? bf16_to_float(static_cast<const std::uint16_t*>(p.residual)[base + c])
+                                                     : static_cast<const float*>(p.residual)[base + c];
+      y0 = _mm256_add_ps(y0, _mm256_load_ps(tmp));
+      y1 = _mm256_add_ps(y1, _mm256_load_ps(tmp + 8));
+    }
+  }
+  if (p.out_dtype == DType::bfloat16) {
+    auto* o = static_cast<std::uint16_t*>(p.out) + base;
+    const __m128i h0 = avx2::float_to_bf16(y0), h1 = avx2::float_to_bf16(y1);
+    if (nvalid == kNR) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), h0);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8), h1);
+    } else {
+      alignas(16) std::uint16_t tmp[kNR];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h0);
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp + 8), h1);
+      std::memcpy(o, tmp, static_cast<std::size_t>(nvalid) * sizeof(std::uint16_t));
+    }
+  } else {
+    float* o = static_cast<float*>(p.out) + base;
+    if (nvalid == kNR) {
+      _mm256_storeu_ps(o, y0);
+      _mm256_storeu_ps(o + 8, y1);
+    } else {
+      alignas(32) float tmp[kNR];
+      _mm256_store_ps(tmp, y0);
+      _mm256_store_ps(tmp + 8, y1);
+      std::memcpy(o, tmp, static_cast<std::size_t>(nvalid) * sizeof(float));
+    }
+  }
+}
+
+// One MR x 16 tile: rows m0 .. m0 + MR of panel pp.
+template <int MR, int BITS>
+void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
+  const GemmProblem& p = *ctx.p;
+  const std::int32_t* a = ctx.a16 + m0 * ctx.steps;
+  const std::uint8_t* w = ctx.w + (pp.n0 / kNR) * ctx.steps * step_bytes<BITS>();
+  __m256i acc[MR][2];
+  if (p.out_accumulators || ctx.groups == 1) {
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    accumulate<MR, BITS>(a, ctx.steps, w, 0, ctx.steps, acc);
+    if (p.out_accumulators) {
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        std::int32_t* o = p.out_accumulators + (m0 + r) * p.n + pp.n0;
+        if (pp.nvalid == kNR) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), acc[r][0]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), acc[r][1]);
+        } else {
+          alignas(32) std::int32_t tmp[kNR];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][0]);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), acc[r][1]);
+          std::memcpy(o, tmp, static_cast<std::size_t>(pp.nvalid) * sizeof(std::int32_t));
+        }
+      }
+      return;
+    }
+    __m256 y[MR][2];
+    const __m256 b0 = _mm256_loadu_ps(pp.bias.data()), b1 = _mm256_loadu_ps(pp.bias.data() + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      y[r][0] = b0;
+      y[r][1] = b1;
+    }
+    fold_group<MR>(p, pp, m0, 0, acc, y);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) finish_row(p, m0 + r, pp.n0, pp.nvalid, y[r][0], y[r][1]);
+    return;
+  }
+  // Grouped: the float tile lives in memory between groups, the int32 accumulators in registers.
+  alignas(32) float ybuf[MR][2][8];
+  const __m256 b0 = _mm256_loadu_ps(pp.bias.data()), b1 = _mm256_loadu_ps(pp.bias.data() + 8);
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(ybuf[r][0], b0);
+    _mm256_store_ps(ybuf[r][1], b1);
+  }
+  for (std::int64_t g = 0; g < ctx.groups; ++g) {
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    accumulate<MR, BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps, acc);
+    __m256 y[MR][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      y[r][0] = _mm256_load_ps(ybuf[r][0]);
+      y[r][1] = _mm256_load_ps(ybuf[r][1]);
+    }
+    fold_group<MR>(p, pp, m0, g, acc, y);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      _mm256_store_ps(ybuf[r][0], y[r][0]);
+      _mm256_store_ps(ybuf[r][1], y[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    finish_row(p, m0 + r, pp.n0, pp.nvalid, _mm256_load_ps(ybuf[r][0]), _mm256_load_ps(ybuf[r][1]));
+}
+
+template <int BITS>
+void run_tile(const Context& ctx, const PanelParams& pp, std::int64_t m0, std::int64_t rows) {
+  switch (rows) {
+    case 1: return tile<1, BITS>(ctx, pp, m0);
+    case 2: return tile<2, BITS>(ctx, pp, m0);
+    case 3: return tile<3, BITS>(ctx, pp, m0);
+    case 4: return tile<4, BITS>(ctx, pp, m0);
+    case 5: return tile<5, BITS>(ctx, pp, m0);
+    default: return tile<6, BITS>(ctx, pp, m0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A widening: int8 [M, K] or int4-packed [M, K/2] -> int16 pairs [M, steps] (as int32), zero-padded.
+void widen_rows(const GemmProblem& p, std::int64_t steps, std::int32_t* out, std::int64_t r0, std::int64_t r1) {
+  const std::int64_t k = p.k;
+  for (std::int64_t m = r0; m < r1; ++m) {
+    auto* o16 = reinterpret_cast<std::int16_t*>(out + m * steps);
+    if (p.a_format == ActivationFormat::int8) {
+      const std::int8_t* a = p.a + m * k;
+      std::int64_t i = 0;
+      for (; i + 16 <= k; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + i),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))));
+      for (; i < k; ++i) o16[i] = a[i];
+      for (; i < 2 * steps; ++i) o16[i] = 0;
+    } else {
+      // One packed byte (low nibble = even k) becomes one int32 pair (int16 lo, int16 hi).
+      const auto* a = reinterpret_cast<const std::uint8_t*>(p.a) + m * (k / 2);
+      std::int32_t* o = out + m * steps;
+      const __m256i low = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8), mask16 = _mm256_set1_epi32(0xffff);
+      std::int64_t i = 0;
+      for (; i + 8 <= k / 2; i += 8) {
+        std::int64_t bytes;
+        std::memcpy(&bytes, a + i, sizeof bytes);
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+        const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(v, low), eight), eight);
+        const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(v, 4), eight), eight);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                            _mm256_or_si256(_mm256_and_si256(lo, mask16), _mm256_slli_epi32(hi, 16)));
+      }
+      for (; i < k / 2; ++i) {
+        const int lo = a[i] & 0x0f, hi = a[i] >> 4;
+        o16[2 * i] = static_cast<std::int16_t>(lo >= 8 ? lo - 16 : lo);
+        o16[2 * i + 1] = static_cast<std::int16_t>(hi >= 8 ? hi - 16 : hi);
+      }
+    }
+  }
+}
+
+std::vector<std::int32_t>& a_buffer() {
+  thread_local std::vector<std::int32_t> buffer;
+  return buffer;
+}
+
+template <int BITS>
+void gemm_bits(const GemmProblem& p, const Context& ctx) {
+  const std::int64_t n_panels = (p.n + kNR - 1) / kNR;
+  const std::int64_t kp = ctx.steps * 2;
+  const int threads = get_num_threads();
+  // M block: the widened A block (MB x Kp int16) stays in the L3 next to W.
+  std::int64_t mb = std::max<std::int64_t>(kMR, (std::int64_t{3} << 20) / (kp * 2) / kMR * kMR);
+  // Enough items for the threads when there are few panels.
+  const std::int64_t want_items = 4 * static_cast<std::int64_t>(threads);
+  if (n_panels < want_items) {
+    const std::int64_t blocks = (want_items + n_panels - 1) / n_panels;
+    mb = std::min(mb, round_up((p.m + blocks - 1) / blocks, kMR));
+  }
+  mb = std::min(mb, round_up(p.m, kMR));
+  mb = std::max<std::int64_t>(mb, kMR);
+  const std::int64_t m_blocks = (p.m + mb - 1) / mb;
+  const std::int64_t items = m_blocks * n_panels;
+  const std::int64_t item_macs = std::min(mb, p.m) * kNR * kp;
+  const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
+  parallel_for(items, min_chunk, [&](std::int64_t begin, std::int64_t end) {
+    PanelParams pp;
+    for (std::int64_t item = begin; item < end; ++item) {
+      const std::int64_t block = item / n_panels, panel = item % n_panels;
+      if (!p.out_accumulators && pp.n0 != panel * kNR) prepare_panel(ctx, panel, pp);
+      if (p.out_accumulators) {
+        pp.n0 = panel * kNR;
+        pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
+      }
+      const std::int64_t m_end = std::min(p.m, (block + 1) * mb);
+      for (std::int64_t m0 = block * mb; m0 < m_end; m0 += kMR)
+        run_tile<BITS>(ctx, pp, m0, std::min<std::int64_t>(kMR, m_end - m0));
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits) {
+  WeightLayout layout;
+  layout.padded_n = round_up(n, kNR);
+  layout.padded_k = round_up(k, 2);
+  const std::int64_t steps = layout.padded_k / 2, panels = layout.padded_n / kNR;
+  if (bits == 8) {
+    layout.data.assign(static_cast<std::size_t>(layout.padded_n * layout.padded_k), 0);
+    for (std::int64_t row = 0; row < n; ++row) {
+      const std::int64_t panel = row / kNR, c = row % kNR;
+      std::uint8_t* base = layout.data.data() + panel * steps * 32;
+      for (std::int64_t kk = 0; kk < k; ++kk)
+        base[(kk / 2) * 32 + w8_offset(c, kk & 1)] = static_cast<std::uint8_t>(codes[row * k + kk]);
+    }
+  } else {
+    layout.data.assign(static_cast<std::size_t>(layout.padded_n * layout.padded_k / 2), 0);
+    for (std::int64_t row = 0; row < n; ++row) {
+      const std::int64_t panel = row / kNR, c = row % kNR;
+      std::uint8_t* base = layout.data.data() + panel * steps * 16;
+      const int shift = c < 8 ? 0 : 4;
+      for (std::int64_t kk = 0; kk < k; ++kk) {
+        const auto nib = static_cast<std::uint8_t>((codes[row * k + kk] & 0x0f) << shift);
+        base[(kk / 2) * 16 + (c % 8) * 2 + (kk & 1)] |= nib;
+      }
+    }
+  }
+  (void)panels;
+  return layout;
+}
+
+void unpack_weights_avx2(const PackedWeights& w, std::int8_t* codes) {
+  const std::int64_t n = w.n(), k = w.k(), steps = w.padded_k() / 2;
+  const std::uint8_t* data = w.data();
+  for (std::int64_t row = 0; row < n; ++row) {
+    const std::int64_t panel = row / kNR, c = row % kNR;
+    if (w.bits() == 8) {
+      const std::uint8_t* base = data + panel * steps * 32;
+      for (std::int64_t kk = 0; kk < k; ++kk)
+        codes[row * k + kk] = static_cast<std::int8_t>(base[(kk / 2) * 32 + w8_offset(c, kk & 1)]);
+    } else {
+      const std::uint8_t* base = data + panel * steps * 16;
+      const int shift = c < 8 ? 0 : 4;
+      for (std::int64_t kk = 0; kk < k; ++kk) {
+        const int nib = (base[(kk / 2) * 16 + (c % 8) * 2 + (kk & 1)] >> shift) & 0x0f;
+        codes[row * k + kk] = static_cast<std::int8_t>(nib >= 8 ? nib - 16 : nib);
+      }
+    }
+  }
+}
+
+void gemm_avx2(const GemmProblem& p) {
+  const PackedWeights& w = *p.weights;
+  Context ctx;
+  ctx.p = &p;
+  ctx.steps = w.padded_k() / 2;
+  ctx.w = w.data();
+  if (!p.out_accumulators && w.group_size() > 0 && w.group_size() < p.k) {
+    ctx.groups = p.k / w.group_size();
+    ctx.group_steps = w.group_size() / 2;  // group_size is even: groups never split a k pair
+  } else {
+    ctx.groups = 1;
+    ctx.group_steps = ctx.steps;
+  }
+  std::vector<std::int32_t>& abuf = a_buffer();
+  if (abuf.size() < static_cast<std::size_t>(p.m * ctx.steps)) abuf.resize(static_cast<std::size_t>(p.m * ctx.steps));
+  ctx.a16 = abuf.data();
+  const std::int64_t min_rows = std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(1, p.k));
+  parallel_for(p.m, min_rows, [&](std::int64_t r0, std::int64_t r1) { widen_rows(p, ctx.steps, abuf.data(), r0, r1); });
+  if (w.bits() == 8)
+    gemm_bits<8>(p, ctx);
+  else
+    gemm_bits<4>(p, ctx);
+}
+
+}  // namespace osengine::detail
