@@ -1,0 +1,1 @@
+"""Built-in architectures: opt, bloom, llama (also Mistral, Qwen2), bert."""

@@ -1,0 +1,1 @@
+"""Built-in calibration strategies: osplus, smoothquant, minmax."""

@@ -1,0 +1,10 @@
+"""MinMax: no migration; the recipe's observers alone set the quantization ranges (the baseline)."""
+from osengine.plugin_api import Strategy
+
+
+class MinMax(Strategy):
+    name = "minmax"
+    description = "no migration (plain MinMax ranges): the baseline"
+
+    def migrate(self, data):
+        return None

@@ -1,0 +1,65 @@
+"""Outlier Suppression+ (Wei et al., EMNLP 2023): channel-wise shift and scale, folded into the producer.
+
+shift  z_j = (max_t X_tj + min_t X_tj) / 2                (centres each channel: removes asymmetry)
+scale  s_j = max(1, max_t |X_tj - z_j| / t)              (only channels wider than t are squeezed)
+t      1-D grid search from hi = max |X - z| down to the architecture's lower end, max(100, hi / 0.5) steps,
+       scored by the error of the inspected output (attention output, fc1 pre-activation, SiLU(gate) * up, ...)
+       with the consumers' weights and input fake-quantized; the activation range is (-t, t) for per-tensor
+       quantizers, dynamic for per-token / per-group ones.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from osengine.plugin_api import Migration, PluginError, Strategy, grid
+
+SHIFT_MODES = ("auto", "fold", "runtime", "none")
+
+
+class OSPlus(Strategy):
+    name = "osplus"
+    description = ("Outlier Suppression+: shift + scale from a t grid search on the inspected output, folded "
+                   "(options: shift=auto|fold|runtime|none, max_grid_steps)")
+
+    def __init__(self, shift: str = "auto", max_grid_steps: Optional[int] = None, min_t: Optional[float] = None):
+        if shift not in SHIFT_MODES:
+            raise PluginError(f"osplus option 'shift' must be one of {SHIFT_MODES}, got {shift!r}")
+        if max_grid_steps is not None and (not isinstance(max_grid_steps, int) or max_grid_steps < 2):
+            raise PluginError(f"osplus option 'max_grid_steps' must be an integer >= 2, got {max_grid_steps!r}")
+        self.shift_mode, self.max_grid_steps, self.min_t = shift, max_grid_steps, min_t
+
+    def _shift(self, data):
+        """(shift tensor or None, runtime?) — 'auto' folds where the producer has a bias (LayerNorm) and leaves
+        RMSNorm models scale-only, as the paper does."""
+        mode = self.shift_mode
+        if mode == "auto":
+            mode = "fold" if data.shift_foldable else "none"
+        if mode == "fold" and not data.shift_foldable:
+            raise PluginError(f"osplus: shift=fold is impossible at site {data.site.name} (producer "
+                              f"{data.site.producer} has no bias); use shift=runtime or shift=none")
+        if mode == "none":
+            return None, False
+        z = (data.channel_max() + data.channel_min()).float() / 2
+        return z, mode == "runtime"
+
+    def migrate(self, data):
+        z, runtime = self._shift(data)
+        lo, hi = data.channel_min().float(), data.channel_max().float()
+        if z is not None:
+            lo, hi = lo - z, hi - z
+        amax = torch.maximum(-lo, hi).clamp(min=1e-8)
+        t_hi = float(amax.max())
+        t_lo = float(self.min_t if self.min_t is not None else data.scale_search_min)
+        steps = max(100, math.floor(t_hi / 0.5))
+        if self.max_grid_steps is not None:
+            steps = min(steps, self.max_grid_steps)
+        best_t, best_err = t_hi, math.inf
+        for t in grid(t_hi, t_lo, steps):
+            err = data.error(shift=z, scale=(amax / t).clamp(min=1.0), clip=t)
+            if err < best_err:
+                best_t, best_err = t, err
+        scale = (amax / best_t).clamp(min=1.0)
+        info = {"t": best_t, "t_max": t_hi, "grid_steps": steps, "error": best_err,
+                "error_no_migration": data.error()}
+        return Migration(shift=z, scale=scale, runtime_shift=runtime, info=info)

@@ -1,0 +1,284 @@
+"""Calibration data and the block-by-block driver.
+
+Block i is calibrated on inputs that came through the already-quantized blocks 0..i-1; only one block's
+activations are held at a time (plus the model).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .plugin_api import (Architecture, Migration, PluginError, SiteData, Strategy, apply_migration)
+from .quantizers import ActQuantizer, FakeQuantLinear, install_bmm_quantization
+from .recipes import Recipe
+
+
+class CalibrationError(ValueError):
+    """Calibration data is missing, empty, too short or not finite."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_causal_lm(model) -> bool:
+    return hasattr(model, "generate") and getattr(model.config, "is_decoder", False) is False and \
+        any(a.endswith("ForCausalLM") for a in (getattr(model.config, "architectures", None) or [type(model).__name__]))
+
+
+def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """n_samples windows of seq_len tokens drawn (without overlap, reproducibly) from the tokenized text."""
+    if not text.strip():
+        raise CalibrationError("calibration text is empty")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < 8:
+        raise CalibrationError(f"calibration text has only {ids.numel()} tokens; need at least 8")
+    seq_len = min(seq_len, ids.numel())
+    windows = ids.numel() // seq_len
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(windows, generator=g)[:n_samples].sort().values
+    return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in chosen.tolist()])
+
+
+@torch.no_grad()
+def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Calibration text written by the model itself, starting from its BOS token (no data needed)."""
+    if not hasattr(model, "generate") or not any(
+            a.endswith("ForCausalLM") for a in (getattr(model.config, "architectures", None) or [])):
+        raise CalibrationError("calibration 'generated' needs a causal language model; "
+                               "give a text file (--calib FILE) for encoders")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise CalibrationError("calibration 'generated' needs a tokenizer with a BOS or EOS token")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    start = torch.full((n_samples, 1), bos, dtype=torch.long, device=device)
+    out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=50, top_p=0.95,
+                         max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=bos,
+                         eos_token_id=None)
+    return out[:, 1:seq_len + 1].cpu()
+
+
+def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int = 512) -> torch.Tensor:
+    """source: a text file path, "generated", a list of strings, or an integer tensor of token ids [n, T]."""
+    if n_samples < 1 or seq_len < 1:
+        raise CalibrationError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    if isinstance(source, torch.Tensor):
+        if source.is_floating_point():
+            raise CalibrationError("calibration tensor must hold integer token ids, got a floating-point tensor"
+                                   + (" with NaN values" if torch.isnan(source).any() else ""))
+        if source.numel() == 0:
+            raise CalibrationError("calibration tensor is empty")
+        return source.reshape(-1, source.shape[-1]).long()
+    if isinstance(source, (list, tuple)):
+        if not source or not all(isinstance(s, str) for s in source):
+            raise CalibrationError("calibration list must be a non-empty list of strings")
+        return text_samples("\n\n".join(source), tokenizer, n_samples, seq_len)
+    if isinstance(source, (str, Path)):
+        if str(source) == "generated":
+            return generated_samples(model, tokenizer, n_samples, seq_len)
+        path = Path(source)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {str(path)!r} does not exist (or say 'generated')")
+        return text_samples(path.read_text(encoding="utf-8", errors="replace"), tokenizer, n_samples, seq_len)
+    raise CalibrationError(f"calibration must be a file path, 'generated', a list of strings or token ids; "
+                           f"got {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-by-block driver
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden(call):
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call, h):
+    args, kwargs = call
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=h)
+
+
+def _run_block(block, call):
+    args, kwargs = call
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[dict]) -> list:
+    """Run the model up to its first block and keep that block's call (args, kwargs) for every batch."""
+    calls = []
+
+    def hook(_m, args, kwargs):
+        calls.append((args, kwargs))
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(**b)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise PluginError("the architecture's first block was not called by the model's forward")
+    return calls
+
+
+def wrap_linears(block: nn.Module) -> None:
+    """Replace every nn.Linear in the block by an (initially exact, floating-point) FakeQuantLinear."""
+    for name, m in list(block.named_modules()):
+        if type(m) is nn.Linear:
+            block.set_submodule(name, FakeQuantLinear(m))
+
+
+def quantize_block(block: nn.Module, block_name: str, recipe: Recipe) -> list:
+    quantized = []
+    for name, m in block.named_modules():
+        if isinstance(m, FakeQuantLinear) and not recipe.keeps_fp(f"{block_name}.{name}"):
+            for spec, where in ((recipe.weights, "weights"), (recipe.activations, "activations")):
+                if spec.granularity == "per-group" and m.in_features % spec.group_size:
+                    raise PluginError(f"recipe field '{where}.group_size' ({spec.group_size}) does not divide "
+                                      f"the {m.in_features} input channels of {block_name}.{name}")
+            m.quantize(recipe.weights, recipe.activations)
+            quantized.append(name)
+    return quantized
+
+
+def set_observing(module: nn.Module, observing: bool) -> None:
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.mode = "observe" if observing and not m.spec.dynamic else "quantize"
+
+
+@torch.no_grad()
+def _collect_site_inputs(model, block, sites, calls, n_search):
+    """One FP pass of the block: each site's consumer input for every batch, and the inspected module's calls
+    for the first n_search batches."""
+    inputs = {s.name: [] for s in sites}
+    module_calls = {s.name: [] for s in sites}
+    handles = []
+    for s in sites:
+        first = model.get_submodule(s.consumers[0])
+        handles.append(first.register_forward_pre_hook(
+            lambda _m, a, name=s.name: inputs[name].append(a[0].detach())))
+        if s.inspect.module is not None:
+            handles.append(model.get_submodule(s.inspect.module).register_forward_pre_hook(
+                lambda _m, a, k, name=s.name: module_calls[name].append((a, k))
+                if len(module_calls[name]) < n_search else None, with_kwargs=True))
+    try:
+        for i, call in enumerate(calls):
+            _run_block(block, call)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, module_calls
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise CalibrationError(f"non-finite activations (NaN or inf) in {where}; check the calibration data and "
+                               "the model's dtype")
+
+
+@torch.no_grad()
+def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, strategy: Strategy,
+                        token_ids: torch.Tensor, batch_size: int = 4, search_batches: int = 1,
+                        progress: bool = True) -> dict:
+    """Quantize `model` in place, block by block. Returns a report: per-site migration info and channel ranges."""
+    device = next(model.parameters()).device
+    token_ids = token_ids.to(device)
+    batches = [{"input_ids": token_ids[i:i + batch_size],
+                "attention_mask": torch.ones_like(token_ids[i:i + batch_size])}
+               for i in range(0, token_ids.shape[0], batch_size)]
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    block_names = arch.blocks(model)
+    if not block_names:
+        raise PluginError(f"architecture {arch.name} found no blocks in the model")
+    if recipe.bmm_inputs:
+        attn = arch.attention_modules(model)
+        if not attn:
+            raise PluginError(f"recipe field 'bmm_inputs': architecture {arch.name} does not support BMM-input "
+                              "quantization")
+        install_bmm_quantization(model, attn, recipe.activations)
+        for m in model.modules():
+            if isinstance(m, ActQuantizer):
+                m.mode = "off"   # switched on block by block, once the block is quantized
+
+    report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "sites": []}
+    t0 = time.time()
+    calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
+    for c in calls:
+        _check_finite(_hidden(c), "the embeddings")
+    bar = tqdm(block_names, desc=f"calibrating ({strategy.name}, {recipe.name})", disable=not progress)
+    for index, block_name in enumerate(bar):
+        block = model.get_submodule(block_name)
+        wrap_linears(block)
+        sites = [s for s in arch.sites(model, index) if any(not recipe.keeps_fp(c) for c in s.consumers)]
+        site_inputs, site_calls = _collect_site_inputs(model, block, sites, calls, search_batches)
+        for site in sites:
+            xs = site_inputs.pop(site.name)
+            if not xs:
+                raise PluginError(f"architecture {arch.name}: site {site.name} of {block_name} saw no input; "
+                                  f"is {site.consumers[0]} inside the block?")
+            for x in xs:
+                _check_finite(x, f"the input of {site.consumers[0]}")
+            n_search = min(search_batches, len(xs))
+            data = SiteData(model=model, site=site, weight_spec=recipe.weights, act_spec=recipe.activations,
+                            inputs=xs, search_inputs=xs[:n_search],
+                            calls=site_calls[site.name][:n_search] or [None] * n_search,
+                            quantized=[not recipe.keeps_fp(c) for c in site.consumers],
+                            scale_search_min=arch.scale_search_min, smoothquant_alpha=arch.smoothquant_alpha,
+                            shift_foldable=site.producer_kind == "layernorm" and
+                            getattr(model.get_submodule(site.producer), "bias", None) is not None)
+            lo, hi = data.channel_min(), data.channel_max()
+            migration = strategy.migrate(data)
+            entry = {"block": index, "site": site.name, "consumers": site.consumers,
+                     "range_before": (lo.cpu(), hi.cpu())}
+            if migration is not None:
+                apply_migration(model, site, migration)
+                z = migration.shift if migration.shift is not None else torch.zeros_like(lo)
+                s = migration.scale if migration.scale is not None else torch.ones_like(lo)
+                z, s = z.to(lo.device).float(), s.to(lo.device).float()
+                entry["range_after"] = (((lo - z) / s).cpu(), ((hi - z) / s).cpu())
+                entry["migration"] = {"shift": migration.shift is not None, "runtime_shift": migration.runtime_shift,
+                                      "scale_max": float(s.max()), **migration.info}
+                entry["shift_values"] = None if migration.shift is None else migration.shift.detach().cpu()
+                entry["scale_values"] = s.cpu()
+                if site.block_input:  # post-LN: the cached block inputs are the producer's outputs
+                    calls = [_with_hidden(c, (_hidden(c) - z.to(_hidden(c).dtype)) / s.to(_hidden(c).dtype))
+                             for c in calls]
+            else:
+                entry["range_after"] = entry["range_before"]
+            report["sites"].append(entry)
+            del data, xs
+        quantize_block(block, block_name, recipe)
+        if any(isinstance(m, ActQuantizer) and not m.spec.dynamic for m in block.modules()):
+            set_observing(block, True)
+            for c in calls:
+                _run_block(block, c)
+        set_observing(block, False)
+        new_calls = []
+        for c in calls:
+            h = _run_block(block, c)
+            _check_finite(h, f"the output of quantized block {block_name}")
+            new_calls.append(_with_hidden(c, h))
+        calls = new_calls
+    report["calibration_seconds"] = time.time() - t0
+    return report

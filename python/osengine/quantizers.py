@@ -1,0 +1,244 @@
+"""Fake quantization (simulated integer arithmetic in floating point): specs, observers, quantized linear layers.
+
+Integer ranges follow the paper: symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1], asymmetric codes in [0, 2^b - 1].
+A fake-quantized tensor is dequant(quant(x)) = (clamp(round(x / delta) + zp, qmin, qmax) - zp) * delta.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
+OBSERVERS = ("minmax", "avgminmax", "quantile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor (weights, activations, BMM inputs) is quantized."""
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "per-tensor"
+    group_size: Optional[int] = None
+    dynamic: bool = False            # activations only: ranges computed per call instead of calibrated
+    observer: str = "minmax"         # static activations only
+    quantile: float = 0.995          # for observer == "quantile"
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    """Step size and zero point for the range [lo, hi] (tensors broadcastable against the data)."""
+    if spec.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        delta = (absmax / spec.qmax).clamp(min=1e-8)
+        return delta, torch.zeros_like(delta)
+    # Asymmetric ranges always contain 0 so that zero (padding, ReLU zeros) is represented exactly.
+    lo = lo.clamp(max=0)
+    hi = hi.clamp(min=0)
+    delta = ((hi - lo) / spec.qmax).clamp(min=1e-8)
+    zero_point = torch.round(-lo / delta).clamp(spec.qmin, spec.qmax)
+    return delta, zero_point
+
+
+def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / delta) + zero_point, spec.qmin, spec.qmax)
+    return (q - zero_point) * delta
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if x.shape[-1] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the channel count {x.shape[-1]}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """MinMax weight quantization of a [out, in] matrix: per-tensor, per output channel, or per group along `in`."""
+    if spec.granularity == "per-tensor":
+        lo, hi = w.min(), w.max()
+    elif spec.granularity == "per-channel":
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    elif spec.granularity == "per-group":
+        g = _grouped(w, spec.group_size)
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        delta, zp = qparams_from_range(lo, hi, spec)
+        return fake_quant(g, delta, zp, spec).reshape_as(w)
+    else:
+        raise ValueError(f"weights: granularity {spec.granularity!r} is not one of per-tensor, per-channel, per-group")
+    delta, zp = qparams_from_range(lo, hi, spec)
+    return fake_quant(w, delta, zp, spec)
+
+
+def quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Activation quantization with ranges taken from x itself (per tensor, per token, or per token and group)."""
+    if spec.granularity == "per-tensor":
+        lo, hi = x.min(), x.max()
+    elif spec.granularity == "per-token":
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    elif spec.granularity == "per-group":
+        g = _grouped(x, spec.group_size)
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        delta, zp = qparams_from_range(lo, hi, spec)
+        return fake_quant(g, delta, zp, spec).reshape_as(x)
+    else:
+        raise ValueError(f"activations: granularity {spec.granularity!r} cannot be dynamic")
+    delta, zp = qparams_from_range(lo, hi, spec)
+    return fake_quant(x, delta, zp, spec)
+
+
+def quantize_with_range(x: torch.Tensor, lo: float, hi: float, spec: QuantSpec) -> torch.Tensor:
+    """Per-tensor quantization with a given range (used by the scale search, which sets the range to (-t, t))."""
+    lo_t = torch.tensor(lo, dtype=x.dtype, device=x.device)
+    hi_t = torch.tensor(hi, dtype=x.dtype, device=x.device)
+    delta, zp = qparams_from_range(lo_t, hi_t, spec)
+    return fake_quant(x, delta, zp, spec)
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake-quantizer. Static specs observe calibration batches first (mode "observe"), then quantize with
+    the frozen range; dynamic specs compute ranges per call. Per-tensor static only (what an int GEMM can use)."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.mode = "quantize" if spec.dynamic else "observe"
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_buffer("batches", torch.tensor(0))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if self.spec.observer == "quantile":
+            # token-wise clipping: quantile of per-token extremes, averaged over batches
+            flat = x.reshape(-1, x.shape[-1])
+            lo = torch.quantile(flat.amin(dim=-1), 1 - self.spec.quantile)
+            hi = torch.quantile(flat.amax(dim=-1), self.spec.quantile)
+        else:
+            lo, hi = x.min(), x.max()
+        if self.spec.observer == "minmax":
+            self.lo.copy_(torch.minimum(self.lo, lo))
+            self.hi.copy_(torch.maximum(self.hi, hi))
+        else:  # running average of per-batch ranges; each batch is counted exactly once
+            n = self.batches.item()
+            if n == 0:
+                self.lo.copy_(lo)
+                self.hi.copy_(hi)
+            else:
+                self.lo.copy_((self.lo * n + lo) / (n + 1))
+                self.hi.copy_((self.hi * n + hi) / (n + 1))
+        self.batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.spec.dynamic:
+            return quantize_dynamic(x, self.spec)
+        if self.mode == "observe":
+            self._observe(x)
+            return x
+        if not torch.isfinite(self.lo) or not torch.isfinite(self.hi):
+            raise RuntimeError("static activation quantizer used before calibration (no finite range observed)")
+        delta, zp = qparams_from_range(self.lo.to(x.dtype), self.hi.to(x.dtype), self.spec)
+        return fake_quant(x, delta, zp, self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"bits={s.bits}, symmetric={s.symmetric}, {s.granularity}, dynamic={s.dynamic}, mode={self.mode}"
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer with fake-quantized weights and input. `input_shift` is the optional runtime shift z
+    (x - z before quantization; the matching W z is already in the bias), what the engine fuses into its
+    quantize kernel and GEMM epilogue. With no specs it is an exact floating-point nn.Linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("input_shift", None)
+        self.act_quant: Optional[ActQuantizer] = None
+        self.weight_spec: Optional[QuantSpec] = None
+
+    def quantize(self, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
+        with torch.no_grad():
+            self.weight.copy_(quantize_weight(self.weight.float(), weight_spec).to(self.weight.dtype))
+        self.weight_spec = weight_spec
+        self.act_quant = ActQuantizer(act_spec).to(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shift is not None:
+            x = x - self.input_shift
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight_bits={self.weight_spec.bits if self.weight_spec else None}, "
+                f"shift={'yes' if self.input_shift is not None else 'no'}")
+
+
+# ---- BMM inputs (Q, K, V, softmax probabilities) through transformers' attention-function interface ----
+
+BMM_ATTENTION_NAME = "osengine_fakequant_bmm"
+
+
+class BmmQuantizers(nn.Module):
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.query, self.key, self.value, self.probs = (ActQuantizer(spec) for _ in range(4))
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def fakequant_bmm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention with fake-quantized BMM inputs; same contract as transformers' eager_attention_forward."""
+    quant = getattr(module, "osengine_bmm", None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    if quant is not None:
+        query, key, value = quant.query(query), quant.key(key), quant.value(value)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    probs = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if quant is not None:
+        probs = quant.probs(probs)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def install_bmm_quantization(model: nn.Module, attention_modules: list, spec: QuantSpec) -> None:
+    """Quantize BMM inputs: attach quantizers to each attention module and route the model's attention through
+    `fakequant_bmm_attention` (works for models that use transformers' AttentionInterface)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BMM_ATTENTION_NAME, fakequant_bmm_attention)
+    for m in attention_modules:
+        m.osengine_bmm = BmmQuantizers(spec)
+    for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        cfg._attn_implementation = BMM_ATTENTION_NAME
+
+
+def set_observing(module: nn.Module, observing: bool) -> None:
+    """Switch every static activation quantizer under `module` between observing and quantizing."""
+    for m in module.modules():
+        if isinstance(m, ActQuantizer) and not m.spec.dynamic:
+            m.mode = "observe" if observing else "quantize"
