@@ -69,10 +69,11 @@ inline void load_w<8>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
 
 template <>
 inline void load_w<4>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
+  // Each 16-bit lane holds one byte b: (b << 12) >> 12 (arithmetic) is the sign-extended low nibble,
+  // (b << 8) >> 12 the high one.
   const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  const __m256i low = _mm256_set1_epi16(0x0f), eight = _mm256_set1_epi16(8);
-  w0 = _mm256_sub_epi16(_mm256_xor_si256(_mm256_and_si256(v, low), eight), eight);
-  w1 = _mm256_sub_epi16(_mm256_xor_si256(_mm256_srli_epi16(v, 4), eight), eight);
+  w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 12), 12);
+  w1 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 12);
 }
 
 template <int BITS>
@@ -97,6 +98,111 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
       acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, w0));
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, w1));
     }
+  }
+}
+
+
+// The 6 x 16 microkernel in inline asm: GCC does not keep 12 accumulators + 2 W + broadcast + product (16 ymm)
+// in registers and spills. Fixed assignment: ymm0..11 accumulators (row r: ymm2r, ymm2r+1), ymm12/13 W,
+// ymm14 A broadcast, ymm15 product. Two k-pair steps per iteration. Writes the int32 tile out[6][16].
+#define OSE_W8_LOAD(off)                    \
+  "vpmovsxbw " #off "(%[w]), %%ymm12\n\t"  \
+  "vpmovsxbw " #off "+16(%[w]), %%ymm13\n\t"
+#define OSE_W4_LOAD(off)                    \
+  "vpmovzxbw " #off "(%[w]), %%ymm13\n\t"  \
+  "vpsllw $12, %%ymm13, %%ymm12\n\t"       \
+  "vpsllw $8, %%ymm13, %%ymm13\n\t"        \
+  "vpsraw $12, %%ymm12, %%ymm12\n\t"       \
+  "vpsraw $12, %%ymm13, %%ymm13\n\t"
+#define OSE_ROW(src, acc0, acc1)                   \
+  "vpbroadcastd " src ", %%ymm14\n\t"              \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"         \
+  "vpaddd %%ymm15, %%ymm" #acc0 ", %%ymm" #acc0 "\n\t" \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"         \
+  "vpaddd %%ymm15, %%ymm" #acc1 ", %%ymm" #acc1 "\n\t"
+#define OSE_STEP(LOAD, woff, aoff)                              \
+  LOAD(woff)                                                    \
+  OSE_ROW(#aoff "(%[a0])", 0, 1)                                \
+  OSE_ROW(#aoff "(%[a0],%[lda],1)", 2, 3)                       \
+  OSE_ROW(#aoff "(%[a0],%[lda],2)", 4, 5)                       \
+  OSE_ROW(#aoff "(%[a3])", 6, 7)                                \
+  OSE_ROW(#aoff "(%[a3],%[lda],1)", 8, 9)                       \
+  OSE_ROW(#aoff "(%[a3],%[lda],2)", 10, 11)
+
+#define OSE_KERNEL_6x16(LOAD, SB)                                                                      \
+  asm volatile(                                                                                        \
+      "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"                                                               \
+      "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"                                                               \
+      "vpxor %%xmm2, %%xmm2, %%xmm2\n\t"                                                               \
+      "vpxor %%xmm3, %%xmm3, %%xmm3\n\t"                                                               \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                               \
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                               \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                               \
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                               \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                               \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                               \
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                            \
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                            \
+      "cmp $2, %[n]\n\t"                                                                               \
+      "jl 2f\n\t"                                                                                      \
+      ".p2align 5\n"                                                                                   \
+      "1:\n\t" OSE_STEP(LOAD, 0, 0) OSE_STEP(LOAD, SB, 4)                                              \
+      "add $8, %[a0]\n\t"                                                                              \
+      "add $8, %[a3]\n\t"                                                                              \
+      "add $2*" #SB ", %[w]\n\t"                                                                       \
+      "sub $2, %[n]\n\t"                                                                               \
+      "cmp $2, %[n]\n\t"                                                                               \
+      "jge 1b\n"                                                                                       \
+      "2:\n\t"                                                                                         \
+      "test %[n], %[n]\n\t"                                                                            \
+      "jz 3f\n\t" OSE_STEP(LOAD, 0, 0) "3:\n\t"                                                        \
+      "vmovdqu %%ymm0, 0(%[out])\n\t"                                                                  \
+      "vmovdqu %%ymm1, 32(%[out])\n\t"                                                                 \
+      "vmovdqu %%ymm2, 64(%[out])\n\t"                                                                 \
+      "vmovdqu %%ymm3, 96(%[out])\n\t"                                                                 \
+      "vmovdqu %%ymm4, 128(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm5, 160(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm6, 192(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm7, 224(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm8, 256(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm9, 288(%[out])\n\t"                                                                \
+      "vmovdqu %%ymm10, 320(%[out])\n\t"                                                               \
+      "vmovdqu %%ymm11, 352(%[out])\n\t"                                                               \
+      : [a0] "+r"(a0), [a3] "+r"(a3), [w] "+r"(wp), [n] "+r"(n)                                        \
+      : [lda] "r"(lda_bytes), [out] "r"(out)                                                           \
+      : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+
+template <int BITS>
+void kernel_6x16(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s0, std::int64_t s1,
+                 std::int32_t* out) {
+  const std::int32_t* a0 = a + s0;
+  const std::int32_t* a3 = a + 3 * lda + s0;
+  const std::uint8_t* wp = w + s0 * step_bytes<BITS>();
+  std::int64_t n = s1 - s0;
+  const std::int64_t lda_bytes = lda * 4;
+  if constexpr (BITS == 8) {
+    OSE_KERNEL_6x16(OSE_W8_LOAD, 32);
+  } else {
+    OSE_KERNEL_6x16(OSE_W4_LOAD, 16);
+  }
+}
+
+// Generic MR rows: the 6-row case goes through the asm kernel and an int32 tile in memory.
+template <int MR, int BITS>
+inline void accumulate_tile(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s0,
+                            std::int64_t s1, __m256i (&acc)[MR][2]) {
+  if constexpr (MR == 6) {
+    alignas(32) std::int32_t out[6][16];
+    kernel_6x16<BITS>(a, lda, w, s0, s1, &out[0][0]);
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(out[r]));
+      acc[r][1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(out[r] + 8));
+    }
+  } else {
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    accumulate<MR, BITS>(a, lda, w, s0, s1, acc);
   }
 }
 
@@ -232,9 +338,7 @@ void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
   const std::uint8_t* w = ctx.w + (pp.n0 / kNR) * ctx.steps * step_bytes<BITS>();
   __m256i acc[MR][2];
   if (p.out_accumulators || ctx.groups == 1) {
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    accumulate<MR, BITS>(a, ctx.steps, w, 0, ctx.steps, acc);
+    accumulate_tile<MR, BITS>(a, ctx.steps, w, 0, ctx.steps, acc);
     if (p.out_accumulators) {
 #pragma GCC unroll 6
       for (int r = 0; r < MR; ++r) {
@@ -271,9 +375,7 @@ void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
     _mm256_store_ps(ybuf[r][1], b1);
   }
   for (std::int64_t g = 0; g < ctx.groups; ++g) {
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    accumulate<MR, BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps, acc);
+    accumulate_tile<MR, BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps, acc);
     __m256 y[MR][2];
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
