@@ -26,8 +26,8 @@
 // Microkernel: MR x 16 outputs (MR <= 6 rows, 2 ymm of 8 int32 per row: 12 accumulators + 2 W + 1 A broadcast
 //   = 15 ymm registers). Per k-pair step: 2 W loads (sign/nibble-extended), MR broadcasts, 2*MR vpmaddwd and
 //   2*MR vpaddd. The full K range of a group (all of K without groups) runs in registers; the epilogue is applied
-//   on the register tile: c = acc - zp * colsum (int32), y = fma(float(c), a_scale * w_scale, y) per group in
-//   group order starting from bias, then the activation (AVX2 mirrors of float_math.hpp), + residual, store fp32
+//   on the register tile: c = acc - zp * colsum (int32; the zero point is folded into the widened A, see
+//   widen_rows), y = fma(float(c), a_scale * w_scale, y) per group in group order starting from bias, then the activation (AVX2 mirrors of float_math.hpp), + residual, store fp32
 //   or bf16 (round to nearest even, as float_to_bf16).
 //
 // Blocking / threading: the work is cut into items (M block of MB rows) x (N panel of 16 columns), M block
@@ -211,7 +211,6 @@ inline void accumulate_tile(const std::int32_t* a, std::int64_t lda, const std::
 struct PanelParams {
   std::vector<float> bias;        // [16]
   std::vector<float> w_scale;     // [groups][16]
-  std::vector<std::int32_t> colsum;  // [groups][16] (only with a zero point)
   std::int64_t n0 = -1, nvalid = 0;
 };
 
@@ -234,12 +233,6 @@ void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& pp) {
   for (std::int64_t g = 0; g < ctx.groups; ++g)
     for (std::int64_t c = 0; c < pp.nvalid; ++c)
       pp.w_scale[g * kNR + c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n + g * p.w_scale_stride_g];
-  if (p.a_zero_point) {
-    const std::int32_t* cs = p.weights->column_sums().data();
-    pp.colsum.assign(static_cast<std::size_t>(ctx.groups * kNR), 0);
-    for (std::int64_t g = 0; g < ctx.groups; ++g)
-      for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.colsum[g * kNR + c] = cs[g * p.n + pp.n0 + c];
-  }
 }
 
 template <int MR>
@@ -247,20 +240,11 @@ inline void fold_group(const GemmProblem& p, const PanelParams& pp, std::int64_t
                        const __m256i (&acc)[MR][2], __m256 (&y)[MR][2]) {
   const __m256 ws0 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR);
   const __m256 ws1 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR + 8);
-  __m256i cs0 = _mm256_setzero_si256(), cs1 = _mm256_setzero_si256();
-  if (p.a_zero_point) {
-    cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp.colsum.data() + g * kNR));
-    cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp.colsum.data() + g * kNR + 8));
-  }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     const std::int64_t ai = (m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g;
-    __m256i c0 = acc[r][0], c1 = acc[r][1];
-    if (p.a_zero_point) {
-      const __m256i zp = _mm256_set1_epi32(p.a_zero_point[ai]);
-      c0 = _mm256_sub_epi32(c0, _mm256_mullo_epi32(zp, cs0));
-      c1 = _mm256_sub_epi32(c1, _mm256_mullo_epi32(zp, cs1));
-    }
+    // The zero point was folded into the widened A: acc already is acc - zp * colsum.
+    const __m256i c0 = acc[r][0], c1 = acc[r][1];
     const __m256 as = _mm256_set1_ps(p.a_scale[ai]);
     y[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0), _mm256_mul_ps(as, ws0), y[r][0]);
     y[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), _mm256_mul_ps(as, ws1), y[r][1]);
@@ -407,37 +391,53 @@ void run_tile(const Context& ctx, const PanelParams& pp, std::int64_t m0, std::i
 
 // ---------------------------------------------------------------------------------------------------------------
 // A widening: int8 [M, K] or int4-packed [M, K/2] -> int16 pairs [M, steps] (as int32), zero-padded.
-void widen_rows(const GemmProblem& p, std::int64_t steps, std::int32_t* out, std::int64_t r0, std::int64_t r1) {
+// With an activation zero point (epilogue mode only), a - zp[m, g] is stored instead of a: sum_k (a - zp) w equals
+// acc - zp * colsum exactly (|a - zp| <= 255 fits int16; the int32 sum is bounded like the reference's), so the
+// epilogue needs no column sums.
+void widen_rows(const GemmProblem& p, std::int64_t steps, std::int64_t group, std::int32_t* out, std::int64_t r0,
+                std::int64_t r1) {
   const std::int64_t k = p.k;
+  const bool with_zp = p.a_zero_point != nullptr && p.out_accumulators == nullptr;
   for (std::int64_t m = r0; m < r1; ++m) {
     auto* o16 = reinterpret_cast<std::int16_t*>(out + m * steps);
     if (p.a_format == ActivationFormat::int8) {
       const std::int8_t* a = p.a + m * k;
-      std::int64_t i = 0;
-      for (; i + 16 <= k; i += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + i),
-                            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))));
-      for (; i < k; ++i) o16[i] = a[i];
-      for (; i < 2 * steps; ++i) o16[i] = 0;
+      for (std::int64_t g0 = 0; g0 < k; g0 += group) {
+        const std::int64_t g1 = std::min(k, g0 + group);
+        const std::int16_t zp =
+            with_zp ? static_cast<std::int16_t>(p.a_zero_point[m * p.a_scale_stride_m + (g0 / group) * p.a_scale_stride_g]) : 0;
+        const __m256i vzp = _mm256_set1_epi16(zp);
+        std::int64_t i = g0;
+        for (; i + 16 <= g1; i += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + i),
+                              _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))), vzp));
+        for (; i < g1; ++i) o16[i] = static_cast<std::int16_t>(a[i] - zp);
+      }
+      for (std::int64_t i = k; i < 2 * steps; ++i) o16[i] = 0;
     } else {
       // One packed byte (low nibble = even k) becomes one int32 pair (int16 lo, int16 hi).
       const auto* a = reinterpret_cast<const std::uint8_t*>(p.a) + m * (k / 2);
       std::int32_t* o = out + m * steps;
       const __m256i low = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8), mask16 = _mm256_set1_epi32(0xffff);
-      std::int64_t i = 0;
-      for (; i + 8 <= k / 2; i += 8) {
-        std::int64_t bytes;
-        std::memcpy(&bytes, a + i, sizeof bytes);
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
-        const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(v, low), eight), eight);
-        const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(v, 4), eight), eight);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
-                            _mm256_or_si256(_mm256_and_si256(lo, mask16), _mm256_slli_epi32(hi, 16)));
-      }
-      for (; i < k / 2; ++i) {
-        const int lo = a[i] & 0x0f, hi = a[i] >> 4;
-        o16[2 * i] = static_cast<std::int16_t>(lo >= 8 ? lo - 16 : lo);
-        o16[2 * i + 1] = static_cast<std::int16_t>(hi >= 8 ? hi - 16 : hi);
+      for (std::int64_t g0 = 0; g0 < k / 2; g0 += group / 2) {
+        const std::int64_t g1 = std::min(k / 2, g0 + group / 2);
+        const std::int32_t zp = with_zp ? p.a_zero_point[m * p.a_scale_stride_m + (g0 / (group / 2)) * p.a_scale_stride_g] : 0;
+        const __m256i vzp = _mm256_set1_epi32(zp);
+        std::int64_t i = g0;
+        for (; i + 8 <= g1; i += 8) {
+          std::int64_t bytes;
+          std::memcpy(&bytes, a + i, sizeof bytes);
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+          const __m256i lo = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(v, low), eight), eight), vzp);
+          const __m256i hi = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(v, 4), eight), eight), vzp);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                              _mm256_or_si256(_mm256_and_si256(lo, mask16), _mm256_slli_epi32(hi, 16)));
+        }
+        for (; i < g1; ++i) {
+          const int lo = a[i] & 0x0f, hi = a[i] >> 4;
+          o16[2 * i] = static_cast<std::int16_t>((lo >= 8 ? lo - 16 : lo) - zp);
+          o16[2 * i + 1] = static_cast<std::int16_t>((hi >= 8 ? hi - 16 : hi) - zp);
+        }
       }
     }
   }
@@ -461,9 +461,11 @@ void gemm_bits(const GemmProblem& p, const Context& ctx) {
     const std::int64_t blocks = (want_items + n_panels - 1) / n_panels;
     mb = std::min(mb, round_up((p.m + blocks - 1) / blocks, kMR));
   }
-  mb = std::min(mb, round_up(p.m, kMR));
   mb = std::max<std::int64_t>(mb, kMR);
-  const std::int64_t m_blocks = (p.m + mb - 1) / mb;
+  // Equal blocks (a capped first block would leave the last one short and the threads unbalanced).
+  std::int64_t m_blocks = (p.m + mb - 1) / mb;
+  mb = round_up((p.m + m_blocks - 1) / m_blocks, kMR);
+  m_blocks = (p.m + mb - 1) / mb;
   const std::int64_t items = m_blocks * n_panels;
   const std::int64_t item_macs = std::min(mb, p.m) * kNR * kp;
   const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
@@ -552,7 +554,9 @@ void gemm_avx2(const GemmProblem& p) {
   if (abuf.size() < static_cast<std::size_t>(p.m * ctx.steps)) abuf.resize(static_cast<std::size_t>(p.m * ctx.steps));
   ctx.a16 = abuf.data();
   const std::int64_t min_rows = std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(1, p.k));
-  parallel_for(p.m, min_rows, [&](std::int64_t r0, std::int64_t r1) { widen_rows(p, ctx.steps, abuf.data(), r0, r1); });
+  const std::int64_t group = ctx.groups > 1 ? w.group_size() : std::max<std::int64_t>(2, round_up(p.k, 2));
+  parallel_for(p.m, min_rows,
+               [&](std::int64_t r0, std::int64_t r1) { widen_rows(p, ctx.steps, group, abuf.data(), r0, r1); });
   if (w.bits() == 8)
     gemm_bits<8>(p, ctx);
   else
