@@ -59,6 +59,7 @@ struct GemmCase {
   int w_scale_kind = 1;  // 0 one value, 1 per channel, 2 per channel and group
   bool bias = true;
   bool extreme = false;  // A = -128 / W = +-127 everywhere
+  int zp_value = 1000;   // != 1000: every activation zero point takes this value
   std::uint32_t seed = 1;
 };
 
@@ -133,7 +134,7 @@ void run_gemm_case(const GemmCase& c) {
   for (std::int64_t i = 0; i < ws_count; ++i) w_scale.push_back(w_base * norm * scale_dist(gen));
   if (c.zp) {
     std::uniform_int_distribution<int> zd(alo, ahi);
-    for (std::int64_t i = 0; i < as_count; ++i) a_zp.push_back(zd(gen));
+    for (std::int64_t i = 0; i < as_count; ++i) a_zp.push_back(c.zp_value != 1000 ? c.zp_value : zd(gen));
   }
   if (c.bias) {
     bias = random_floats(static_cast<std::size_t>(n), c.seed + 3, 3.0f);
@@ -258,9 +259,18 @@ TEST(gemm_no_saturation_extremes) {
     if (k == 65536) c.n = 4;
     run_gemm_case(c);
   }
+  // With the largest zero point: a - zp = -255 on every k, |acc - zp * colsum| up to 2.12e9 (K = 65536).
+  for (int zp : {127, -128})
+    for (std::int64_t group : {0, 128}) {
+      GemmCase c;
+      c.m = 3, c.n = 4, c.k = 65536, c.extreme = true, c.zp = true, c.zp_value = zp, c.group = group;
+      c.a_scale_kind = group ? 2 : 1, c.seed = 8;
+      run_gemm_case(c);
+    }
   for (std::int64_t k : {2, 64, 4094}) {
     GemmCase c;
     c.m = 7, c.n = 18, c.k = k, c.wbits = 4, c.a_int4 = true, c.extreme = true, c.seed = 6;
+    c.zp = true, c.zp_value = 7;
     run_gemm_case(c);
     c.a_int4 = false;
     run_gemm_case(c);
