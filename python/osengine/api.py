@@ -1,0 +1,96 @@
+"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import calibration as calib
+from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_fp_model, load_quantized, resolve_source, save_quantized,
+                     structure_manifest)
+from .plugin_api import make_strategy, resolve_architecture
+from .recipes import Recipe, load_recipe
+
+
+def load_model(source: Union[str, Path], device: str = "cpu"):
+    """(model, tokenizer) from a Hugging Face folder, a GGUF file, a registered name (smollm2-135m, minilm-l6) or
+    a folder written by `quantize(..., out=DIR)`."""
+    if is_checkpoint(source):
+        model, tokenizer, _ = load_quantized(source, device=device)
+        return model, tokenizer
+    return load_fp_model(source, device=device)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, Recipe] = "w8a8-static",
+             strategy: str = "osplus", calibration="generated", *, tokenizer=None, keep_fp: Sequence[str] = (),
+             strategy_options: Optional[dict] = None, n_samples: int = 16, seq_len: int = 512, batch_size: int = 4,
+             search_batches: int = 1, device: Optional[str] = None, out: Optional[Union[str, Path]] = None,
+             progress: bool = True) -> nn.Module:
+    """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
+
+    model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
+    recipe         preset name, YAML path, dict or Recipe; `keep_fp` adds layers kept in floating point
+    strategy       registered strategy name (osplus, smoothquant, minmax, or a plugin); options in strategy_options
+    calibration    text file, "generated" (samples the model writes itself), list of strings, or token ids [n, T]
+    search_batches calibration batches (of batch_size x seq_len tokens) on which OS+ scores its grid
+    out            folder to save model.safetensors + osengine.json (reload with load_model / `osengine eval`)
+    The report (per-site migrations, channel ranges, timing, peak memory) is at `model.osengine_report`.
+    """
+    source = None
+    if not isinstance(model, nn.Module):
+        source = str(model)
+        if is_checkpoint(source):
+            raise ModelLoadError(f"model {source!r} is already quantized; give the floating-point model")
+        model, tokenizer = load_fp_model(source, device=device or "cpu")
+    elif device is not None:
+        model = model.to(device)
+    recipe = load_recipe(recipe, keep_fp=tuple(keep_fp))
+    strat = make_strategy(strategy, strategy_options)
+    arch = resolve_architecture(model)
+    if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        raise calib.CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
+    t0 = time.time()
+    ids = calib.load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len)
+    t_data = time.time() - t0
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    report = calib.calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
+                                       search_batches=search_batches, progress=progress)
+    report.update(calibration_data_seconds=t_data, calibration_tokens=int(ids.numel()),
+                  strategy_options=dict(strategy_options or {}), peak_rss_mib=_peak_rss_mib())
+    if next(model.parameters()).is_cuda:
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    model.osengine_report = report
+    if out is not None:
+        if source is None:
+            raise ModelLoadError("quantize(out=...) needs the model given by name or path (it is recorded in the "
+                                 "manifest so the checkpoint can be rebuilt)")
+        base = source if source in REGISTERED_MODELS else str(resolve_source(source))
+        manifest = {"format": "osengine-fakequant", "base_model": base, "recipe": recipe.to_dict(),
+                    "strategy": strat.name, "strategy_options": dict(strategy_options or {}),
+                    "architecture": arch.name, **structure_manifest(model),
+                    "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
+                                    type(calibration).__name__, "samples": int(ids.shape[0]),
+                                    "seq_len": int(ids.shape[1])}}
+        save_quantized(model, out, manifest)
+    return model
+
+
+def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, tokenizer=None, seq_len: int = 512,
+             windows: Optional[int] = 16, device: Optional[str] = None, progress: bool = True) -> dict:
+    """Perplexity over `windows` non-overlapping windows of `seq_len` tokens of the text file `ppl`."""
+    from .evaluation import perplexity
+
+    if not isinstance(model, nn.Module):
+        model, tokenizer = load_model(model, device=device or "cpu")
+    elif tokenizer is None:
+        raise ValueError("evaluate(): `tokenizer` is required when `model` is a module")
+    return perplexity(model, tokenizer, ppl, seq_len=seq_len, windows=windows, progress=progress)

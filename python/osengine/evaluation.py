@@ -1,0 +1,77 @@
+"""Evaluation: perplexity over non-overlapping windows of a text file, sentence embeddings for probes, and an
+optional lm-evaluation-harness adapter."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optional[int] = 16,
+               progress: bool = True) -> dict:
+    """exp(mean NLL) over the first `windows` non-overlapping windows of `seq_len` tokens (all when None).
+    Every window is scored on its seq_len - 1 next-token predictions."""
+    path = Path(text_file)
+    if not path.is_file():
+        raise EvaluationError(f"--ppl file {str(path)!r} does not exist")
+    if seq_len < 2:
+        raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise EvaluationError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    n = available if windows is None else min(windows, available)
+    device = next(model.parameters()).device
+    nll, count, t0 = 0.0, 0, time.time()
+    for i in tqdm(range(n), desc="perplexity", disable=not progress):
+        window = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device)
+        logits = model(input_ids=window, attention_mask=torch.ones_like(window)).logits.float()
+        nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+        count += seq_len - 1
+    mean = nll / count
+    return {"perplexity": math.exp(mean), "nll": mean, "windows": n, "seq_len": seq_len, "tokens": count,
+            "seconds": time.time() - t0, "text": str(path)}
+
+
+@torch.no_grad()
+def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: int = 64,
+                        max_length: int = 128, progress: bool = True) -> torch.Tensor:
+    """Mean-pooled last hidden states (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(sentences), batch_size), desc="embedding", disable=not progress):
+        batch = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+    return torch.cat(out)
+
+
+def lm_eval_model(model, tokenizer, batch_size: int = 1):
+    """Wrap a (fake-quantized) model for lm-evaluation-harness (optional extra `eval`):
+        import lm_eval; lm_eval.simple_evaluate(model=lm_eval_model(m, tok), tasks=["piqa"])"""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise EvaluationError("lm-evaluation-harness is not installed: pip install 'osengine[eval]'") from None
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], limit: Optional[int] = None) -> dict:
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model=lm_eval_model(model, tokenizer), tasks=list(tasks), limit=limit)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in res["results"].items()}

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from osengine.quantizers import ActQuantizer, FakeQuantLinear, QuantSpec, quantize_dynamic, quantize_weight
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_stay_in_range(bits, symmetric):
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="per-token", dynamic=True)
+    x = torch.randn(16, 32) * 5 + 2
+    q = quantize_dynamic(x, spec)
+    for row_x, row_q in zip(x, q):
+        levels = torch.unique(row_q)
+        assert len(levels) <= 2 ** bits - (1 if symmetric else 0)
+        assert (row_q - row_x).abs().max() <= (row_x.max() - min(row_x.min(), 0)) / (2 ** bits - 2) + 1e-5
+
+
+def test_weight_granularities():
+    w = torch.randn(8, 64)
+    w[0] *= 100
+    per_tensor = quantize_weight(w, QuantSpec(bits=4, granularity="per-tensor"))
+    per_channel = quantize_weight(w, QuantSpec(bits=4, granularity="per-channel"))
+    per_group = quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=16))
+    err = lambda q: (q[1:] - w[1:]).pow(2).mean()
+    assert err(per_group) < err(per_channel) < err(per_tensor)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=24))
+
+
+def test_static_observers():
+    batches = [torch.tensor([[-1.0, 2.0]]), torch.tensor([[-3.0, 4.0]])]
+    for observer, (lo, hi) in (("minmax", (-3.0, 4.0)), ("avgminmax", (-2.0, 3.0))):
+        q = ActQuantizer(QuantSpec(bits=8, observer=observer))
+        for b in batches:
+            assert torch.equal(q(b), b)  # observing passes through
+        assert (q.lo.item(), q.hi.item(), q.batches.item()) == (lo, hi, 2)  # every batch counted once
+        q.mode = "quantize"
+        assert q(torch.tensor([[100.0]])).item() == pytest.approx(max(-lo, hi), rel=1e-6)  # clipped
+
+
+def test_quantile_observer_clips_rare_tokens():
+    x = torch.randn(1000, 8)
+    x[0, 0] = 1000.0
+    q = ActQuantizer(QuantSpec(bits=8, observer="quantile", quantile=0.99))
+    q(x)
+    assert q.hi.item() < 10
+
+
+def test_uncalibrated_static_quantizer_errors():
+    q = ActQuantizer(QuantSpec(bits=8))
+    q.mode = "quantize"
+    with pytest.raises(RuntimeError, match="before calibration"):
+        q(torch.ones(2, 2))
+
+
+def test_fake_quant_linear_exact_in_fp_and_shift():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    ref = lin(x)
+    f = FakeQuantLinear(lin)
+    assert torch.allclose(f(x), ref)
+    f.quantize(QuantSpec(bits=8, granularity="per-channel"), QuantSpec(bits=8, granularity="per-token", dynamic=True))
+    assert (f(x) - ref).abs().max() < 0.05
