@@ -37,6 +37,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -129,7 +130,7 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
   OSE_ROW(#aoff "(%[a3],%[lda],1)", 8, 9)                       \
   OSE_ROW(#aoff "(%[a3],%[lda],2)", 10, 11)
 
-#define OSE_KERNEL_6x16(LOAD, SB)                                                                      \
+#define OSE_KERNEL_6x16(LOAD, SB, TAIL, ...)                                                           \
   asm volatile(                                                                                        \
       "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"                                                               \
       "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"                                                               \
@@ -155,23 +156,32 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
       "jge 1b\n"                                                                                       \
       "2:\n\t"                                                                                         \
       "test %[n], %[n]\n\t"                                                                            \
-      "jz 3f\n\t" OSE_STEP(LOAD, 0, 0) "3:\n\t"                                                        \
-      "vmovdqu %%ymm0, 0(%[out])\n\t"                                                                  \
-      "vmovdqu %%ymm1, 32(%[out])\n\t"                                                                 \
-      "vmovdqu %%ymm2, 64(%[out])\n\t"                                                                 \
-      "vmovdqu %%ymm3, 96(%[out])\n\t"                                                                 \
-      "vmovdqu %%ymm4, 128(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm5, 160(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm6, 192(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm7, 224(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm8, 256(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm9, 288(%[out])\n\t"                                                                \
-      "vmovdqu %%ymm10, 320(%[out])\n\t"                                                               \
-      "vmovdqu %%ymm11, 352(%[out])\n\t"                                                               \
+      "jz 3f\n\t" OSE_STEP(LOAD, 0, 0) "3:\n\t" TAIL                                                  \
       : [a0] "+r"(a0), [a3] "+r"(a3), [w] "+r"(wp), [n] "+r"(n)                                        \
-      : [lda] "r"(lda_bytes), [out] "r"(out)                                                           \
+      : [lda] "r"(lda_bytes), __VA_ARGS__                                                              \
       : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
         "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+
+// Tail 1: store the int32 tile to out[6][16].
+#define OSE_STORE_ROW(r, a0, a1) "vmovdqu %%ymm" #a0 ", 64*" #r "(%[out])\n\t" "vmovdqu %%ymm" #a1 ", 64*" #r "+32(%[out])\n\t"
+#define OSE_TAIL_STORE                                                                                   \
+  OSE_STORE_ROW(0, 0, 1) OSE_STORE_ROW(1, 2, 3) OSE_STORE_ROW(2, 4, 5) OSE_STORE_ROW(3, 6, 7)            \
+  OSE_STORE_ROW(4, 8, 9) OSE_STORE_ROW(5, 10, 11)
+// Tail 2: fold one group into the fp32 tile y[6][16]: y = fma(float(acc), a_scale[r] * w_scale[c], y), the
+// reference's operation and order (fma(x, s, y) with s = a_scale * w_scale; the product commutes exactly).
+#define OSE_FOLD_HALF(r, acc, wreg, off)                                  \
+  "vmulps %%ymm" #wreg ", %%ymm14, %%ymm15\n\t"                         \
+  "vcvtdq2ps %%ymm" #acc ", %%ymm" #acc "\n\t"                          \
+  "vfmadd213ps 64*" #r "+" #off "(%[y]), %%ymm15, %%ymm" #acc "\n\t"    \
+  "vmovups %%ymm" #acc ", 64*" #r "+" #off "(%[y])\n\t"
+#define OSE_FOLD_ROW(r, a0, a1)                        \
+  "vbroadcastss 4*" #r "(%[as]), %%ymm14\n\t"        \
+  OSE_FOLD_HALF(r, a0, 12, 0) OSE_FOLD_HALF(r, a1, 13, 32)
+#define OSE_TAIL_FOLD                                                                                   \
+  "vmovups (%[ws]), %%ymm12\n\t"                                                                      \
+  "vmovups 32(%[ws]), %%ymm13\n\t"                                                                    \
+  OSE_FOLD_ROW(0, 0, 1) OSE_FOLD_ROW(1, 2, 3) OSE_FOLD_ROW(2, 4, 5) OSE_FOLD_ROW(3, 6, 7)              \
+  OSE_FOLD_ROW(4, 8, 9) OSE_FOLD_ROW(5, 10, 11)
 
 template <int BITS>
 void kernel_6x16(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s0, std::int64_t s1,
@@ -182,9 +192,25 @@ void kernel_6x16(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w,
   std::int64_t n = s1 - s0;
   const std::int64_t lda_bytes = lda * 4;
   if constexpr (BITS == 8) {
-    OSE_KERNEL_6x16(OSE_W8_LOAD, 32);
+    OSE_KERNEL_6x16(OSE_W8_LOAD, 32, OSE_TAIL_STORE, [out] "r"(out));
   } else {
-    OSE_KERNEL_6x16(OSE_W4_LOAD, 16);
+    OSE_KERNEL_6x16(OSE_W4_LOAD, 16, OSE_TAIL_STORE, [out] "r"(out));
+  }
+}
+
+// Accumulates steps [s0, s1) (one group) and folds it into y[6][16] with the scales ws[16] and as[6].
+template <int BITS>
+void kernel_6x16_fold(const std::int32_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s0, std::int64_t s1,
+                      const float* ws, const float* as, float* y) {
+  const std::int32_t* a0 = a + s0;
+  const std::int32_t* a3 = a + 3 * lda + s0;
+  const std::uint8_t* wp = w + s0 * step_bytes<BITS>();
+  std::int64_t n = s1 - s0;
+  const std::int64_t lda_bytes = lda * 4;
+  if constexpr (BITS == 8) {
+    OSE_KERNEL_6x16(OSE_W8_LOAD, 32, OSE_TAIL_FOLD, [ws] "r"(ws), [as] "r"(as), [y] "r"(y));
+  } else {
+    OSE_KERNEL_6x16(OSE_W4_LOAD, 16, OSE_TAIL_FOLD, [ws] "r"(ws), [as] "r"(as), [y] "r"(y));
   }
 }
 
@@ -358,19 +384,28 @@ void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
     _mm256_store_ps(ybuf[r][0], b0);
     _mm256_store_ps(ybuf[r][1], b1);
   }
-  for (std::int64_t g = 0; g < ctx.groups; ++g) {
-    accumulate_tile<MR, BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps, acc);
-    __m256 y[MR][2];
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      y[r][0] = _mm256_load_ps(ybuf[r][0]);
-      y[r][1] = _mm256_load_ps(ybuf[r][1]);
+  if constexpr (MR == 6) {
+    for (std::int64_t g = 0; g < ctx.groups; ++g) {
+      alignas(16) float as[6];
+      for (int r = 0; r < 6; ++r) as[r] = p.a_scale[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g];
+      kernel_6x16_fold<BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps,
+                             pp.w_scale.data() + g * kNR, as, &ybuf[0][0][0]);
     }
-    fold_group<MR>(p, pp, m0, g, acc, y);
+  } else {
+    for (std::int64_t g = 0; g < ctx.groups; ++g) {
+      accumulate_tile<MR, BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps, acc);
+      __m256 y[MR][2];
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      _mm256_store_ps(ybuf[r][0], y[r][0]);
-      _mm256_store_ps(ybuf[r][1], y[r][1]);
+      for (int r = 0; r < MR; ++r) {
+        y[r][0] = _mm256_load_ps(ybuf[r][0]);
+        y[r][1] = _mm256_load_ps(ybuf[r][1]);
+      }
+      fold_group<MR>(p, pp, m0, g, acc, y);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        _mm256_store_ps(ybuf[r][0], y[r][0]);
+        _mm256_store_ps(ybuf[r][1], y[r][1]);
+      }
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -469,18 +504,29 @@ void gemm_bits(const GemmProblem& p, const Context& ctx) {
   const std::int64_t items = m_blocks * n_panels;
   const std::int64_t item_macs = std::min(mb, p.m) * kNR * kp;
   const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
-  parallel_for(items, min_chunk, [&](std::int64_t begin, std::int64_t end) {
+  // One body per thread; the threads claim chunks of items from a shared counter, in order (so they work on the
+  // same A block at the same time), which also keeps the others going when the machine is shared and one thread
+  // gets descheduled.
+  const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(threads, items / min_chunk));
+  const std::int64_t chunk = std::max(min_chunk, items / (workers * 16));
+  std::atomic<std::int64_t> next{0};
+  parallel_for(workers, 1, [&](std::int64_t, std::int64_t) {
     PanelParams pp;
-    for (std::int64_t item = begin; item < end; ++item) {
-      const std::int64_t block = item / n_panels, panel = item % n_panels;
-      if (!p.out_accumulators && pp.n0 != panel * kNR) prepare_panel(ctx, panel, pp);
-      if (p.out_accumulators) {
-        pp.n0 = panel * kNR;
-        pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
+    for (;;) {
+      const std::int64_t begin = next.fetch_add(chunk);
+      if (begin >= items) break;
+      const std::int64_t end = std::min(items, begin + chunk);
+      for (std::int64_t item = begin; item < end; ++item) {
+        const std::int64_t block = item / n_panels, panel = item % n_panels;
+        if (!p.out_accumulators && pp.n0 != panel * kNR) prepare_panel(ctx, panel, pp);
+        if (p.out_accumulators) {
+          pp.n0 = panel * kNR;
+          pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
+        }
+        const std::int64_t m_end = std::min(p.m, (block + 1) * mb);
+        for (std::int64_t m0 = block * mb; m0 < m_end; m0 += kMR)
+          run_tile<BITS>(ctx, pp, m0, std::min<std::int64_t>(kMR, m_end - m0));
       }
-      const std::int64_t m_end = std::min(p.m, (block + 1) * mb);
-      for (std::int64_t m0 = block * mb; m0 < m_end; m0 += kMR)
-        run_tile<BITS>(ctx, pp, m0, std::min<std::int64_t>(kMR, m_end - m0));
     }
   });
 }
