@@ -90,7 +90,25 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
   const std::int32_t* ar[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) ar[r] = a + r * lda;
-  for (std::int64_t s = s0; s < s1; ++s) {
+  std::int64_t s = s0;
+  if constexpr (MR == 1) {
+    // Decode (M = 1) streams W once: two steps per iteration, two accumulator pairs, prefetch ahead.
+    __m256i x0 = _mm256_setzero_si256(), x1 = _mm256_setzero_si256();
+    for (; s + 2 <= s1; s += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (s + 32) * sb), _MM_HINT_T0);
+      __m256i w0, w1, w2, w3;
+      load_w<BITS>(w + s * sb, w0, w1);
+      load_w<BITS>(w + (s + 1) * sb, w2, w3);
+      const __m256i av = _mm256_set1_epi32(ar[0][s]), bv = _mm256_set1_epi32(ar[0][s + 1]);
+      acc[0][0] = _mm256_add_epi32(acc[0][0], _mm256_madd_epi16(av, w0));
+      acc[0][1] = _mm256_add_epi32(acc[0][1], _mm256_madd_epi16(av, w1));
+      x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(bv, w2));
+      x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(bv, w3));
+    }
+    acc[0][0] = _mm256_add_epi32(acc[0][0], x0);
+    acc[0][1] = _mm256_add_epi32(acc[0][1], x1);
+  }
+  for (; s < s1; ++s) {
     __m256i w0, w1;
     load_w<BITS>(w + s * sb, w0, w1);
 #pragma GCC unroll 6
