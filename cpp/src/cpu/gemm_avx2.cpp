@@ -3,14 +3,16 @@
 // Exactness scheme (no VNNI on the target, so no vpdpbusd):
 //   Every product is computed with vpmaddwd on int16 operands: both A and W codes are sign-extended to int16 and
 //   vpmaddwd multiplies 16 int16 pairs and adds adjacent products into 8 int32 lanes. |a| <= 128 and |w| <= 127
-//   (int4: <= 8), so each lane gets at most 2 * 128 * 127 = 32512 in magnitude: vpmaddwd never saturates (its
-//   only saturating case, -32768 * -32768 twice, cannot occur) and the int32 sums over K <= 65536 are exact.
+//   (int4: <= 8), so each lane gets at most 2 * 128 * 127 = 32512 in magnitude (2 * 255 * 127 with a folded zero
+//   point, see widen_rows): vpmaddwd never saturates (its only saturating case, -32768 * -32768 twice, cannot
+//   occur) and the int32 sums over K <= 65536 are exact.
 //   We considered the vpmaddubsw "sign trick" (u8 = |a| via vpsignb(a, a), s8 = vpsignb(w, a): pair sums bounded
 //   by 2 * 128 * 127 = 32512 < 32767, exact) but without VNNI each vpmaddubsw still needs a vpmaddwd(x, 1) to
 //   widen its int16 pair sums to int32 (adding two of them in int16 could overflow), and on Zen 3 both run on the
 //   same two multiply pipes: 32 MACs per 2 multiply-pipe ops either way. The int16 scheme needs no vpsignb and
 //   reaches the same multiply-pipe bound with fewer instructions (the sign-extension of W, vpmovsxbw from
-//   memory, runs on other pipes), so it is the one used here. Measured on Zen 3 it comes close to that bound.
+//   memory, runs on other pipes), so it is the one used here. Measured on Zen 3 (EPYC, ~2.8 GHz): the 6 x 16 asm
+//   kernel runs at ~75 GMAC/s per core (~27 MACs/cycle of the 32 bound) with its data in L1.
 //
 // Layouts:
 //   A (activations) is widened per call into a per-thread int16 buffer, row-major [M, Kp] (Kp = K rounded up to
@@ -20,20 +22,23 @@
 //   as (w[c][2s], w[c][2s+1]) pairs, bytes 16..31 columns 8..15, so vpmovsxbw of each 16-byte half gives the int16
 //   operand of one vpmaddwd against the broadcast A pair. N is padded to 16 and K to even with zeros.
 //   W4: the same two 16-element vectors, stored as nibbles of one 16-byte chunk per step: low nibbles = columns
-//   0..7, high nibbles = columns 8..15. Unpack: vpmovzxbw, and/shift, sign-extend with (x ^ 8) - 8. Half the bytes
-//   of W8, which is what the memory-bound M = 1 (decode) case streams.
+//   0..7, high nibbles = columns 8..15. Unpack: vpmovzxbw, then (b << 12) >> 12 and (b << 8) >> 12 (arithmetic)
+//   per 16-bit lane. Half the bytes of W8, which is what the memory-bound M = 1 (decode) case streams.
 //
 // Microkernel: MR x 16 outputs (MR <= 6 rows, 2 ymm of 8 int32 per row: 12 accumulators + 2 W + 1 A broadcast
 //   = 15 ymm registers). Per k-pair step: 2 W loads (sign/nibble-extended), MR broadcasts, 2*MR vpmaddwd and
 //   2*MR vpaddd. The full K range of a group (all of K without groups) runs in registers; the epilogue is applied
 //   on the register tile: c = acc - zp * colsum (int32; the zero point is folded into the widened A, see
-//   widen_rows), y = fma(float(c), a_scale * w_scale, y) per group in group order starting from bias, then the activation (AVX2 mirrors of float_math.hpp), + residual, store fp32
-//   or bf16 (round to nearest even, as float_to_bf16).
+//   widen_rows), y = fma(float(c), a_scale * w_scale, y) per group in group order starting from bias (with groups
+//   the 6-row kernel folds each group into the fp32 tile itself, in asm), then the activation (AVX2 mirrors of
+//   float_math.hpp), + residual, store fp32 or bf16 (round to nearest even, as float_to_bf16).
 //
 // Blocking / threading: the work is cut into items (M block of MB rows) x (N panel of 16 columns), M block
-//   outer, so a thread streams the packed A block (sized to stay in L3 next to W) once per panel while the panel
-//   (16 x K bytes) stays in L2. parallel_for splits the items into contiguous chunks; the minimum chunk keeps
-//   small problems on one thread.
+//   outer, so a thread streams the widened A block (equal blocks of <= ~3 MB, staying in L3 next to W) once per
+//   panel while the panel (16 x K bytes) stays in L2. One parallel_for body per thread; the threads claim chunks
+//   of items from an atomic counter (dynamic balance on a shared machine), and the minimum chunk (~2M MACs)
+//   keeps small problems on one thread. M = 1 (decode) uses the 1-row kernel: W streamed once, two steps per
+//   iteration, software prefetch.
 #include <immintrin.h>
 
 #include <algorithm>
