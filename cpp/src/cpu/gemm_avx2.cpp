@@ -259,7 +259,8 @@ inline void accumulate_tile(const std::int32_t* a, std::int64_t lda, const std::
 // Per-panel epilogue parameters, padded to 16 columns.
 struct PanelParams {
   std::vector<float> bias;        // [16]
-  std::vector<float> w_scale;     // [groups][16]
+  std::vector<float> w_scale;     // [groups][16], or [16] for all groups (ws_gstride 0)
+  std::int64_t ws_gstride = 0;
   std::int64_t n0 = -1, nvalid = 0;
 };
 
@@ -276,19 +277,29 @@ void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& pp) {
   pp.n0 = panel * kNR;
   pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
   pp.bias.assign(kNR, 0.0f);
-  if (p.bias)
-    for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.bias[c] = p.bias[pp.n0 + c];
-  pp.w_scale.assign(static_cast<std::size_t>(ctx.groups * kNR), 0.0f);
-  for (std::int64_t g = 0; g < ctx.groups; ++g)
-    for (std::int64_t c = 0; c < pp.nvalid; ++c)
-      pp.w_scale[g * kNR + c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n + g * p.w_scale_stride_g];
+  if (p.bias) std::memcpy(pp.bias.data(), p.bias + pp.n0, static_cast<std::size_t>(pp.nvalid) * sizeof(float));
+  if (p.w_scale_stride_g == 0 || ctx.groups == 1) {
+    // The same 16 scales for every group.
+    pp.ws_gstride = 0;
+    pp.w_scale.assign(kNR, 0.0f);
+    for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.w_scale[c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n];
+  } else {
+    // [groups][16] from w_scale[n * stride_n + g * stride_g]: read each channel's run of groups contiguously.
+    pp.ws_gstride = kNR;
+    pp.w_scale.assign(static_cast<std::size_t>(ctx.groups * kNR), 0.0f);
+    float* dst = pp.w_scale.data();
+    for (std::int64_t c = 0; c < pp.nvalid; ++c) {
+      const float* src = p.w_scale + (pp.n0 + c) * p.w_scale_stride_n;
+      for (std::int64_t g = 0; g < ctx.groups; ++g) dst[g * kNR + c] = src[g * p.w_scale_stride_g];
+    }
+  }
 }
 
 template <int MR>
 inline void fold_group(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, std::int64_t g,
                        const __m256i (&acc)[MR][2], __m256 (&y)[MR][2]) {
-  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR);
-  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale.data() + g * kNR + 8);
+  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale.data() + g * pp.ws_gstride);
+  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale.data() + g * pp.ws_gstride + 8);
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     const std::int64_t ai = (m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g;
@@ -412,7 +423,7 @@ void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
       alignas(16) float as[6];
       for (int r = 0; r < 6; ++r) as[r] = p.a_scale[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g];
       kernel_6x16_fold<BITS>(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps,
-                             pp.w_scale.data() + g * kNR, as, &ybuf[0][0][0]);
+                             pp.w_scale.data() + g * pp.ws_gstride, as, &ybuf[0][0][0]);
     }
   } else {
     for (std::int64_t g = 0; g < ctx.groups; ++g) {
