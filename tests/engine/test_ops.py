@@ -10,7 +10,7 @@ from engine_testing import OPTIMIZED_BACKENDS, activations
 
 SIZES = [1, 3, 17, 64, 4095]
 ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
-settings.register_profile("engine", max_examples=30, deadline=None,
+settings.register_profile("engine", max_examples=int(__import__("os").environ.get("OSENGINE_HYPOTHESIS_EXAMPLES", "30")), deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.load_profile("engine")
 
