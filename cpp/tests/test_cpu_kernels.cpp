@@ -59,6 +59,7 @@ struct GemmCase {
   int w_scale_kind = 1;  // 0 one value, 1 per channel, 2 per channel and group
   bool bias = true;
   bool extreme = false;  // A = -128 / W = +-127 everywhere
+  bool nonfinite_residual = false;  // NaN / +-Inf / huge residual entries (bf16 NaN and overflow rounding)
   int zp_value = 1000;   // != 1000: every activation zero point takes this value
   std::uint32_t seed = 1;
 };
@@ -148,6 +149,9 @@ void run_gemm_case(const GemmCase& c) {
   TensorView res;
   if (c.residual) {
     res_f = random_floats(static_cast<std::size_t>(m * n), c.seed + 5, 2.0f);
+    if (c.nonfinite_residual)
+      for (std::size_t i = 0; i < res_f.size(); i += 7)
+        res_f[i] = i % 3 == 0 ? std::nanf("") : (i % 3 == 1 ? INFINITY : -3.3895e38f);
     if (c.residual_dtype == DType::bfloat16) {
       for (float x : res_f) res_h.push_back(detail::float_to_bf16(x));
       res = tv(res_h.data(), DType::bfloat16, {m, n});
@@ -298,6 +302,17 @@ TEST(gemm_epilogue_variants) {
           c.seed = seed++;
           run_gemm_case(c);
         }
+}
+
+TEST(gemm_nonfinite_residual) {
+  if (!have_avx2()) return;
+  for (DType out : {DType::float32, DType::bfloat16})
+    for (DType rd : {DType::float32, DType::bfloat16}) {
+      GemmCase c;
+      c.m = 8, c.n = 40, c.k = 64, c.out = out, c.residual = true, c.residual_dtype = rd, c.nonfinite_residual = true;
+      c.act = Activation::gelu, c.seed = 4242;
+      run_gemm_case(c);
+    }
 }
 
 TEST(gemm_groups) {
