@@ -43,7 +43,8 @@ void Checker::not_empty(const TensorView& t, const std::string& argument) const 
 
 void Checker::positive_finite(const TensorView& t, const std::string& argument) const {
   const float* p = t.ptr<const float>();
-  for (std::int64_t i = 0; i < t.numel(); ++i) {
+  const std::int64_t count = t.numel();
+  for (std::int64_t i = 0; i < count; ++i) {
     if (!(std::isfinite(p[i]) && p[i] > 0.0f)) {
       std::ostringstream msg;
       msg << "must be positive and finite; found " << p[i] << " at flat index " << i;
@@ -54,7 +55,8 @@ void Checker::positive_finite(const TensorView& t, const std::string& argument) 
 
 void Checker::finite(const TensorView& t, const std::string& argument) const {
   const float* p = t.ptr<const float>();
-  for (std::int64_t i = 0; i < t.numel(); ++i) {
+  const std::int64_t count = t.numel();
+  for (std::int64_t i = 0; i < count; ++i) {
     if (!std::isfinite(p[i])) {
       std::ostringstream msg;
       msg << "must be finite; found " << p[i] << " at flat index " << i;
@@ -65,7 +67,8 @@ void Checker::finite(const TensorView& t, const std::string& argument) const {
 
 void Checker::int_range(const TensorView& t, const std::string& argument, std::int64_t lo, std::int64_t hi) const {
   const std::int32_t* p = t.ptr<const std::int32_t>();
-  for (std::int64_t i = 0; i < t.numel(); ++i) {
+  const std::int64_t count = t.numel();
+  for (std::int64_t i = 0; i < count; ++i) {
     if (p[i] < lo || p[i] > hi) {
       std::ostringstream msg;
       msg << "values must lie in [" << lo << ", " << hi << "]; found " << p[i] << " at flat index " << i;
