@@ -16,12 +16,13 @@ void pack_int4(const TensorView& codes, const TensorView& out) {
     if (out.size(d) != expected) check.fail("out", "must have shape of codes with the last dimension halved, got " + out.shape_string());
   }
   const auto* src = codes.ptr<const std::int8_t>();
-  for (std::int64_t i = 0; i < codes.numel(); ++i) {
+  const std::int64_t count = codes.numel();
+  for (std::int64_t i = 0; i < count; ++i) {
     if (src[i] < -8 || src[i] > 7)
       check.fail("codes", "int4 codes must lie in [-8, 7]; found " + std::to_string(int{src[i]}) + " at flat index " + std::to_string(i));
   }
   auto* dst = static_cast<std::uint8_t*>(out.data);
-  for (std::int64_t i = 0; i < codes.numel(); i += 2)
+  for (std::int64_t i = 0; i < count; i += 2)
     dst[i / 2] = static_cast<std::uint8_t>((src[i] & 0x0f) | ((src[i + 1] & 0x0f) << 4));
 }
 
@@ -36,7 +37,8 @@ void unpack_int4(const TensorView& packed, const TensorView& out) {
   }
   const auto* src = static_cast<const std::uint8_t*>(packed.data);
   auto* dst = out.ptr<std::int8_t>();
-  for (std::int64_t i = 0; i < packed.numel(); ++i) {
+  const std::int64_t count = packed.numel();
+  for (std::int64_t i = 0; i < count; ++i) {
     const int lo = src[i] & 0x0f, hi = src[i] >> 4;
     dst[2 * i] = static_cast<std::int8_t>(lo >= 8 ? lo - 16 : lo);
     dst[2 * i + 1] = static_cast<std::int8_t>(hi >= 8 ? hi - 16 : hi);
