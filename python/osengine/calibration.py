@@ -27,11 +27,6 @@ class CalibrationError(ValueError):
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_causal_lm(model) -> bool:
-    return hasattr(model, "generate") and getattr(model.config, "is_decoder", False) is False and \
-        any(a.endswith("ForCausalLM") for a in (getattr(model.config, "architectures", None) or [type(model).__name__]))
-
-
 def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """n_samples windows of seq_len tokens drawn (without overlap, reproducibly) from the tokenized text."""
     if not text.strip():
@@ -49,8 +44,7 @@ def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int =
 @torch.no_grad()
 def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Calibration text written by the model itself, starting from its BOS token (no data needed)."""
-    if not hasattr(model, "generate") or not any(
-            a.endswith("ForCausalLM") for a in (getattr(model.config, "architectures", None) or [])):
+    if not (hasattr(model, "can_generate") and model.can_generate()):
         raise CalibrationError("calibration 'generated' needs a causal language model; "
                                "give a text file (--calib FILE) for encoders")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -390,7 +390,9 @@ class Registry:
                for ep in metadata.entry_points(group=self.group)]
         if not any(ep.dist is not None and ep.dist.name == "osengine" for ep, _ in eps):
             eps += _source_checkout_entry_points(self.group)
-        return eps
+        # built-in plugins first, so that a third-party plugin cannot take a built-in name
+        builtin = lambda item: item[1].startswith("osengine ") or item[1].startswith("osengine source")
+        return sorted(eps, key=lambda item: not builtin(item))
 
     def discover(self) -> None:
         if self._discovered:
@@ -405,6 +407,13 @@ class Registry:
                 self.errors.append((ep.name, source, tb))
                 warnings.warn(f"osengine: skipping broken {self.kind} plugin {ep.name!r} from {source}:\n{tb}",
                               RuntimeWarning, stacklevel=2)
+
+    def refresh(self) -> None:
+        """Forget what was discovered (plugins registered at run time included) and look again, e.g. after
+        `pip install` of a plugin package in a running session."""
+        self._plugins.clear()
+        self.errors.clear()
+        self._discovered = False
 
     def infos(self) -> list:
         self.discover()

@@ -27,7 +27,8 @@ class Recipe:
     description: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "weights": self.weights.to_dict(), "activations": self.activations.to_dict(),
+        w = {k: v for k, v in self.weights.to_dict().items() if k in ("bits", "symmetric", "granularity", "group_size")}
+        return {"name": self.name, "weights": w, "activations": self.activations.to_dict(),
                 "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp)}
 
     def keeps_fp(self, linear_name: str) -> bool:

@@ -6,6 +6,10 @@ t      1-D grid search from hi = max |X - z| down to the architecture's lower en
        scored by the error of the inspected output (attention output, fc1 pre-activation, SiLU(gate) * up, ...)
        with the consumers' weights and input fake-quantized; the activation range is (-t, t) for per-tensor
        quantizers, dynamic for per-token / per-group ones.
+       The paper's grid has hi / 0.5 points, thousands for massive activations (SmolLM2's down_proj input reaches
+       ~3000). By default the grid is capped at max_grid_steps points and the best one is then refined on a second
+       grid of the same size spanning its two neighbours, which reaches the paper's 0.5 resolution for hi up to
+       max_grid_steps^2 / 2 at a fraction of the cost. max_grid_steps=0 runs the paper's full grid.
 """
 import math
 from typing import Optional
@@ -22,11 +26,12 @@ class OSPlus(Strategy):
     description = ("Outlier Suppression+: shift + scale from a t grid search on the inspected output, folded "
                    "(options: shift=auto|fold|runtime|none, max_grid_steps)")
 
-    def __init__(self, shift: str = "auto", max_grid_steps: Optional[int] = None, min_t: Optional[float] = None):
+    def __init__(self, shift: str = "auto", max_grid_steps: int = 100, min_t: Optional[float] = None):
         if shift not in SHIFT_MODES:
             raise PluginError(f"osplus option 'shift' must be one of {SHIFT_MODES}, got {shift!r}")
-        if max_grid_steps is not None and (not isinstance(max_grid_steps, int) or max_grid_steps < 2):
-            raise PluginError(f"osplus option 'max_grid_steps' must be an integer >= 2, got {max_grid_steps!r}")
+        if not isinstance(max_grid_steps, int) or max_grid_steps == 1 or max_grid_steps < 0:
+            raise PluginError(f"osplus option 'max_grid_steps' must be 0 (full grid) or an integer >= 2, "
+                              f"got {max_grid_steps!r}")
         self.shift_mode, self.max_grid_steps, self.min_t = shift, max_grid_steps, min_t
 
     def _shift(self, data):
@@ -43,6 +48,15 @@ class OSPlus(Strategy):
         z = (data.channel_max() + data.channel_min()).float() / 2
         return z, mode == "runtime"
 
+    @staticmethod
+    def _search(data, z, amax, candidates):
+        best_t, best_err = candidates[0], math.inf
+        for t in candidates:
+            err = data.error(shift=z, scale=(amax / t).clamp(min=1.0), clip=t)
+            if err < best_err:
+                best_t, best_err = t, err
+        return best_t, best_err
+
     def migrate(self, data):
         z, runtime = self._shift(data)
         lo, hi = data.channel_min().float(), data.channel_max().float()
@@ -52,14 +66,18 @@ class OSPlus(Strategy):
         t_hi = float(amax.max())
         t_lo = float(self.min_t if self.min_t is not None else data.scale_search_min)
         steps = max(100, math.floor(t_hi / 0.5))
-        if self.max_grid_steps is not None:
-            steps = min(steps, self.max_grid_steps)
-        best_t, best_err = t_hi, math.inf
-        for t in grid(t_hi, t_lo, steps):
-            err = data.error(shift=z, scale=(amax / t).clamp(min=1.0), clip=t)
+        capped = 0 < self.max_grid_steps < steps
+        candidates = grid(t_hi, t_lo, self.max_grid_steps if capped else steps)
+        best_t, best_err = self._search(data, z, amax, candidates)
+        evaluated = len(candidates)
+        if capped:  # refine between the best point's neighbours
+            step = candidates[0] - candidates[1]
+            fine = grid(min(t_hi, best_t + step), max(t_lo, best_t - step), self.max_grid_steps)
+            t, err = self._search(data, z, amax, fine)
+            evaluated += len(fine)
             if err < best_err:
                 best_t, best_err = t, err
         scale = (amax / best_t).clamp(min=1.0)
-        info = {"t": best_t, "t_max": t_hi, "grid_steps": steps, "error": best_err,
+        info = {"t": best_t, "t_max": t_hi, "grid_points": evaluated, "error": best_err,
                 "error_no_migration": data.error()}
         return Migration(shift=z, scale=scale, runtime_shift=runtime, info=info)

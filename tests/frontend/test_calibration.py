@@ -1,0 +1,121 @@
+"""Blockwise calibration end to end on tiny models with injected outliers."""
+import copy
+
+import pytest
+import torch
+
+from conftest import ARCHS, make_model, model_output
+from osengine import api
+from osengine.calibration import CalibrationError, load_calibration
+from osengine.plugin_api import PluginError
+from osengine.recipes import preset_names
+
+
+def _error(kind, recipe, strategy, tokens, **kw):
+    model = make_model(kind)
+    ref = model_output(model, tokens)
+    api.quantize(model, recipe=recipe, strategy=strategy, calibration=tokens, batch_size=4, progress=False, **kw)
+    return (model_output(model, tokens) - ref).pow(2).mean().item(), model
+
+
+@pytest.mark.parametrize("kind, recipe", [("opt", "w8a8-static"), ("opt", "w6a6"), ("bloom", "w8a8-static"),
+                                          ("bert", "w6a6"), ("llama", "w6a6-token"), ("qwen2", "w8a8-static")])
+def test_osplus_beats_smoothquant_and_minmax(kind, recipe, tokens):
+    errors = {s: _error(kind, recipe, s, tokens)[0] for s in ("minmax", "smoothquant", "osplus")}
+    assert errors["osplus"] < errors["smoothquant"], errors
+    assert errors["osplus"] < errors["minmax"], errors
+
+
+def test_osplus_shift_is_used_and_reported(tokens):
+    _, model = _error("opt", "w6a6", "osplus", tokens)
+    sites = model.osengine_report["sites"]
+    assert all(e["migration"]["shift"] and not e["migration"]["runtime_shift"] for e in sites)
+    assert all(e["migration"]["error"] <= e["migration"]["error_no_migration"] for e in sites)
+    # outlier channels were squeezed: the widest channel range shrank
+    for e in sites:
+        before = max(-e["range_before"][0].min(), e["range_before"][1].max())
+        after = max(-e["range_after"][0].min(), e["range_after"][1].max())
+        assert after < before
+
+
+def test_llama_runtime_shift(tokens):
+    _, model = _error("llama", "w8a8-static", "osplus", tokens, strategy_options={"shift": "runtime"})
+    shifted = [n for n, m in model.named_modules() if getattr(m, "input_shift", None) is not None]
+    assert any(n.endswith("q_proj") for n in shifted) and any(n.endswith("down_proj") for n in shifted)
+    for e in model.osengine_report["sites"]:
+        assert e["migration"]["runtime_shift"]
+        assert e["migration"]["error"] < e["migration"]["error_no_migration"]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_every_preset_runs(preset, kind, tokens):
+    recipe = preset
+    if preset == "w4a4-group":  # tiny models have 64 channels
+        recipe = {"weights": {"bits": 4, "symmetric": False, "granularity": "per-group", "group_size": 32},
+                  "activations": {"bits": 4, "symmetric": False, "granularity": "per-group", "group_size": 32}}
+    err, model = _error(kind, recipe, "osplus", tokens, strategy_options={"max_grid_steps": 10})
+    assert err == err and err < 1e3  # finite
+    if preset == "w8a8-paper":
+        assert any(hasattr(m, "osengine_bmm") for m in model.modules())
+
+
+def test_keep_fp_down_proj(tokens):
+    _, model = _error("llama", "w4a4-token", "minmax", tokens, keep_fp=["down_proj"])
+    down = model.model.layers[0].mlp.down_proj
+    assert down.act_quant is None and down.weight_spec is None
+    assert "down" not in {e["site"] for e in model.osengine_report["sites"]}
+    assert model.model.layers[0].mlp.up_proj.act_quant is not None
+
+
+def test_bmm_unsupported_for_bloom(tokens):
+    with pytest.raises(PluginError, match="bmm_inputs"):
+        _error("bloom", "w8a8-paper", "minmax", tokens)
+
+
+def test_group_size_must_divide(tokens):
+    recipe = {"weights": {"granularity": "per-group", "group_size": 48}, "activations": {}}
+    with pytest.raises(PluginError, match="weights.group_size"):
+        _error("opt", recipe, "minmax", tokens)
+
+
+def test_bad_calibration_data(tmp_path):
+    model = make_model("llama")
+    tok = None
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+
+    class Tok:
+        bos_token_id = eos_token_id = 1
+
+        def __call__(self, text, **kw):
+            return {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])}
+
+    with pytest.raises(CalibrationError, match="empty"):
+        load_calibration(str(empty), model, Tok())
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(str(tmp_path / "missing.txt"), model, Tok())
+    with pytest.raises(CalibrationError, match="NaN"):
+        load_calibration(torch.tensor([[float("nan"), 1.0]]), model, Tok())
+    with pytest.raises(CalibrationError, match="empty"):
+        load_calibration(torch.zeros(0, 4, dtype=torch.long), model, Tok())
+    with pytest.raises(CalibrationError, match="causal language model"):
+        load_calibration("generated", make_model("bert"), Tok())
+    ids = load_calibration("generated", model, Tok(), n_samples=2, seq_len=8)
+    assert ids.shape == (2, 8)
+
+
+def test_nan_activations_are_reported(tokens):
+    model = make_model("opt")
+    with torch.no_grad():
+        model.model.decoder.layers[0].self_attn_layer_norm.weight[0] = float("nan")
+    with pytest.raises(CalibrationError, match="non-finite"):
+        api.quantize(model, recipe="w8a8-static", strategy="minmax", calibration=tokens, progress=False)
+
+
+def test_unknown_architecture_lists_supported(tokens):
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128))
+    with pytest.raises(PluginError, match="supported: .*llama.*docs/plugins.md"):
+        api.quantize(model, calibration=tokens, progress=False)
