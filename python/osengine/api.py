@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import calibration as calib
-from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_fp_model, load_quantized, resolve_source, save_quantized,
+from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_quantized_manifest, load_fp_model, load_quantized, resolve_source, save_quantized,
                      structure_manifest)
 from .plugin_api import make_strategy, resolve_architecture
 from .recipes import Recipe, load_recipe
@@ -89,8 +89,12 @@ def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, token
     """Perplexity over `windows` non-overlapping windows of `seq_len` tokens of the text file `ppl`."""
     from .evaluation import perplexity
 
+    generator = None
     if not isinstance(model, nn.Module):
+        if str(ppl) == "generated" and is_checkpoint(model):  # the FP base model writes the evaluation text
+            generator, _ = load_fp_model(load_quantized_manifest(model)["base_model"], device=device or "cpu")
         model, tokenizer = load_model(model, device=device or "cpu")
     elif tokenizer is None:
         raise ValueError("evaluate(): `tokenizer` is required when `model` is a module")
-    return perplexity(model, tokenizer, ppl, seq_len=seq_len, windows=windows, progress=progress)
+    return perplexity(model, tokenizer, ppl, seq_len=seq_len, windows=windows, progress=progress,
+                      generator_model=generator)

@@ -47,18 +47,18 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .api import load_model
-    from .evaluation import perplexity, run_lm_eval
+    from .api import evaluate, load_model
+    from .evaluation import run_lm_eval
 
     torch.set_num_threads(args.threads) if args.threads else None
     if not args.ppl and not args.lm_eval:
-        raise ValueError("eval needs --ppl TEXTFILE and/or --lm-eval TASKS")
-    model, tokenizer = load_model(args.model, device=args.device or "cpu")
+        raise ValueError("eval needs --ppl TEXTFILE (or 'generated') and/or --lm-eval TASKS")
     result = {"model": args.model}
     if args.ppl:
-        result.update(perplexity(model, tokenizer, args.ppl, seq_len=args.seq_len, windows=args.windows,
-                                 progress=not args.json))
+        result.update(evaluate(args.model, args.ppl, seq_len=args.seq_len, windows=args.windows,
+                               device=args.device, progress=not args.json))
     if args.lm_eval:
+        model, tokenizer = load_model(args.model, device=args.device or "cpu")
         result["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval.split(","), limit=args.limit)
     if args.json:
         print(json.dumps(result))
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and optional lm-evaluation-harness tasks)")
     e.add_argument("model", help="a quantized folder (--out of quantize) or anything quantize accepts")
-    e.add_argument("--ppl", help="text file for perplexity")
+    e.add_argument("--ppl", help="text file for perplexity, or 'generated' (text written by the FP model)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--windows", type=int, default=16, help="non-overlapping windows (default 16)")
     e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (needs osengine[eval])")

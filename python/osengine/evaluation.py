@@ -16,32 +16,47 @@ class EvaluationError(ValueError):
     pass
 
 
+GENERATED_SEED = 1234  # differs from the calibration seed, so evaluation text is not calibration text
+
+
+@torch.no_grad()
+def perplexity_on_windows(model, windows: torch.Tensor, progress: bool = True) -> dict:
+    """exp(mean NLL) of the next-token predictions inside each row of `windows` [n, seq_len]."""
+    device = next(model.parameters()).device
+    nll, count, t0 = 0.0, 0, time.time()
+    for window in tqdm(windows, desc="perplexity", disable=not progress):
+        window = window.unsqueeze(0).to(device)
+        logits = model(input_ids=window, attention_mask=torch.ones_like(window)).logits.float()
+        nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+        count += window.shape[1] - 1
+    mean = nll / count
+    return {"perplexity": math.exp(mean), "nll": mean, "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]), "tokens": count, "seconds": time.time() - t0}
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optional[int] = 16,
-               progress: bool = True) -> dict:
-    """exp(mean NLL) over the first `windows` non-overlapping windows of `seq_len` tokens (all when None).
-    Every window is scored on its seq_len - 1 next-token predictions."""
-    path = Path(text_file)
-    if not path.is_file():
-        raise EvaluationError(f"--ppl file {str(path)!r} does not exist")
+               progress: bool = True, generator_model=None) -> dict:
+    """Perplexity over the first `windows` non-overlapping windows of `seq_len` tokens of a text file (all when
+    None). text_file "generated": `windows` samples written by `generator_model` (default: `model`; give the FP
+    model when evaluating a quantized one), for machines without any text at hand."""
     if seq_len < 2:
         raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
+    if str(text_file) == "generated":
+        from .calibration import generated_samples
+
+        ids = generated_samples(generator_model or model, tokenizer, windows or 16, seq_len, seed=GENERATED_SEED)
+        return {**perplexity_on_windows(model, ids, progress), "text": "generated"}
+    path = Path(text_file)
+    if not path.is_file():
+        raise EvaluationError(f"--ppl file {str(path)!r} does not exist (or say 'generated')")
     text = path.read_text(encoding="utf-8", errors="replace")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     available = ids.numel() // seq_len
     if available == 0:
         raise EvaluationError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     n = available if windows is None else min(windows, available)
-    device = next(model.parameters()).device
-    nll, count, t0 = 0.0, 0, time.time()
-    for i in tqdm(range(n), desc="perplexity", disable=not progress):
-        window = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device)
-        logits = model(input_ids=window, attention_mask=torch.ones_like(window)).logits.float()
-        nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
-        count += seq_len - 1
-    mean = nll / count
-    return {"perplexity": math.exp(mean), "nll": mean, "windows": n, "seq_len": seq_len, "tokens": count,
-            "seconds": time.time() - t0, "text": str(path)}
+    return {**perplexity_on_windows(model, ids[: n * seq_len].reshape(n, seq_len), progress), "text": str(path)}
 
 
 @torch.no_grad()

@@ -79,6 +79,10 @@ def is_checkpoint(source) -> bool:
     return Path(str(source)).is_dir() and (Path(str(source)) / MANIFEST).is_file()
 
 
+def load_quantized_manifest(path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
 def save_quantized(model: nn.Module, out_dir: Union[str, Path], manifest: dict) -> Path:
     """Write the fake-quantized model as model.safetensors plus an osengine.json manifest."""
     from safetensors.torch import save_model

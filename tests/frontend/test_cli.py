@@ -64,10 +64,16 @@ def test_reload_matches_in_memory_model(tiny_folder, tmp_path):
     assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
 
 
-def test_generated_calibration(tiny_folder, tmp_path, capsys):
+def test_generated_calibration_and_evaluation(tiny_folder, tmp_path, capsys):
+    """The README's job on a machine without data: calibrate and evaluate on text the FP model writes."""
+    out = tmp_path / "g"
     rc = main(["quantize", str(tiny_folder / "model"), "--recipe", "w4a8", "--strategy", "minmax",
-               "--calib", "generated", "--samples", "2", "--seq-len", "16", "--json"])
+               "--calib", "generated", "--samples", "2", "--seq-len", "16", "--out", str(out), "--json"])
     assert rc == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--ppl", "generated", "--seq-len", "16", "--windows", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["text"] == "generated" and res["windows"] == 2 and res["perplexity"] > 1
 
 
 @pytest.mark.parametrize("args, message", [

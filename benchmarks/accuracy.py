@@ -1,0 +1,173 @@
+"""Accuracy of the quantization front end on real models (not a CI test).
+
+SmolLM2-135M (LLaMA architecture): WikiText-2 perplexity, 16 non-overlapping windows of 512 tokens of
+../shared/data/wikitext-2-raw/wiki.test.raw, calibrated on WikiText-2 validation text (never on the test split).
+all-MiniLM-L6-v2 (BERT): SST-2 dev accuracy of a logistic-regression probe trained on FP mean-pooled embeddings.
+
+Every configuration runs in its own process, so its calibration time and peak memory (max RSS) are its own.
+
+    python benchmarks/accuracy.py                         # the default table (markdown)
+    python benchmarks/accuracy.py --json                  # one JSON object per configuration, then a summary
+    python benchmarks/accuracy.py --configs osplus:w8a8-static minmax:w4a4-token:down_proj --no-sst2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("OSENGINE_DATA", ROOT.parent / "shared" / "data"))
+WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_CALIB = DATA / "wikitext-2" / "valid.txt"
+SST2 = DATA / "sst-2"
+
+# strategy:preset[:keep_fp layer] — the targets of issue 3 need these; add more with --configs
+DEFAULT_LM = [
+    "fp", "minmax:w8a8-static", "osplus:w8a8-static",
+    "minmax:w6a6-token", "smoothquant:w6a6-token", "osplus:w6a6-token",
+    "minmax:w4a4-token:down_proj", "smoothquant:w4a4-token:down_proj", "osplus:w4a4-token:down_proj",
+]
+DEFAULT_SST2 = ["fp", "minmax:w8a8-static", "osplus:w8a8-static", "minmax:w6a6", "osplus:w6a6"]
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _parse(config: str):
+    parts = config.split(":")
+    if parts[0] == "fp":
+        return "fp", None, []
+    if len(parts) < 2:
+        raise SystemExit(f"--configs entry {config!r} must be fp or strategy:preset[:keep_fp,...]")
+    return parts[0], parts[1], parts[2].split(",") if len(parts) > 2 else []
+
+
+def run_lm(config: str, args) -> dict:
+    import torch
+
+    from osengine import api
+    from osengine.evaluation import perplexity
+
+    torch.set_num_threads(args.threads)
+    strategy, preset, keep = _parse(config)
+    model, tok = api.load_model(args.model)
+    result = {"model": args.model, "config": config, "strategy": strategy, "recipe": preset,
+              "keep_fp": keep, "calibration_seconds": 0.0}
+    if strategy != "fp":
+        options = {"max_grid_steps": args.grid} if strategy == "osplus" else {}
+        api.quantize(model, recipe=preset, strategy=strategy, calibration=args.calib, tokenizer=tok, keep_fp=keep,
+                     n_samples=args.samples, seq_len=512, batch_size=args.batch_size, strategy_options=options,
+                     progress=False)
+        result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
+    ppl = perplexity(model, tok, WIKI_TEST, seq_len=512, windows=16, progress=False)
+    result.update(perplexity=round(ppl["perplexity"], 3), peak_rss_mib=round(_peak_mib(), 0))
+    return result
+
+
+def _sst2(split: str, limit: int):
+    rows = (SST2 / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    pairs = [r.rsplit("\t", 1) for r in rows if "\t" in r]
+    return [s for s, _ in pairs][:limit], [int(y) for _, y in pairs][:limit]
+
+
+def run_sst2(config: str, args) -> dict:
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from osengine import api
+    from osengine.evaluation import sentence_embeddings
+
+    torch.set_num_threads(args.threads)
+    strategy, preset, keep = _parse(config)
+    model, tok = api.load_model("minilm-l6")
+    train_x, train_y = _sst2("train", args.sst2_train)
+    dev_x, dev_y = _sst2("dev", 10_000)
+    # the probe is trained once, on FP embeddings; quantized encoders are only evaluated through it
+    probe_train = torch.tensor(np.asarray(sentence_embeddings(model, tok, train_x, progress=False)))
+    probe = LogisticRegression(max_iter=2000, C=1.0).fit(probe_train.numpy(), train_y)
+    result = {"model": "minilm-l6", "config": config, "strategy": strategy, "recipe": preset, "keep_fp": keep,
+              "calibration_seconds": 0.0}
+    if strategy != "fp":
+        # calibration: SST-2 training sentences that the probe did not use
+        calib_text = _sst2("train", args.sst2_train + 2000)[0][args.sst2_train:]
+        options = {"max_grid_steps": args.grid} if strategy == "osplus" else {}
+        api.quantize(model, recipe=preset, strategy=strategy, calibration=calib_text, tokenizer=tok, keep_fp=keep,
+                     n_samples=16, seq_len=128, batch_size=4, strategy_options=options, progress=False)
+        result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
+    dev = sentence_embeddings(model, tok, dev_x, progress=False).numpy()
+    result.update(sst2_accuracy=round(100.0 * float((probe.predict(dev) == np.asarray(dev_y)).mean()), 2),
+                  peak_rss_mib=round(_peak_mib(), 0))
+    return result
+
+
+def _child(kind: str, config: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, config, "--threads", str(args.threads), "--samples",
+           str(args.samples), "--calib", str(args.calib), "--grid", str(args.grid), "--batch-size",
+           str(args.batch_size), "--sst2-train", str(args.sst2_train), "--model", args.model]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"config": config, "kind": kind, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list) -> str:
+    lines = ["| model | strategy | recipe | kept in FP | metric | value | calibration s | peak RSS MiB |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| | {r['config']} | | | error | {r['error']} | | |")
+            continue
+        metric = "perplexity" if "perplexity" in r else "sst2_accuracy"
+        lines.append(f"| {r['model']} | {r['strategy']} | {r['recipe'] or '-'} | {','.join(r['keep_fp']) or '-'} "
+                     f"| {metric} | {r[metric]} | {r['calibration_seconds']} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_LM, help="fp | strategy:preset[:keep_fp,...]")
+    p.add_argument("--sst2-configs", nargs="+", default=DEFAULT_SST2)
+    p.add_argument("--no-sst2", action="store_true")
+    p.add_argument("--no-lm", action="store_true")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default=str(WIKI_CALIB), help="calibration text (default: WikiText-2 validation)")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples of 512 tokens")
+    p.add_argument("--batch-size", type=int, default=2, help="calibration batch; OS+ scores its grid on the first")
+    p.add_argument("--grid", type=int, default=50, help="OS+ max_grid_steps (coarse and fine grids)")
+    p.add_argument("--sst2-train", type=int, default=4000, help="SST-2 training sentences for the probe")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, config = args.child
+        print(json.dumps(run_lm(config, args) if kind == "lm" else run_sst2(config, args)))
+        return
+    jobs = ([] if args.no_lm else [("lm", c) for c in args.configs]) + \
+           ([] if args.no_sst2 else [("sst2", c) for c in args.sst2_configs])
+    rows = []
+    for kind, config in jobs:
+        t0 = time.time()
+        row = _child(kind, config, args)
+        row["wall_seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{kind} {config}: {row}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"results": rows}))
+    else:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
