@@ -29,7 +29,7 @@ SST2 = DATA / "sst-2"
 
 # strategy:preset[:keep_fp layer] — the targets of issue 3 need these; add more with --configs
 DEFAULT_LM = [
-    "fp", "minmax:w8a8-static", "osplus:w8a8-static",
+    "fp", "minmax:w8a8-static", "osplus:w8a8-static", "osplus+shift=runtime:w8a8-static",
     "minmax:w6a6-token", "smoothquant:w6a6-token", "osplus:w6a6-token",
     "minmax:w4a4-token:down_proj", "smoothquant:w4a4-token:down_proj", "osplus:w4a4-token:down_proj",
 ]
@@ -41,12 +41,17 @@ def _peak_mib() -> float:
 
 
 def _parse(config: str):
+    """fp | strategy[+key=value...]:preset[:keep_fp,...] -> (strategy, preset, keep_fp, options)"""
+    import yaml
+
     parts = config.split(":")
     if parts[0] == "fp":
-        return "fp", None, []
+        return "fp", None, [], {}
     if len(parts) < 2:
-        raise SystemExit(f"--configs entry {config!r} must be fp or strategy:preset[:keep_fp,...]")
-    return parts[0], parts[1], parts[2].split(",") if len(parts) > 2 else []
+        raise SystemExit(f"--configs entry {config!r} must be fp or strategy[+key=value]:preset[:keep_fp,...]")
+    strategy, *opts = parts[0].split("+")
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts)}
+    return strategy, parts[1], parts[2].split(",") if len(parts) > 2 else [], options
 
 
 def run_lm(config: str, args) -> dict:
@@ -56,12 +61,12 @@ def run_lm(config: str, args) -> dict:
     from osengine.evaluation import perplexity
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep = _parse(config)
+    strategy, preset, keep, options = _parse(config)
     model, tok = api.load_model(args.model)
     result = {"model": args.model, "config": config, "strategy": strategy, "recipe": preset,
-              "keep_fp": keep, "calibration_seconds": 0.0}
+              "keep_fp": keep, "options": options, "calibration_seconds": 0.0}
     if strategy != "fp":
-        options = {"max_grid_steps": args.grid} if strategy == "osplus" else {}
+        options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=args.calib, tokenizer=tok, keep_fp=keep,
                      n_samples=args.samples, seq_len=512, batch_size=args.batch_size, strategy_options=options,
                      progress=False)
@@ -86,7 +91,7 @@ def run_sst2(config: str, args) -> dict:
     from osengine.evaluation import sentence_embeddings
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep = _parse(config)
+    strategy, preset, keep, options = _parse(config)
     model, tok = api.load_model("minilm-l6")
     train_x, train_y = _sst2("train", args.sst2_train)
     dev_x, dev_y = _sst2("dev", 10_000)
@@ -94,11 +99,11 @@ def run_sst2(config: str, args) -> dict:
     probe_train = torch.tensor(np.asarray(sentence_embeddings(model, tok, train_x, progress=False)))
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(probe_train.numpy(), train_y)
     result = {"model": "minilm-l6", "config": config, "strategy": strategy, "recipe": preset, "keep_fp": keep,
-              "calibration_seconds": 0.0}
+              "options": options, "calibration_seconds": 0.0}
     if strategy != "fp":
         # calibration: SST-2 training sentences that the probe did not use
         calib_text = _sst2("train", args.sst2_train + 2000)[0][args.sst2_train:]
-        options = {"max_grid_steps": args.grid} if strategy == "osplus" else {}
+        options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=calib_text, tokenizer=tok, keep_fp=keep,
                      n_samples=16, seq_len=128, batch_size=4, strategy_options=options, progress=False)
         result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
@@ -126,7 +131,8 @@ def markdown(rows: list) -> str:
             lines.append(f"| | {r['config']} | | | error | {r['error']} | | |")
             continue
         metric = "perplexity" if "perplexity" in r else "sst2_accuracy"
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['recipe'] or '-'} | {','.join(r['keep_fp']) or '-'} "
+        opts = "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
+        lines.append(f"| {r['model']} | {r['strategy']}{opts} | {r['recipe'] or '-'} | {','.join(r['keep_fp']) or '-'} "
                      f"| {metric} | {r[metric]} | {r['calibration_seconds']} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
