@@ -58,8 +58,7 @@ def plot_ranges(report: dict, path, sites: Optional[Sequence[str]] = None, max_p
                          fontsize=9)
             ax.set_xlabel("channel", fontsize=8)
             ax.tick_params(labelsize=7)
-        ymax = max(abs(float(v)) for v in (*e["range_before"][0][:1], e["range_before"][0].min(),
-                                            e["range_before"][1].max()))
+        ymax = max(-float(e["range_before"][0].min()), float(e["range_before"][1].max()), 1e-6)
         for ax in row:
             ax.set_ylim(-ymax * 1.05, ymax * 1.05)  # same scale before/after, so the squeeze is visible
     fig.suptitle(f"per-channel activation range, {report['strategy']} / {report['recipe']['name']}")
