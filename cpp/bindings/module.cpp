@@ -24,31 +24,31 @@ osengine::ActivationFormat parse_format(const std::string& name) {
 
 void quantize_static(py::handle x, py::handle shift, py::handle smooth_scale, py::handle delta, py::handle zero_point,
                      py::handle out_codes, int bits, bool symmetric, std::int64_t group_size,
-                     const std::string& backend) {
+                     const std::string& backend, std::uintptr_t stream) {
   const char* op = "quantize_static";
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vd = to_view(delta, op, "delta"), vz = to_view(zero_point, op, "zero_point"),
            vo = to_view(out_codes, op, "out_codes", true);
-  osengine::QuantizeOptions options{bits, symmetric, group_size, osengine::parse_backend(backend)};
+  osengine::QuantizeOptions options{bits, symmetric, group_size, osengine::parse_backend(backend), stream};
   py::gil_scoped_release release;
   osengine::quantize_static(vx.view, vs.view, vsc.view, vd.view, vz.view, vo.view, options);
 }
 
 void quantize_dynamic(py::handle x, py::handle shift, py::handle smooth_scale, py::handle out_codes,
                       py::handle out_delta, py::handle out_zero_point, int bits, bool symmetric,
-                      std::int64_t group_size, const std::string& backend) {
+                      std::int64_t group_size, const std::string& backend, std::uintptr_t stream) {
   const char* op = "quantize_dynamic";
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vo = to_view(out_codes, op, "out_codes", true), vd = to_view(out_delta, op, "out_delta", true),
            vz = to_view(out_zero_point, op, "out_zero_point", true);
-  osengine::QuantizeOptions options{bits, symmetric, group_size, osengine::parse_backend(backend)};
+  osengine::QuantizeOptions options{bits, symmetric, group_size, osengine::parse_backend(backend), stream};
   py::gil_scoped_release release;
   osengine::quantize_dynamic(vx.view, vs.view, vsc.view, vo.view, vd.view, vz.view, options);
 }
 
 void gemm(py::handle a, const osengine::PackedWeights& weights, py::handle a_scale, py::handle w_scale, py::handle out,
           py::handle a_zero_point, py::handle bias, py::handle residual, const std::string& activation,
-          const std::string& a_format) {
+          const std::string& a_format, std::uintptr_t stream) {
   const char* op = "gemm";
   HeldView va = to_view(a, op, "a"), vas = to_view(a_scale, op, "a_scale"), vws = to_view(w_scale, op, "w_scale"),
            vo = to_view(out, op, "out", true), vaz = to_view(a_zero_point, op, "a_zero_point"),
@@ -63,15 +63,17 @@ void gemm(py::handle a, const osengine::PackedWeights& weights, py::handle a_sca
   args.residual = vr.view;
   args.activation = osengine::parse_activation(activation);
   args.out = vo.view;
+  args.stream = stream;
   py::gil_scoped_release release;
   osengine::gemm(args, weights);
 }
 
-void gemm_accumulate(py::handle a, const osengine::PackedWeights& weights, py::handle out, const std::string& a_format) {
+void gemm_accumulate(py::handle a, const osengine::PackedWeights& weights, py::handle out, const std::string& a_format,
+                     std::uintptr_t stream) {
   HeldView va = to_view(a, "gemm_accumulate", "a"), vo = to_view(out, "gemm_accumulate", "out", true);
   const auto format = parse_format(a_format);
   py::gil_scoped_release release;
-  osengine::gemm_accumulate(va.view, format, weights, vo.view);
+  osengine::gemm_accumulate(va.view, format, weights, vo.view, stream);
 }
 
 }  // namespace
@@ -96,13 +98,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("quantize_static", &quantize_static, py::arg("x"), py::arg("shift"), py::arg("smooth_scale"), py::arg("delta"),
         py::arg("zero_point"), py::arg("out_codes"), py::arg("bits"), py::arg("symmetric"), py::arg("group_size"),
-        py::arg("backend"));
+        py::arg("backend"), py::arg("stream") = 0);
   m.def("quantize_dynamic", &quantize_dynamic, py::arg("x"), py::arg("shift"), py::arg("smooth_scale"),
         py::arg("out_codes"), py::arg("out_delta"), py::arg("out_zero_point"), py::arg("bits"), py::arg("symmetric"),
-        py::arg("group_size"), py::arg("backend"));
+        py::arg("group_size"), py::arg("backend"), py::arg("stream") = 0);
   m.def("gemm", &gemm, py::arg("a"), py::arg("weights"), py::arg("a_scale"), py::arg("w_scale"), py::arg("out"),
-        py::arg("a_zero_point"), py::arg("bias"), py::arg("residual"), py::arg("activation"), py::arg("a_format"));
-  m.def("gemm_accumulate", &gemm_accumulate, py::arg("a"), py::arg("weights"), py::arg("out"), py::arg("a_format"));
+        py::arg("a_zero_point"), py::arg("bias"), py::arg("residual"), py::arg("activation"), py::arg("a_format"),
+        py::arg("stream") = 0);
+  m.def("gemm_accumulate", &gemm_accumulate, py::arg("a"), py::arg("weights"), py::arg("out"), py::arg("a_format"),
+        py::arg("stream") = 0);
   m.def("pack_int4", [](py::handle codes, py::handle out) {
     HeldView vc = to_view(codes, "pack_int4", "codes"), vo = to_view(out, "pack_int4", "out", true);
     py::gil_scoped_release release;
@@ -125,6 +129,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &osengine::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &osengine::get_num_threads);
   m.def("cpu_has_avx2", &osengine::cpu_has_avx2);
+  m.def("has_cuda_backend", &osengine::has_cuda_backend);
   m.def("best_cpu_backend", [] { return std::string(osengine::backend_name(osengine::best_cpu_backend())); });
 
   py::class_<osengine::PackedWeights>(m, "PackedWeights")
@@ -140,6 +145,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("group_size", &osengine::PackedWeights::group_size)
       .def_property_readonly("num_groups", &osengine::PackedWeights::num_groups)
       .def_property_readonly("nbytes", &osengine::PackedWeights::nbytes)
+      .def_property_readonly("device_index", &osengine::PackedWeights::device_index)
       .def_property_readonly("backend", [](const osengine::PackedWeights& w) { return std::string(osengine::backend_name(w.backend())); })
       .def("column_sums", [](const osengine::PackedWeights& w) {
         py::array_t<std::int32_t> out({w.num_groups(), w.n()});

@@ -2,6 +2,7 @@
 // contiguous raw buffers and never throw for data-dependent reasons; they report what they found instead.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "osengine/gemm.hpp"
@@ -71,5 +72,15 @@ void unpack_weights_avx2(const PackedWeights& weights, std::int8_t* codes);
 
 // Applies the epilogue's activation (scalar); shared by the backends for their scalar tails.
 float apply_activation(Activation activation, float x);
+
+// CUDA backend (cuda/dispatch.cpp; only in builds with OSENGINE_HAVE_CUDA). Problems hold device pointers; the work is
+// queued on `stream` (a cudaStream_t as an integer, 0 = the default stream) and nothing synchronizes.
+// CUDA runtime failures throw UnsupportedError. quantize_cuda does not detect non-finite inputs (always returns -1).
+void gemm_cuda(const GemmProblem& problem, std::uintptr_t stream);
+std::int64_t quantize_cuda(const QuantizeProblem& problem, int device_index, std::uintptr_t stream);
+int cuda_current_device();
+// Device memory for packed weights (load time, synchronous): an owning pointer that cudaFree's on release.
+std::shared_ptr<void> cuda_upload(const void* host, std::size_t bytes, int device_index);
+void cuda_download(const void* device, void* host, std::size_t bytes, int device_index);
 
 }  // namespace osengine::detail

@@ -29,6 +29,7 @@ __all__ = [
     "get_num_threads",
     "cpu_has_avx2",
     "best_cpu_backend",
+    "has_cuda_backend",
 ]
 
 code_range = _C.code_range
@@ -36,6 +37,7 @@ set_num_threads = _C.set_num_threads
 get_num_threads = _C.get_num_threads
 cpu_has_avx2 = _C.cpu_has_avx2
 best_cpu_backend = _C.best_cpu_backend
+has_cuda_backend = _C.has_cuda_backend
 
 
 class QuantizedActivations(NamedTuple):
@@ -79,6 +81,15 @@ def _as_array(value: Any, dtype: str, like: Any) -> Any:
     return np.asarray(value, dtype=dtype).reshape(-1)
 
 
+def _stream(x: Any) -> int:
+    """The current CUDA stream of a torch CUDA tensor's device (as an integer handle), else 0."""
+    if _is_torch(x) and x.is_cuda:
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return 0
+
+
 def _shape(x: Any, name: str, op: str) -> tuple:
     shape = tuple(x.shape)
     if len(shape) != 2:
@@ -112,7 +123,8 @@ def quantize(
     if scale is not None:
         scale = _as_array(scale, "float32", x)
         zero_point = _as_array(zero_point, "int32", x)
-        _C.quantize_static(x, shift, smooth_scale, scale, zero_point, codes, bits, symmetric, group_size, backend)
+        _C.quantize_static(x, shift, smooth_scale, scale, zero_point, codes, bits, symmetric, group_size, backend,
+                           _stream(x))
         return QuantizedActivations(codes, scale, zero_point)
     if zero_point is not None:
         raise ValueError("osengine.quantize: argument 'zero_point': given without 'scale'; static quantization needs both "
@@ -121,7 +133,8 @@ def quantize(
     param_shape = (m, groups) if groups > 1 else (m,)
     out_scale = _empty(x, param_shape, "float32")
     out_zero_point = _empty(x, param_shape, "int32")
-    _C.quantize_dynamic(x, shift, smooth_scale, codes, out_scale, out_zero_point, bits, symmetric, group_size, backend)
+    _C.quantize_dynamic(x, shift, smooth_scale, codes, out_scale, out_zero_point, bits, symmetric, group_size, backend,
+                        _stream(x))
     return QuantizedActivations(codes, out_scale, out_zero_point)
 
 
@@ -140,7 +153,8 @@ def _gemm(a, weights, a_format, a_scale, w_scale, a_zero_point, bias, residual, 
     if out is None:
         out = _empty(a, (m, weights.n), out_dtype)
     _C.gemm(a, weights, _as_array(a_scale, "float32", a), _as_array(w_scale, "float32", a), out,
-            _as_array(a_zero_point, "int32", a), _as_array(bias, "float32", a), _detach(residual), activation, a_format)
+            _as_array(a_zero_point, "int32", a), _as_array(bias, "float32", a), _detach(residual), activation, a_format,
+            _stream(a))
     return out
 
 
@@ -191,7 +205,7 @@ def gemm_accumulate(a: Any, weights: PackedWeights, *, a_format: str = "int8", o
     m = _shape(a, "a", "gemm_accumulate")[0]
     if out is None:
         out = _empty(a, (m, weights.n), "int32")
-    _C.gemm_accumulate(a, weights, out, a_format)
+    _C.gemm_accumulate(a, weights, out, a_format, _stream(a))
     return out
 
 

@@ -20,6 +20,9 @@ Backend best_cpu_backend();
 // Resolve `automatic`; throw UnsupportedError for a backend that cannot run here.
 Backend resolve_cpu_backend(Backend requested, const char* op);
 
+// Whether this build contains the CUDA backend (OSENGINE_CUDA). Whether a GPU is present is the caller's question.
+bool has_cuda_backend();
+
 // Threads used by the CPU kernels (OpenMP). 0 restores the default (all cores).
 void set_num_threads(int num_threads);
 int get_num_threads();

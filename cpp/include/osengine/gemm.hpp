@@ -41,7 +41,10 @@ struct GemmArgs {
   TensorView bias;              // optional float32 [N]
   TensorView residual;          // optional float32 or bfloat16 [M, N]
   Activation activation = Activation::none;
-  TensorView out;               // float32 or bfloat16 [M, N]
+  TensorView out;               // float32 or bfloat16 [M, N] (CUDA: float16 too, for out and residual)
+  // CUDA backend (weights packed for Backend::cuda; every tensor then on the weights' GPU): the cudaStream_t to
+  // queue the work on, as an integer (0 = the default stream). Ignored on the CPU.
+  std::uintptr_t stream = 0;
 };
 
 // Runs on the backend the weights were packed for. Throws ArgumentError / DTypeError on bad input.
@@ -49,6 +52,6 @@ void gemm(const GemmArgs& args, const PackedWeights& weights);
 
 // The raw int32 accumulators acc[m, n] (no epilogue): out int32 [M, N]. For tests and for measuring the epilogue.
 void gemm_accumulate(const TensorView& a, ActivationFormat a_format, const PackedWeights& weights,
-                     const TensorView& out);
+                     const TensorView& out, std::uintptr_t stream = 0);
 
 }  // namespace osengine

@@ -27,8 +27,8 @@ class PackedWeights {
 
   // sum_k W[n, k] per group: [num_groups, N] int32 (row-major). Used for the activation zero-point correction.
   const std::vector<std::int32_t>& column_sums() const { return column_sums_; }
-  // Bytes held by the packed layout (weights only).
-  std::size_t nbytes() const { return data_.size(); }
+  // Bytes held by the packed layout (weights only; device memory for the CUDA backend).
+  std::size_t nbytes() const { return device_data_ ? device_nbytes_ : data_.size(); }
   // Recover the int8 codes [N, K]: out must be an int8 [N, K] contiguous view.
   void unpack(const TensorView& out) const;
 
@@ -36,6 +36,11 @@ class PackedWeights {
   const std::uint8_t* data() const { return data_.data(); }
   std::int64_t padded_n() const { return padded_n_; }
   std::int64_t padded_k() const { return padded_k_; }
+  // CUDA backend: the layout (int8 [N, K] or int4 packed [N, K/2], as the reference's) and the column sums live in
+  // device memory on GPU device_index(); data() is then empty. Copies of a PackedWeights share the device buffers.
+  const void* device_data() const { return device_data_.get(); }
+  const std::int32_t* device_column_sums() const { return static_cast<const std::int32_t*>(device_column_sums_.get()); }
+  int device_index() const { return device_index_; }
 
   PackedWeights() = default;
 
@@ -46,6 +51,9 @@ class PackedWeights {
   Backend backend_ = Backend::reference;
   std::vector<std::uint8_t> data_;
   std::vector<std::int32_t> column_sums_;
+  std::shared_ptr<void> device_data_, device_column_sums_;
+  std::size_t device_nbytes_ = 0;
+  int device_index_ = -1;
 };
 
 // Column sums of int8 codes [N, K] per group: out int32 [num_groups, N].

@@ -22,6 +22,10 @@ struct QuantizeOptions {
   bool symmetric = true;
   std::int64_t group_size = 0;
   Backend backend = Backend::automatic;
+  // CUDA tensors (backend automatic or cuda; x and every other tensor on one GPU; x may also be float16): the
+  // cudaStream_t to queue the work on, as an integer (0 = the default stream). Ignored on the CPU. On CUDA, non-finite
+  // inputs are not reported (that would need a synchronization): their codes land inside the code range.
+  std::uintptr_t stream = 0;
 };
 
 // Static (calibrated) quantization. x: [M, K] float32 or bfloat16, contiguous.

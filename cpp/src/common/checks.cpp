@@ -15,13 +15,35 @@ std::string dtype_list(std::initializer_list<DType> dtypes) {
   return text;
 }
 
+Checker::Checker(const char* op, Device device, int device_index) : op_(op) {
+#ifdef OSENGINE_HAVE_CUDA
+  device_ = device;
+  device_index_ = device_index;
+#else
+  (void)device;
+  (void)device_index;
+#endif
+}
+
 void Checker::tensor(const TensorView& t, const std::string& argument, std::initializer_list<DType> dtypes,
                      int ndim) const {
   required(t, argument);
   bool dtype_ok = false;
   for (DType d : dtypes) dtype_ok = dtype_ok || d == t.dtype;
   if (!dtype_ok) fail_type(argument, std::string("expected dtype ") + dtype_list(dtypes) + ", got " + dtype_name(t.dtype));
+#ifdef OSENGINE_HAVE_CUDA
+  if (t.device != device_ || (device_ == Device::cuda && t.device_index != device_index_)) {
+    if (device_ == Device::cpu)
+      fail_type(argument, "expected a CPU tensor like the op's other operands (CPU-packed weights or CPU data), got a "
+                          "CUDA tensor");
+    fail_type(argument, "expected a CUDA tensor on cuda:" + std::to_string(device_index_) +
+                            " like the op's other operands, got a " +
+                            (t.device == Device::cpu ? std::string("CPU tensor")
+                                                     : "tensor on cuda:" + std::to_string(t.device_index)));
+  }
+#else
   if (t.device != Device::cpu) fail_type(argument, "expected a CPU tensor (the CUDA backend is not built in)");
+#endif
   if (ndim >= 0 && t.ndim() != ndim)
     fail(argument, "expected " + std::to_string(ndim) + " dimensions, got shape " + t.shape_string());
   if (!t.is_contiguous()) fail_type(argument, "must be contiguous (row-major); got strides that are not");
@@ -42,6 +64,7 @@ void Checker::not_empty(const TensorView& t, const std::string& argument) const 
 }
 
 void Checker::positive_finite(const TensorView& t, const std::string& argument) const {
+  if (device_ == Device::cuda) return;
   const float* p = t.ptr<const float>();
   const std::int64_t count = t.numel();
   for (std::int64_t i = 0; i < count; ++i) {
@@ -54,6 +77,7 @@ void Checker::positive_finite(const TensorView& t, const std::string& argument) 
 }
 
 void Checker::finite(const TensorView& t, const std::string& argument) const {
+  if (device_ == Device::cuda) return;
   const float* p = t.ptr<const float>();
   const std::int64_t count = t.numel();
   for (std::int64_t i = 0; i < count; ++i) {
@@ -66,6 +90,7 @@ void Checker::finite(const TensorView& t, const std::string& argument) const {
 }
 
 void Checker::int_range(const TensorView& t, const std::string& argument, std::int64_t lo, std::int64_t hi) const {
+  if (device_ == Device::cuda) return;
   const std::int32_t* p = t.ptr<const std::int32_t>();
   const std::int64_t count = t.numel();
   for (std::int64_t i = 0; i < count; ++i) {

@@ -12,6 +12,11 @@ namespace osengine::detail {
 class Checker {
  public:
   explicit Checker(const char* op) : op_(op) {}
+  // An op whose tensors must all live on `device` (cuda: on GPU `device_index`). Builds without the CUDA backend
+  // check for the CPU whatever is asked, so CUDA tensors get the "not built in" error. The value checks below
+  // (positive_finite, finite, int_range) cannot read device memory without a synchronization: they accept CUDA
+  // tensors unchecked.
+  Checker(const char* op, Device device, int device_index = 0);
 
   [[noreturn]] void fail(const std::string& argument, const std::string& what) const {
     throw ArgumentError(op_, argument, what);
@@ -20,7 +25,7 @@ class Checker {
     throw DTypeError(op_, argument, what);
   }
 
-  // Given, on the CPU, contiguous, of one of the dtypes, with `ndim` dimensions (-1: any).
+  // Given, on the op's device (the CPU unless constructed otherwise), contiguous, of one of the dtypes, with `ndim` dimensions (-1: any).
   void tensor(const TensorView& t, const std::string& argument, std::initializer_list<DType> dtypes,
               int ndim = -1) const;
   void required(const TensorView& t, const std::string& argument) const {
@@ -38,6 +43,8 @@ class Checker {
 
  private:
   const char* op_;
+  Device device_ = Device::cpu;
+  int device_index_ = 0;
 };
 
 std::string dtype_list(std::initializer_list<DType> dtypes);

@@ -36,6 +36,14 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool has_cuda_backend() {
+#ifdef OSENGINE_HAVE_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 Backend best_cpu_backend() { return cpu_has_avx2() ? Backend::avx2 : Backend::reference; }
 
 Backend resolve_cpu_backend(Backend requested, const char* op) {
@@ -48,7 +56,13 @@ Backend resolve_cpu_backend(Backend requested, const char* op) {
                                ": backend 'avx2' needs a CPU with AVX2 and FMA and a build with the AVX2 kernels");
       return Backend::avx2;
     case Backend::cuda:
+#ifdef OSENGINE_HAVE_CUDA
+      throw UnsupportedError(std::string("osengine.") + op +
+                             ": backend 'cuda' is not built for CPU data; pass CUDA tensors (or pack the weights with "
+                             "backend 'cuda') to run on the GPU");
+#else
       throw UnsupportedError(std::string("osengine.") + op + ": backend 'cuda' is not built into this osengine");
+#endif
   }
   return Backend::reference;
 }

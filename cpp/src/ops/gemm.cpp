@@ -78,7 +78,18 @@ void scale_strides(const detail::Checker& check, const TensorView& t, const char
   }
 }
 
-void dispatch(const detail::GemmProblem& p) {
+// CUDA-packed weights put the whole op on their GPU; CPU-packed weights keep it on the CPU.
+detail::Checker checker_for(const char* op, const PackedWeights& weights) {
+  if (weights.backend() == Backend::cuda) return detail::Checker(op, Device::cuda, weights.device_index());
+  return detail::Checker(op);
+}
+
+void dispatch(const detail::GemmProblem& p, std::uintptr_t stream) {
+#ifdef OSENGINE_HAVE_CUDA
+  if (p.weights->backend() == Backend::cuda) return detail::gemm_cuda(p, stream);
+#else
+  (void)stream;
+#endif
 #ifdef OSENGINE_HAVE_AVX2_KERNELS
   if (p.weights->backend() == Backend::avx2) return detail::gemm_avx2(p);
 #endif
@@ -88,7 +99,8 @@ void dispatch(const detail::GemmProblem& p) {
 }  // namespace
 
 void gemm(const GemmArgs& args, const PackedWeights& weights) {
-  const detail::Checker check("gemm");
+  const detail::Checker check = checker_for("gemm", weights);
+  const bool on_cuda = weights.backend() == Backend::cuda;
   detail::GemmProblem p;
   check_activations(check, args.a, args.a_format, weights, p);
   const std::int64_t groups = weights.num_groups();
@@ -120,25 +132,32 @@ void gemm(const GemmArgs& args, const PackedWeights& weights) {
     p.bias = args.bias.ptr<const float>();
   }
   if (args.residual.defined()) {
-    check.tensor(args.residual, "residual", {DType::float32, DType::bfloat16}, 2);
+    if (on_cuda)
+      check.tensor(args.residual, "residual", {DType::float32, DType::bfloat16, DType::float16}, 2);
+    else
+      check.tensor(args.residual, "residual", {DType::float32, DType::bfloat16}, 2);
     if (args.residual.size(0) != p.m || args.residual.size(1) != p.n)
       check.fail("residual", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
                                  args.residual.shape_string());
     p.residual = args.residual.data;
     p.residual_dtype = args.residual.dtype;
   }
-  check.tensor(args.out, "out", {DType::float32, DType::bfloat16}, 2);
+  if (on_cuda)
+    check.tensor(args.out, "out", {DType::float32, DType::bfloat16, DType::float16}, 2);
+  else
+    check.tensor(args.out, "out", {DType::float32, DType::bfloat16}, 2);
   if (args.out.size(0) != p.m || args.out.size(1) != p.n)
     check.fail("out", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
                           args.out.shape_string());
   p.out = args.out.data;
   p.out_dtype = args.out.dtype;
   p.activation = args.activation;
-  dispatch(p);
+  dispatch(p, args.stream);
 }
 
-void gemm_accumulate(const TensorView& a, ActivationFormat a_format, const PackedWeights& weights, const TensorView& out) {
-  const detail::Checker check("gemm_accumulate");
+void gemm_accumulate(const TensorView& a, ActivationFormat a_format, const PackedWeights& weights, const TensorView& out,
+                     std::uintptr_t stream) {
+  const detail::Checker check = checker_for("gemm_accumulate", weights);
   detail::GemmProblem p;
   check_activations(check, a, a_format, weights, p);
   check.tensor(out, "out", {DType::int32}, 2);
@@ -146,7 +165,7 @@ void gemm_accumulate(const TensorView& a, ActivationFormat a_format, const Packe
     check.fail("out", "must have shape [M, N] = [" + std::to_string(p.m) + ", " + std::to_string(p.n) + "], got " +
                           out.shape_string());
   p.out_accumulators = out.ptr<std::int32_t>();
-  dispatch(p);
+  dispatch(p, stream);
 }
 
 }  // namespace osengine

@@ -1,5 +1,6 @@
 #include "osengine/packed_weights.hpp"
 
+#include <cstring>
 #include <sstream>
 
 #include "common/checks.hpp"
@@ -26,7 +27,7 @@ void compute_column_sums(const std::int8_t* codes, std::int64_t n, std::int64_t 
 
 struct PackedWeightsBuilder {
   static PackedWeights build(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
-                             std::int64_t group_size, Backend backend) {
+                             std::int64_t group_size, Backend backend, int device_index = -1) {
     PackedWeights w;
     w.n_ = n;
     w.k_ = k;
@@ -42,9 +43,22 @@ struct PackedWeightsBuilder {
     else
 #endif
       layout = detail::pack_weights_reference(codes, n, k, bits);
-    w.data_ = std::move(layout.data);
     w.padded_n_ = layout.padded_n;
     w.padded_k_ = layout.padded_k;
+#ifdef OSENGINE_HAVE_CUDA
+    if (backend == Backend::cuda) {
+      // The reference layout, in device memory; no host copy is kept.
+      w.device_index_ = device_index;
+      w.device_nbytes_ = layout.data.size();
+      w.device_data_ = detail::cuda_upload(layout.data.data(), layout.data.size(), device_index);
+      w.device_column_sums_ = detail::cuda_upload(w.column_sums_.data(), w.column_sums_.size() * sizeof(std::int32_t),
+                                                  device_index);
+      return w;
+    }
+#else
+    (void)device_index;
+#endif
+    w.data_ = std::move(layout.data);
     return w;
   }
 };
@@ -52,6 +66,30 @@ struct PackedWeightsBuilder {
 PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int64_t group_size, Backend backend) {
   const detail::Checker check("pack_weights");
   if (bits != 8 && bits != 4) check.fail("bits", "must be 8 or 4, got " + std::to_string(bits));
+#ifdef OSENGINE_HAVE_CUDA
+  // CUDA: weights given on the GPU are read back once (packing is a load-time step); the layout goes to that GPU
+  // (or to the current one for host weights).
+  if (weights.device == Device::cuda || backend == Backend::cuda) {
+    if (backend != Backend::cuda && backend != Backend::automatic)
+      check.fail_type("weights", std::string("is a CUDA tensor but backend '") + backend_name(backend) +
+                                     "' runs on the CPU; use backend 'cuda' or 'auto'");
+    TensorView host = weights;
+    std::vector<std::uint8_t> staging;
+    int device_index = detail::cuda_current_device();
+    if (weights.device == Device::cuda) {
+      const detail::Checker device_check("pack_weights", Device::cuda, weights.device_index);
+      device_check.tensor(weights, "weights", {DType::uint8, DType::int8}, 2);
+      staging.resize(static_cast<std::size_t>(weights.numel()));
+      detail::cuda_download(weights.data, staging.data(), staging.size(), weights.device_index);
+      host = TensorView(staging.data(), weights.dtype, weights.shape);
+      device_index = weights.device_index;
+    }
+    PackedWeights cpu = pack(host, bits, group_size, Backend::reference);
+    std::vector<std::int8_t> codes(static_cast<std::size_t>(cpu.n() * cpu.k()));
+    cpu.unpack(TensorView(codes.data(), DType::int8, {cpu.n(), cpu.k()}));
+    return PackedWeightsBuilder::build(codes.data(), cpu.n(), cpu.k(), bits, group_size, Backend::cuda, device_index);
+  }
+#endif
   check.tensor(weights, "weights", bits == 8 ? std::initializer_list<DType>{DType::int8}
                                               : std::initializer_list<DType>{DType::uint8, DType::int8}, 2);
   check.not_empty(weights, "weights");
@@ -87,6 +125,19 @@ void PackedWeights::unpack(const TensorView& out) const {
   check.tensor(out, "out", {DType::int8}, 2);
   if (out.size(0) != n_ || out.size(1) != k_)
     check.fail("out", "must have shape [" + std::to_string(n_) + ", " + std::to_string(k_) + "], got " + out.shape_string());
+#ifdef OSENGINE_HAVE_CUDA
+  if (backend_ == Backend::cuda) {
+    // Device layout = the reference layout: read it back and decode it on the host.
+    std::vector<std::uint8_t> layout(device_nbytes_);
+    detail::cuda_download(device_data_.get(), layout.data(), layout.size(), device_index_);
+    if (bits_ == 8) {
+      std::memcpy(out.data, layout.data(), layout.size());
+    } else {
+      unpack_int4(TensorView(layout.data(), DType::uint8, {n_, k_ / 2}), TensorView(out.data, DType::int8, {n_, k_}));
+    }
+    return;
+  }
+#endif
 #ifdef OSENGINE_HAVE_AVX2_KERNELS
   if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, out.ptr<std::int8_t>());
 #endif

@@ -22,7 +22,10 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
                                        const QuantizeOptions& options) {
   if (options.bits < 2 || options.bits > 8)
     check.fail("bits", "must be in 2..8, got " + std::to_string(options.bits));
-  check.tensor(x, "x", {DType::float32, DType::bfloat16}, 2);
+  if (x.device == Device::cuda)
+    check.tensor(x, "x", {DType::float32, DType::bfloat16, DType::float16}, 2);
+  else
+    check.tensor(x, "x", {DType::float32, DType::bfloat16}, 2);
   check.not_empty(x, "x");
   const std::int64_t m = x.size(0), k = x.size(1);
   if (options.group_size < 0) check.fail("group_size", "must be >= 0 (0 = no groups)");
@@ -59,7 +62,22 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
   return p;
 }
 
-std::int64_t run_quantize(const detail::QuantizeProblem& p, Backend backend, const char* op) {
+// The op runs where x lives; every other tensor must be there too.
+detail::Checker checker_for(const char* op, const TensorView& x) { return detail::Checker(op, x.device, x.device_index); }
+
+std::int64_t run_quantize(const detail::QuantizeProblem& p, const TensorView& x, const QuantizeOptions& options,
+                          const char* op) {
+  const Backend backend = options.backend;
+#ifdef OSENGINE_HAVE_CUDA
+  if (x.device == Device::cuda) {
+    if (backend != Backend::automatic && backend != Backend::cuda)
+      throw UnsupportedError(std::string("osengine.") + op + ": backend '" + backend_name(backend) +
+                             "' runs on CPU data, but x is a CUDA tensor; use backend 'cuda' or 'auto'");
+    return detail::quantize_cuda(p, x.device_index, options.stream);
+  }
+#else
+  (void)x;
+#endif
   switch (resolve_cpu_backend(backend, op)) {
 #ifdef OSENGINE_HAVE_AVX2_KERNELS
     case Backend::avx2: return detail::quantize_avx2(p);
@@ -91,7 +109,7 @@ std::int64_t run_quantize(const detail::QuantizeProblem& p, Backend backend, con
 void quantize_static(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
                      const TensorView& delta, const TensorView& zero_point, const TensorView& out_codes,
                      const QuantizeOptions& options) {
-  const detail::Checker check("quantize_static");
+  const detail::Checker check = checker_for("quantize_static", x);
   detail::QuantizeProblem p = common_problem(check, x, shift, smooth_scale, out_codes, options);
   const std::int64_t groups = p.k / p.group_size;
   check.tensor(delta, "delta", {DType::float32});
@@ -115,14 +133,14 @@ void quantize_static(const TensorView& x, const TensorView& shift, const TensorV
   p.delta = delta.ptr<const float>();
   p.param_stride = delta.numel() == 1 ? 0 : 1;
   p.dynamic = false;
-  const std::int64_t bad_row = run_quantize(p, options.backend, "quantize_static");
+  const std::int64_t bad_row = run_quantize(p, x, options, "quantize_static");
   if (bad_row >= 0) report_nonfinite(check, p, bad_row);
 }
 
 void quantize_dynamic(const TensorView& x, const TensorView& shift, const TensorView& smooth_scale,
                       const TensorView& out_codes, const TensorView& out_delta, const TensorView& out_zero_point,
                       const QuantizeOptions& options) {
-  const detail::Checker check("quantize_dynamic");
+  const detail::Checker check = checker_for("quantize_dynamic", x);
   detail::QuantizeProblem p = common_problem(check, x, shift, smooth_scale, out_codes, options);
   const std::int64_t groups = p.k / p.group_size;
   check.tensor(out_delta, "out_delta", {DType::float32});
@@ -139,7 +157,7 @@ void quantize_dynamic(const TensorView& x, const TensorView& shift, const Tensor
   p.out_delta = out_delta.ptr<float>();
   p.out_zero_point = out_zero_point.ptr<std::int32_t>();
   p.dynamic = true;
-  const std::int64_t bad_row = run_quantize(p, options.backend, "quantize_dynamic");
+  const std::int64_t bad_row = run_quantize(p, x, options, "quantize_dynamic");
   if (bad_row >= 0) report_nonfinite(check, p, bad_row);
 }
 
