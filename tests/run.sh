@@ -14,9 +14,20 @@ step() { printf '\n==== %s ====\n' "$*"; }
 step "install osengine (warnings are errors)"
 # torch: the CPU build (a plain 'torch' requirement could pull a multi-GB CUDA build); kept if already present.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON
+# CUDA backend: with nvcc on the machine, the CUTLASS headers come from PyPI (headers only: --no-deps). The CUDA
+# kernels are compiled once per run: in the ctest Release build below (sm_80 + sm_90a), and also in the package only
+# when a GPU is present, so that the Python CUDA tests (tests/engine/test_ops_cuda.py) have something to run.
+cuda_define=()
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  python -c "import importlib.util as u, sys; sys.exit(u.find_spec('cutlass_library') is None)" 2>/dev/null ||
+    python -m pip install -q --no-deps nvidia-cutlass
+  if ! nvidia-smi -L >/dev/null 2>&1; then
+    cuda_define=(--config-settings=cmake.define.OSENGINE_CUDA=OFF)
+  fi
+fi
+python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON ${cuda_define[@]+"${cuda_define[@]}"}
 
-step "C++ tests (Release, -Werror)"
+step "C++ tests (Release, -Werror; with nvcc also compiles the CUDA backend, OSENGINE_CUDA=AUTO)"
 cmake -S "$root" -B "$work/release" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOSENGINE_BUILD_TESTS=ON \
   -DOSENGINE_WERROR=ON -DCMAKE_INSTALL_PREFIX="$work/prefix" >/dev/null
 cmake --build "$work/release" -j "$jobs"
