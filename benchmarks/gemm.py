@@ -16,10 +16,11 @@ up/gate 11008x4096, down 4096x11008) at M in {1, 16, 128, 512, 2048} tokens. Wha
 
 Method. Weights are random normal, quantized symmetric per channel (int8 codes in [-127, 127], int4 in [-7, 7]);
 x is random normal with a few outlier channels (x20). Every impl rotates over distinct copies of its inputs and
-weights (the same rule for all: as many copies as fit in ~64 MB, at most 64, at least 1), so that a small weight
+weights (the same rule for all: as many copies as fit in ~64 MB, at least 1), so that a small weight
 matrix is not measured resident in the 32 MB L3 while a big one streams from memory. After warm-up calls (one pass
-over the copies), samples are taken until both --repeats samples and --min-time seconds are reached; a sample is one
-call (or, for calls under ~1 ms, the mean of a batch of calls) timed with time.perf_counter. We report the median,
+over the copies), the impls of a point are sampled round-robin (a change in machine load hits them all alike) until
+each has --repeats samples and --min-time seconds; a sample is one call (or, for calls under ~1 ms, the mean of a
+batch of calls) timed with time.perf_counter. We report the median,
 and the spread as the interquartile range (the table shows half of it, relative to the median). GOP/s counts
 2*M*N*K operations. Ratios are torch_fp32 time / impl time, measured in the same run.
 
@@ -52,7 +53,7 @@ IMPLS = ["torch_fp32", "fbgemm_int8", "w8a8", "w8a8_gemm", "w8a8_no_epilogue", "
 SHORT = {"torch_fp32": "fp32", "fbgemm_int8": "fbgemm", "w8a8_no_epilogue": "w8a8_noepi"}
 DEFAULT_M = [1, 16, 128, 512, 2048]
 ROTATE_BYTES = 64 << 20  # per impl: over twice the 32 MB L3
-MAX_COPIES = 64
+MAX_COPIES = 512
 BATCH_SECONDS = 1e-3  # calls faster than this are timed in batches
 
 
@@ -152,24 +153,40 @@ def build(impl: str, m: int, n: int, k: int, w: torch.Tensor, x: torch.Tensor, b
     return calls, per
 
 
-def measure(calls, min_time: float, repeats: int) -> list[float]:
-    """Per-call seconds: one sample per call (or per batch of fast calls), rotating over the copies."""
-    i = 0
-    t0 = time.perf_counter()
-    for _ in range(max(2, len(calls))):  # warm-up: one pass over the copies, at least 2 calls
-        calls[i % len(calls)]()
-        i += 1
-    est = (time.perf_counter() - t0) / i
-    batch = max(1, int(BATCH_SECONDS / max(est, 1e-9)))
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < repeats or time.perf_counter() - start < min_time:
+class Timer:
+    """Samples of one impl: per-call seconds, one sample per call (or per batch of fast calls), rotating copies."""
+
+    def __init__(self, calls):
+        self.calls, self.i, self.samples, self.spent = calls, 0, [], 0.0
+        t0 = time.perf_counter()
+        for _ in range(max(2, len(calls))):  # warm-up: one pass over the copies, at least 2 calls
+            self.call()
+        est = (time.perf_counter() - t0) / self.i
+        self.batch = max(1, int(BATCH_SECONDS / max(est, 1e-9)))
+
+    def call(self):
+        self.calls[self.i % len(self.calls)]()
+        self.i += 1
+
+    def sample(self):
         t = time.perf_counter()
-        for _ in range(batch):
-            calls[i % len(calls)]()
-            i += 1
-        samples.append((time.perf_counter() - t) / batch)
-    return samples
+        for _ in range(self.batch):
+            self.call()
+        dt = time.perf_counter() - t
+        self.spent += dt
+        self.samples.append(dt / self.batch)
+
+
+def measure(builds: dict, min_time: float, repeats: int) -> dict:
+    """Samples every impl of one point round-robin (so that a change in machine load hits them all alike) until each
+    has at least `repeats` samples and `min_time` seconds measured. Returns {impl: [seconds per call]}."""
+    timers = {impl: Timer(calls) for impl, calls in builds.items()}
+    while True:
+        pending = [t for t in timers.values() if len(t.samples) < repeats or t.spent < min_time]
+        if not pending:
+            return {impl: t.samples for impl, t in timers.items()}
+        for t in pending:
+            t.sample()
 
 
 def quartiles(xs: list[float]):
@@ -187,17 +204,18 @@ def run(args) -> list[dict]:
         w = torch.randn(n, k, generator=gen) * 0.02
         for m in args.m:
             x = make_x(m, k, gen)
-            for impl in args.impl:
-                calls, per = build(impl, m, n, k, w, x, args.backend)
-                with torch.inference_mode():
-                    samples = measure(calls, args.min_time, args.repeats)
-                del calls
+            builds = {impl: build(impl, m, n, k, w, x, args.backend) for impl in args.impl}
+            with torch.inference_mode():
+                timings = measure({impl: calls for impl, (calls, _) in builds.items()}, args.min_time, args.repeats)
+            copies = {impl: len(calls) for impl, (calls, _) in builds.items()}
+            del builds
+            for impl, samples in timings.items():
                 med = statistics.median(samples)
                 q1, q3 = quartiles(samples)
                 rec = {"device": device, "impl": impl, "m": m, "n": n, "k": k, "ms": med * 1e3,
                        "shape": label, "min_ms": min(samples) * 1e3, "max_ms": max(samples) * 1e3,
                        "iqr_ms": (q3 - q1) * 1e3, "samples": len(samples), "gops": 2 * m * n * k / med / 1e9,
-                       "copies": n_copies(per), "backend": args.backend_name}
+                       "copies": copies[impl], "backend": args.backend_name}
                 records.append(rec)
                 print(f"  {label:16s} M={m:<5d} {impl:17s} {rec['ms']:10.3f} ms  {rec['gops']:8.1f} GOP/s  "
                       f"(x{rec['copies']} copies, {len(samples)} samples)", file=sys.stderr, flush=True)
