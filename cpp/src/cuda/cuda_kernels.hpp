@@ -57,6 +57,9 @@ int gemm_sm80_s8(const std::int8_t* a, std::int64_t lda, const std::int8_t* w, s
                  std::int64_t m, std::int64_t n, std::int64_t k, Stream stream);
 int gemm_sm80_s4(const void* a, std::int64_t lda, const void* w, std::int64_t ldb, std::int32_t* acc, std::int64_t m,
                  std::int64_t n, std::int64_t k, Stream stream);
+// W4A8: int8 A x int4 W (ldb in int4 elements), the weights upcast to int8 in registers.
+int gemm_sm80_s8s4(const std::int8_t* a, std::int64_t lda, const void* w, std::int64_t ldb, std::int32_t* acc,
+                   std::int64_t m, std::int64_t n, std::int64_t k, Stream stream);
 int gemm_sm90_s8(const std::int8_t* a, std::int64_t lda, const std::int8_t* w, std::int64_t ldb, std::int32_t* acc,
                  std::int64_t m, std::int64_t n, std::int64_t k, Stream stream);
 

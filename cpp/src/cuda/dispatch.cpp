@@ -78,7 +78,7 @@ class Scratch {
   cudaStream_t stream_;
 };
 
-enum class TensorCoreKernel { none, sm80_s8, sm80_s4, sm90_s8 };
+enum class TensorCoreKernel { none, sm80_s8, sm80_s4, sm80_s8s4, sm90_s8 };
 
 // The tensor-core kernel for this problem, or none (the CUDA-core fallback then runs).
 TensorCoreKernel pick_kernel(const GemmProblem& p, int capability) {
@@ -86,6 +86,7 @@ TensorCoreKernel pick_kernel(const GemmProblem& p, int capability) {
   const std::int64_t group = w.group_size() > 0 ? w.group_size() : p.k;
   const bool int8_operands = p.a_format == ActivationFormat::int8 && w.bits() == 8;
   const bool int4_operands = p.a_format == ActivationFormat::int4_packed && w.bits() == 4;
+  const bool int4_weights = p.a_format == ActivationFormat::int8 && w.bits() == 4;
   // Output tiles store int32 in 16-byte vectors: N % 4. Operands: 16-byte aligned rows and group slices.
   if (p.n % 4 != 0 || !aligned16(p.a) || !aligned16(w.device_data())) return TensorCoreKernel::none;
   if (int8_operands && p.k % 16 == 0 && group % 16 == 0) {
@@ -100,6 +101,12 @@ TensorCoreKernel pick_kernel(const GemmProblem& p, int capability) {
   if (int4_operands && p.k % 32 == 0 && group % 32 == 0) {
 #ifdef OSENGINE_CUDA_SM80
     if (capability >= 80 && capability < 90) return TensorCoreKernel::sm80_s4;
+#endif
+  }
+  // W4A8: int4 weights upcast to int8 in registers (on sm_90 through the compute_80 PTX; int8 mma.sync is native).
+  if (int4_weights && p.k % 32 == 0 && group % 32 == 0) {
+#ifdef OSENGINE_CUDA_SM80
+    if (capability >= 80) return TensorCoreKernel::sm80_s8s4;
 #endif
   }
   (void)capability;
@@ -119,6 +126,9 @@ int run_tensor_core(TensorCoreKernel kernel, const GemmProblem& p, std::int64_t 
     case TensorCoreKernel::sm80_s4:
       return cuda::gemm_sm80_s4(p.a + k0 / 2, p.k, static_cast<const std::uint8_t*>(w) + k0 / 2, p.k, acc, p.m, p.n,
                                 kk, s);
+    case TensorCoreKernel::sm80_s8s4:
+      return cuda::gemm_sm80_s8s4(p.a + k0, p.k, static_cast<const std::uint8_t*>(w) + k0 / 2, p.k, acc, p.m, p.n, kk,
+                                  s);
     case TensorCoreKernel::none: break;
   }
   return -1;
