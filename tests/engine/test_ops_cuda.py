@@ -202,6 +202,11 @@ def test_unaligned_operands_take_the_fallback(rng):
     got = osengine.gemm_accumulate(a_view, packed)
     want = osengine.gemm_accumulate(a, osengine.pack_weights(w, backend="reference"))
     np.testing.assert_array_equal(host(got), want)
+    # An output 4 bytes into its buffer: aligned operands, unaligned int32 store.
+    out_buffer = torch.empty(m * n + 1, dtype=torch.int32, device=DEVICE)
+    out_view = out_buffer[1:].view(m, n)
+    osengine.gemm_accumulate(cuda(a), packed, out=out_view)
+    np.testing.assert_array_equal(host(out_view), want)
 
 
 def test_packed_weights_round_trip(rng):

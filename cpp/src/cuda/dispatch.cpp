@@ -89,6 +89,8 @@ TensorCoreKernel pick_kernel(const GemmProblem& p, int capability) {
   const bool int4_weights = p.a_format == ActivationFormat::int8 && w.bits() == 4;
   // Output tiles store int32 in 16-byte vectors: N % 4. Operands: 16-byte aligned rows and group slices.
   if (p.n % 4 != 0 || !aligned16(p.a) || !aligned16(w.device_data())) return TensorCoreKernel::none;
+  // Raw accumulators are stored straight into the caller's tensor, which may be an offset view.
+  if (p.out_accumulators && !aligned16(p.out_accumulators)) return TensorCoreKernel::none;
   if (int8_operands && p.k % 16 == 0 && group % 16 == 0) {
 #ifdef OSENGINE_CUDA_SM90
     if (capability == 90) return TensorCoreKernel::sm90_s8;
