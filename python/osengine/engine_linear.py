@@ -103,3 +103,80 @@ def quantize_weight_symmetric(weight: torch.Tensor, bits: int, group_size: int =
         scale = (weight.abs().amax(dim=1) / qmax).clamp(min=1e-8)
         codes = torch.round(weight / scale[:, None]).clamp(-qmax, qmax)
     return codes.to(torch.int8), scale.float()
+
+
+class EngineConversionError(ValueError):
+    """A fake-quantized layer whose quantization the engine cannot execute as is."""
+
+
+def _weight_codes_from_fake_quant(layer) -> tuple:
+    """Recover integer codes and scales from a fake-quantized weight (values code * delta): MinMax symmetric
+    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax."""
+    spec = layer.weight_spec
+    w = layer.weight.detach().float()
+    qmax = 2 ** (spec.bits - 1) - 1
+    if spec.granularity == "per-group":
+        grouped = w.reshape(w.shape[0], -1, spec.group_size)
+        scale = (grouped.abs().amax(dim=-1) / qmax).clamp(min=1e-8)
+        codes = torch.round(grouped / scale[..., None]).reshape_as(w)
+        group_size = spec.group_size
+    elif spec.granularity == "per-channel":
+        scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
+        codes = torch.round(w / scale[:, None])
+        group_size = 0
+    else:  # per-tensor
+        scale = (w.abs().amax() / qmax).clamp(min=1e-8).reshape(1)
+        codes = torch.round(w / scale)
+        group_size = 0
+    return codes.clamp(-qmax, qmax).to(torch.int8), scale, group_size
+
+
+def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> EngineLinear:
+    """The EngineLinear that computes what a calibrated FakeQuantLinear simulates."""
+    from .quantizers import qparams_from_range
+
+    wspec, aspec = layer.weight_spec, layer.act_quant.spec
+    if not wspec.symmetric:
+        raise EngineConversionError(
+            f"{name}: the engine runs symmetric weights only (its epilogue corrects activation zero points, not "
+            f"weight zero points); this recipe quantizes weights asymmetrically")
+    if aspec.granularity == "per-tensor" and aspec.dynamic:
+        raise EngineConversionError(f"{name}: dynamic per-tensor activations are not supported by the engine; use "
+                                    f"static per-tensor or dynamic per-token")
+    if aspec.granularity == "per-channel":
+        raise EngineConversionError(f"{name}: per-channel activation quantization cannot be used by an int GEMM")
+    codes, w_scale, w_group = _weight_codes_from_fake_quant(layer)
+    weight_bits = 4 if wspec.bits <= 4 else 8
+    act_group = aspec.group_size if aspec.granularity == "per-group" else 0
+    if act_group and act_group != w_group:
+        raise EngineConversionError(f"{name}: per-group activations (group {act_group}) need weights with the same "
+                                    f"group size (weights use {w_group or 'none'})")
+    act_scale = act_zero_point = None
+    if not aspec.dynamic:
+        if not (torch.isfinite(layer.act_quant.lo) and torch.isfinite(layer.act_quant.hi)):
+            raise EngineConversionError(f"{name}: the static activation quantizer was never calibrated")
+        delta, zp = qparams_from_range(layer.act_quant.lo.float(), layer.act_quant.hi.float(), aspec)
+        act_scale = delta.reshape(1)
+        # fake quant stores asymmetric codes in [0, 2^b - 1]; the engine in [-2^(b-1), 2^(b-1) - 1]: same quantizer
+        offset = 0 if aspec.symmetric else 2 ** (aspec.bits - 1)
+        act_zero_point = (zp.reshape(1) - offset).to(torch.int32)
+    return EngineLinear(codes, w_scale, layer.bias, weight_bits=weight_bits, weight_group_size=w_group,
+                        act_bits=aspec.bits, act_symmetric=aspec.symmetric, act_dynamic=aspec.dynamic,
+                        act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,
+                        input_shift=layer.input_shift, backend=backend)
+
+
+def convert_to_engine(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap every calibrated FakeQuantLinear of a quantized model for an EngineLinear (in place): the model then runs
+    its quantized linears with real int arithmetic. Layers kept in floating point stay as they are."""
+    from .quantizers import FakeQuantLinear
+
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, FakeQuantLinear) and m.weight_spec is not None and m.act_quant is not None]
+    if not targets:
+        raise EngineConversionError("convert_to_engine: the model has no quantized linear layers; quantize it first")
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, engine_linear_from_fake_quant(name, layer, backend))
+    return model
