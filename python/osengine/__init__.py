@@ -1,7 +1,7 @@
 """osengine: Outlier Suppression+ quantization of transformer language models, with an int8 / int4 engine.
 
 The engine's ops (numpy arrays or torch tensors, no copies) are available at the top level; the quantization front
-end (`quantize`, `evaluate`, `load_model`) is imported lazily so that `import osengine` stays light.
+end (`quantize`, `evaluate`, `load_model`, `load`) is imported lazily so that `import osengine` stays light.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .ops import (
 )
 from .ops import quantize as quantize_activations
 
-_FRONT_END = {"quantize": "api", "evaluate": "api", "load_model": "api"}
+_FRONT_END = {"quantize": "api", "evaluate": "api", "load_model": "api", "load": "api"}
 
 
 def __getattr__(name: str):
@@ -56,4 +56,5 @@ __all__ = [
     "quantize",
     "evaluate",
     "load_model",
+    "load",
 ]

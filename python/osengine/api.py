@@ -1,4 +1,4 @@
-"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model."""
+"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load."""
 from __future__ import annotations
 
 import resource
@@ -10,19 +10,30 @@ import torch
 import torch.nn as nn
 
 from . import calibration as calib
-from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_quantized_manifest, load_fp_model, load_quantized, resolve_source, save_quantized,
-                     structure_manifest)
+from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_fp_model, load_quantized,
+                     load_quantized_manifest, resolve_source, save_quantized, structure_manifest)
 from .plugin_api import make_strategy, resolve_architecture
 from .recipes import Recipe, load_recipe
 
 
 def load_model(source: Union[str, Path], device: str = "cpu"):
     """(model, tokenizer) from a Hugging Face folder, a GGUF file, a registered name (smollm2-135m, minilm-l6) or
-    a folder written by `quantize(..., out=DIR)`."""
+    a folder written by `quantize(..., out=DIR)` (then the fake-quantized model; `load` gives the engine-backed one)."""
     if is_checkpoint(source):
         model, tokenizer, _ = load_quantized(source, device=device)
         return model, tokenizer
     return load_fp_model(source, device=device)
+
+
+def load(directory: Union[str, Path], backend: str = "auto"):
+    """(model, tokenizer): a folder written by `quantize(..., out=DIR)` rebuilt as an engine-backed model, whose
+    quantized linears run with real int8 / int4 arithmetic (weights packed once), without re-calibrating. Layers the
+    recipe keeps in floating point stay in floating point. backend: "auto", "avx2", "reference" or "cuda"."""
+    from .engine_linear import convert_to_engine
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    model, tokenizer, _ = load_quantized(directory, device=device)
+    return convert_to_engine(model, backend=backend), tokenizer
 
 
 def _peak_rss_mib() -> float:
@@ -33,7 +44,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
              strategy: str = "osplus", calibration="generated", *, tokenizer=None, keep_fp: Sequence[str] = (),
              strategy_options: Optional[dict] = None, n_samples: int = 16, seq_len: int = 512, batch_size: int = 4,
              search_batches: int = 1, device: Optional[str] = None, out: Optional[Union[str, Path]] = None,
-             progress: bool = True) -> nn.Module:
+             overwrite: bool = False, progress: bool = True) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
@@ -41,9 +52,13 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     strategy       registered strategy name (osplus, smoothquant, minmax, or a plugin); options in strategy_options
     calibration    text file, "generated" (samples the model writes itself), list of strings, or token ids [n, T]
     search_batches calibration batches (of batch_size x seq_len tokens) on which OS+ scores its grid
-    out            folder to save model.safetensors + osengine.json (reload with load_model / `osengine eval`)
+    out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
+                   atomically; an existing folder is replaced only with overwrite=True). Reload it with
+                   `load` (engine-backed) or `load_model` (fake quant).
     The report (per-site migrations, channel ranges, timing, peak memory) is at `model.osengine_report`.
     """
+    if out is not None and Path(out).exists() and not overwrite:  # fail before calibrating, not after
+        raise FileExistsError(f"output folder {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     source = None
     if not isinstance(model, nn.Module):
         source = str(model)
@@ -70,30 +85,40 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     model.osengine_report = report
     if out is not None:
-        if source is None:
-            raise ModelLoadError("quantize(out=...) needs the model given by name or path (it is recorded in the "
-                                 "manifest so the checkpoint can be rebuilt)")
-        base = source if source in REGISTERED_MODELS else str(resolve_source(source))
-        manifest = {"format": "osengine-fakequant", "base_model": base, "recipe": recipe.to_dict(),
+        base = "(in-memory module)" if source is None else (
+            source if source in REGISTERED_MODELS else str(resolve_source(source)))
+        manifest = {"base_model": base, "recipe": recipe.to_dict(),
                     "strategy": strat.name, "strategy_options": dict(strategy_options or {}),
                     "architecture": arch.name, **structure_manifest(model),
                     "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
                                     type(calibration).__name__, "samples": int(ids.shape[0]),
                                     "seq_len": int(ids.shape[1])}}
-        save_quantized(model, out, manifest)
+        save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
     return model
 
 
 def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, tokenizer=None, seq_len: int = 512,
-             windows: Optional[int] = 16, device: Optional[str] = None, progress: bool = True) -> dict:
-    """Perplexity over `windows` non-overlapping windows of `seq_len` tokens of the text file `ppl`."""
+             windows: Optional[int] = 16, device: Optional[str] = None, engine: bool = False,
+             progress: bool = True) -> dict:
+    """Perplexity over `windows` non-overlapping windows of `seq_len` tokens of the text file `ppl` ("generated":
+    text that the floating-point base model writes). engine=True runs a saved quantized folder on the engine
+    (real int arithmetic, `load`) instead of fake quant."""
     from .evaluation import perplexity
 
     generator = None
     if not isinstance(model, nn.Module):
+        if engine and not is_checkpoint(model):
+            raise ValueError(f"evaluate(engine=True): {str(model)!r} is not a quantized folder (quantize --out DIR)")
         if str(ppl) == "generated" and is_checkpoint(model):  # the FP base model writes the evaluation text
-            generator, _ = load_fp_model(load_quantized_manifest(model)["base_model"], device=device or "cpu")
-        model, tokenizer = load_model(model, device=device or "cpu")
+            base = load_quantized_manifest(model)["base_model"]
+            if base == "(in-memory module)":
+                raise ValueError(f"{str(model)!r} was quantized from an in-memory module, so its floating-point "
+                                 f"base is unknown and cannot write the 'generated' text; give a text file")
+            generator, _ = load_fp_model(base, device=device or "cpu")
+        if engine:
+            model, tokenizer = load(model, backend="cuda" if device == "cuda" else "auto")
+        else:
+            model, tokenizer = load_model(model, device=device or "cpu")
     elif tokenizer is None:
         raise ValueError("evaluate(): `tokenizer` is required when `model` is a module")
     return perplexity(model, tokenizer, ppl, seq_len=seq_len, windows=windows, progress=progress,

@@ -1,6 +1,6 @@
 """The osengine checkpoint: a folder with safetensors tensors and a JSON manifest.
 
-    DIR/manifest.json         {"format": "osengine-checkpoint", "format_version": 1, ..., "tensors": {name: {dtype, shape}}}
+    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 1, ..., "tensors": {name: {dtype, shape}}}
     DIR/model.safetensors     every tensor the manifest lists
     DIR/<other files>         source model config, tokenizer files, ...
 
@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 FORMAT_NAME = "osengine-checkpoint"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "osengine.json"
 TENSORS_FILE = "model.safetensors"
 
 

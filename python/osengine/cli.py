@@ -29,7 +29,7 @@ def cmd_quantize(args) -> int:
     model = quantize(args.model, recipe=args.recipe, strategy=args.strategy, calibration=args.calib,
                      keep_fp=args.keep_fp or (), strategy_options=_options(args.option), n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
-                     device=args.device, out=args.out, progress=not args.json)
+                     device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json)
     report = model.osengine_report
     files = write_report(report, args.report or args.out, args.plot_sites) if (args.report or args.out) else {}
     summary = {"model": args.model, "recipe": report["recipe"]["name"], "strategy": report["strategy"],
@@ -56,7 +56,8 @@ def cmd_eval(args) -> int:
     result = {"model": args.model}
     if args.ppl:
         result.update(evaluate(args.model, args.ppl, seq_len=args.seq_len, windows=args.windows,
-                               device=args.device, progress=not args.json))
+                               device=args.device, engine=args.engine, progress=not args.json))
+        result["engine"] = bool(args.engine)
     if args.lm_eval:
         model, tokenizer = load_model(args.model, device=args.device or "cpu")
         result["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval.split(","), limit=args.limit)
@@ -113,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="w8a8-static", help="preset name (osengine recipes) or YAML file")
     q.add_argument("--strategy", default="osplus", help="calibration strategy (osengine plugins)")
     q.add_argument("--calib", default="generated", help="calibration text file, or 'generated' (default)")
-    q.add_argument("--out", help="folder for model.safetensors, osengine.json, report.md, activation_ranges.png")
+    q.add_argument("--out", help="checkpoint folder (model.safetensors, osengine.json, config, tokenizer) plus "
+                                 "report.md and activation_ranges.png")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point, e.g. down_proj")
     q.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, e.g. alpha=0.8")
     q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
@@ -132,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", help="text file for perplexity, or 'generated' (text written by the FP model)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--windows", type=int, default=16, help="non-overlapping windows (default 16)")
+    e.add_argument("--engine", action="store_true",
+                   help="run a quantized folder on the engine (real int8 / int4 GEMMs) instead of fake quant")
     e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (needs osengine[eval])")
     e.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     e.add_argument("--device", default=None)
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, PluginError, CalibrationError, ModelLoadError, EvaluationError, ValueError) as e:
+    except (RecipeError, PluginError, CalibrationError, ModelLoadError, EvaluationError, ValueError,
+            FileExistsError) as e:
         print(f"osengine {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,6 @@
 """Loading models: a Hugging Face folder, a GGUF file, a name that a registered package carries, or an osengine
-checkpoint (a folder written by `save_quantized`). Weights are read with safetensors only (never unpickled)."""
+checkpoint (a folder written by `save_quantized`, format in checkpoint.py). Weights are read with safetensors only
+(never unpickled)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-MANIFEST = "osengine.json"
-WEIGHTS = "model.safetensors"
+from .checkpoint import MANIFEST_FILE as MANIFEST
 
 # name -> (Python package that carries the weights, file or folder inside it)
 REGISTERED_MODELS = {
@@ -80,34 +80,103 @@ def is_checkpoint(source) -> bool:
 
 
 def load_quantized_manifest(path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The validated manifest of a quantized folder (CheckpointError if it is not one, or is broken)."""
+    from .checkpoint import read_manifest
+
+    return read_manifest(path)
 
 
-def save_quantized(model: nn.Module, out_dir: Union[str, Path], manifest: dict) -> Path:
-    """Write the fake-quantized model as model.safetensors plus an osengine.json manifest."""
-    from safetensors.torch import save_model
+def _deduplicated_state(model: nn.Module) -> Tuple[dict, dict]:
+    """(tensors, tied): the state dict with tensors that share storage (tied embeddings / lm_head) stored once;
+    tied maps each dropped name to the name that is stored."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, tied
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+def layer_manifest(model: nn.Module) -> dict:
+    """Per quantized linear: weight and activation specs, the calibrated activation range and its step / zero
+    point (static), and whether a runtime shift is applied — what the engine and exporters need."""
+    from .quantizers import FakeQuantLinear, qparams_from_range
+
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, FakeQuantLinear) or m.weight_spec is None or m.act_quant is None:
+            continue
+        spec = m.act_quant.spec
+        entry = {"weight": m.weight_spec.to_dict(), "activation": spec.to_dict(), "bias": m.bias is not None,
+                 "runtime_shift": m.input_shift is not None}
+        if not spec.dynamic and bool(torch.isfinite(m.act_quant.lo)) and bool(torch.isfinite(m.act_quant.hi)):
+            delta, zp = qparams_from_range(m.act_quant.lo.float(), m.act_quant.hi.float(), spec)
+            entry.update(activation_range=[float(m.act_quant.lo), float(m.act_quant.hi)],
+                         activation_step=float(delta), activation_zero_point=int(zp))
+        layers[name] = entry
+    return layers
+
+
+def migration_tensors(report: Optional[dict]) -> dict:
+    """The OS+ shifts and scales of every site (already folded into the weights; kept as a record)."""
+    out = {}
+    for entry in (report or {}).get("sites", []):
+        prefix = f"osengine.migrations.{entry['block']}.{entry['site']}"
+        if entry.get("shift_values") is not None:
+            out[f"{prefix}.shift"] = entry["shift_values"].float()
+        if entry.get("scale_values") is not None:
+            out[f"{prefix}.scale"] = entry["scale_values"].float()
     return out
 
 
+def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manifest: dict,
+                   overwrite: bool = False) -> Path:
+    """Write a fake-quantized model as an osengine checkpoint (atomically; see checkpoint.py): model.safetensors
+    (every weight, tied ones once, plus the OS+ shifts and scales), osengine.json (recipe, strategy, per-layer
+    quantization parameters, the structure to rebuild), and the model's config and tokenizer files, so that the
+    folder is self-contained."""
+    import tempfile
+
+    from .checkpoint import save_checkpoint
+
+    tensors, tied = _deduplicated_state(model)
+    tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
+    full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layer_manifest(model)}
+    with tempfile.TemporaryDirectory() as side:
+        model.config.save_pretrained(side)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(side)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(side)
+        extra = {p.name: p for p in Path(side).iterdir() if p.is_file()}
+        return save_checkpoint(out_dir, tensors, full, extra_files=extra, overwrite=overwrite)
+
+
 def load_quantized(path: Union[str, Path], device: str = "cpu"):
-    """Rebuild the fake-quantized structure on the base model named in the manifest, then load the weights."""
-    from safetensors.torch import load_model
+    """(model, tokenizer, manifest): rebuild the fake-quantized model from a checkpoint folder alone (its config,
+    tokenizer and weights; the base model is not needed), validating every tensor."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import quantize_block, wrap_linears
+    from .checkpoint import CheckpointError, load_checkpoint
     from .plugin_api import install_residual_restore, resolve_architecture
     from .quantizers import ActQuantizer, install_bmm_quantization
     from .recipes import recipe_from_dict
 
     path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != "osengine-fakequant":
-        raise ModelLoadError(f"{path / MANIFEST}: unknown format {manifest.get('format')!r}")
-    model, tokenizer = load_fp_model(manifest["base_model"], device=device)
+    tensors, manifest = load_checkpoint(path)
+    if manifest.get("kind") != "fake-quant":
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: kind {manifest.get('kind')!r} is not "
+                              f"'fake-quant'")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: config.json is missing")
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    model = cls.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     recipe = recipe_from_dict(manifest["recipe"])
     arch = resolve_architecture(model)
     for name in arch.blocks(model):
@@ -115,23 +184,31 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
         wrap_linears(block)
         quantize_block(block, name, recipe)
     for name in manifest.get("residual_restores", []):
-        m = model.get_submodule(name)
-        install_residual_restore(m, m.osengine_channels if hasattr(m, "osengine_channels") else
-                                 manifest["residual_channels"][name])
+        install_residual_restore(model.get_submodule(name), manifest["residual_channels"][name])
     for name in manifest.get("linears_with_added_bias", []):
         lin = model.get_submodule(name)
         if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
     for name in manifest.get("runtime_shifted_linears", []):
         lin = model.get_submodule(name)
-        lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+        lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype)
     if recipe.bmm_inputs:
         install_bmm_quantization(model, arch.attention_modules(model), recipe.activations)
-    load_model(model, str(path / WEIGHTS), strict=True, device=device)
+    state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
+    for alias, stored in manifest.get("tied", {}).items():
+        if stored not in state:
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: tied tensor {alias!r} refers to "
+                                  f"{stored!r}, which is not stored")
+        state[alias] = state[stored]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: its tensors do not fit the model its config "
+                              f"describes: {e}") from None
     for m in model.modules():
         if isinstance(m, ActQuantizer):
             m.mode = "quantize"
-    return model.eval(), tokenizer, manifest
+    return model.to(device).eval(), tokenizer, manifest
 
 
 def structure_manifest(model: nn.Module, base: nn.Module = None) -> dict:

@@ -60,7 +60,7 @@ def test_truncated_tensor_file(tmp_path):
 def test_corrupt_manifest(tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt", tensors(), {})
     (folder / MANIFEST_FILE).write_text("{not json")
-    with pytest.raises(CheckpointError, match="manifest.json is corrupt"):
+    with pytest.raises(CheckpointError, match=f"{MANIFEST_FILE} is corrupt"):
         load_checkpoint(folder)
 
 
@@ -91,5 +91,5 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such folder"):
         load_checkpoint(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+    with pytest.raises(CheckpointError, match=f"{MANIFEST_FILE} is missing"):
         load_checkpoint(tmp_path / "empty")

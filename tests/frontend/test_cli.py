@@ -50,6 +50,15 @@ def test_quantize_then_eval(tiny_folder, tmp_path, capsys):
     assert rc == rc2 == 0 and fp["windows"] == q["windows"] == 4
     assert q["perplexity"] == pytest.approx(fp["perplexity"], rel=0.05)  # W8A8 on a random model: close to FP
     assert q["perplexity"] != fp["perplexity"]  # and really quantized
+    # the same folder on the engine (real int8 GEMMs): the perplexity of the fake-quant model
+    assert main(["eval", str(out), "--engine", "--ppl", str(tiny_folder / "text.txt"), "--seq-len", "64",
+                 "--windows", "4", "--json"]) == 0
+    real = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert real["engine"] and real["perplexity"] == pytest.approx(q["perplexity"], rel=1e-3)
+    # a second quantize into the same folder is refused (nothing is lost) unless --overwrite
+    assert main(["quantize", str(tiny_folder / "model"), "--calib", str(tiny_folder / "text.txt"), "--out",
+                 str(out)]) == 2
+    assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
 
 
 def test_reload_matches_in_memory_model(tiny_folder, tmp_path):

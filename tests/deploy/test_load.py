@@ -1,0 +1,118 @@
+"""osengine.load: a saved quantized folder rebuilt as an engine-backed model, from the folder alone."""
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import osengine
+from osengine.checkpoint import MANIFEST_FILE, TENSORS_FILE, CheckpointError
+from osengine.engine_linear import EngineLinear
+
+
+def tiny_llama_folder(root):
+    """A tiny LLaMA with outlier channels and tied embeddings, saved as a Hugging Face folder with a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   vocab_size=64, num_hidden_layers=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                                   architectures=["LlamaForCausalLM"])
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight[[3, 17]] = torch.tensor([12.0, -9.0])
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model.save_pretrained(root / "base")
+    fast.save_pretrained(root / "base")
+    return root / "base"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("load")
+    base = tiny_llama_folder(root)
+    calib = torch.randint(3, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = osengine.quantize(str(base), recipe="w8a8-static", strategy="osplus", calibration=calib,
+                              n_samples=4, seq_len=32, out=root / "q", strategy_options={"max_grid_steps": 10},
+                              progress=False)
+    return root, model
+
+
+def test_folder_is_self_contained_and_complete(saved, tmp_path):
+    root, model = saved
+    copy = tmp_path / "q"
+    shutil.copytree(root / "q", copy)
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    assert manifest["kind"] == "fake-quant" and manifest["strategy"] == "osplus"
+    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}  # stored once
+    q_proj = manifest["layers"]["model.layers.0.self_attn.q_proj"]
+    assert q_proj["weight"]["bits"] == 8 and q_proj["activation"]["granularity"] == "per-tensor"
+    assert q_proj["activation_step"] > 0 and "activation_range" in q_proj
+    assert any(k.startswith("osengine.migrations.0.attn.scale") for k in manifest["tensors"])
+    assert (copy / "config.json").is_file() and (copy / "tokenizer.json").is_file()
+    # the base model is not needed to rebuild it
+    reloaded, tokenizer = osengine.load_model(copy)
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    assert tokenizer is not None
+    assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_load_runs_on_the_engine_and_matches_fake_quant(saved):
+    root, model = saved
+    engine_model, tokenizer = osengine.load(root / "q")
+    linears = [m for m in engine_model.modules() if isinstance(m, EngineLinear)]
+    assert len(linears) == 2 * 7  # every decoder linear; lm_head and embeddings stay in floating point
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    want, got = model(input_ids=ids).logits, engine_model(input_ids=ids).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=2)
+    assert torch.equal(engine_model.generate(prompt, **gen), model.generate(prompt, **gen))
+
+
+def test_save_refuses_an_existing_folder_before_calibrating(saved):
+    root, _ = saved
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        osengine.quantize(str(root / "base"), recipe="w8a8-static", strategy="minmax", calibration="not-used",
+                          out=root / "q", progress=False)
+
+
+def test_broken_folders_give_clear_errors(saved, tmp_path):
+    root, _ = saved
+    truncated = tmp_path / "truncated"
+    shutil.copytree(root / "q", truncated)
+    data = (truncated / TENSORS_FILE).read_bytes()
+    (truncated / TENSORS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        osengine.load(truncated)
+
+    newer = tmp_path / "newer"
+    shutil.copytree(root / "q", newer)
+    manifest = json.loads((newer / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 99
+    (newer / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="newer than this osengine supports"):
+        osengine.load(newer)
+
+    no_config = tmp_path / "no_config"
+    shutil.copytree(root / "q", no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        osengine.load(no_config)
+
+    wrong_shape = tmp_path / "wrong_shape"
+    shutil.copytree(root / "q", wrong_shape)
+    config = json.loads((wrong_shape / "config.json").read_text())
+    config["intermediate_size"] = 96  # the tensors no longer fit the model the config describes
+    (wrong_shape / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        osengine.load(wrong_shape)
