@@ -1,25 +1,7 @@
 """Tiny randomly initialised models of every built-in architecture, with outlier channels injected."""
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT / "python", ROOT / "plugins"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-try:
-    import osengine  # noqa: F401
-except ImportError:
-    # The C++ engine is not built here: load the pure-Python front end without osengine/__init__.py (which imports
-    # the engine), so these tests never depend on it.
-    import types
-
-    _pkg = types.ModuleType("osengine")
-    _pkg.__path__ = [str(ROOT / "python" / "osengine")]
-    sys.modules["osengine"] = _pkg
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
