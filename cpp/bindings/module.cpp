@@ -156,6 +156,12 @@ PYBIND11_MODULE(_C, m) {
         HeldView vo = to_view(out, "PackedWeights.unpack", "out", true);
         w.unpack(vo.view);
       }, py::arg("out"))
+      .def("unpack_rows", [](const osengine::PackedWeights& w, py::handle rows, py::handle out) {
+        HeldView vr = to_view(rows, "PackedWeights.unpack_rows", "rows"),
+                 vo = to_view(out, "PackedWeights.unpack_rows", "out", true);
+        py::gil_scoped_release release;
+        w.unpack_rows(vr.view, vo.view);
+      }, py::arg("rows"), py::arg("out"))
       .def("__repr__", [](const osengine::PackedWeights& w) {
         return "<osengine PackedWeights int" + std::to_string(w.bits()) + " [" + std::to_string(w.n()) + ", " +
                std::to_string(w.k()) + "] group_size=" + std::to_string(w.group_size()) + " backend=" +

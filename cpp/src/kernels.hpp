@@ -66,9 +66,12 @@ struct WeightLayout {
   std::int64_t padded_n = 0, padded_k = 0;
 };
 WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits);
-void unpack_weights_reference(const PackedWeights& weights, std::int8_t* codes);
+// Unpack `count` rows (rows[i], or 0..count-1 when rows is null) into codes [count, k].
+void unpack_weights_reference(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
+                              std::int8_t* codes);
 WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits);
-void unpack_weights_avx2(const PackedWeights& weights, std::int8_t* codes);
+void unpack_weights_avx2(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
+                         std::int8_t* codes);
 
 // Applies the epilogue's activation (scalar); shared by the backends for their scalar tails.
 float apply_activation(Activation activation, float x);

@@ -205,6 +205,13 @@ TEST(pack_unpack_round_trip) {
         std::vector<std::int8_t> back(static_cast<std::size_t>(n * k), 99);
         pw.unpack(tv(back.data(), DType::int8, {n, k}));
         check_same_bytes(w, back, "round trip");
+        // Some rows, repeated and out of order (an embedding lookup in a tied lm_head's packed weights).
+        std::vector<std::int32_t> rows = {static_cast<std::int32_t>(n - 1), 0, static_cast<std::int32_t>(n / 2),
+                                          static_cast<std::int32_t>(n - 1)};
+        std::vector<std::int8_t> got(rows.size() * static_cast<std::size_t>(k), 99), want;
+        for (std::int32_t r : rows) want.insert(want.end(), w.begin() + r * k, w.begin() + (r + 1) * k);
+        pw.unpack_rows(tv(rows.data(), DType::int32, {4}), tv(got.data(), DType::int8, {4, k}));
+        check_same_bytes(want, got, "unpack_rows");
       }
   // Odd K (int8 only).
   for (std::int64_t k : {1, 3, 17, 4095}) {

@@ -87,6 +87,19 @@ TEST(pack_weights_rejects_bad_codes_and_groups) {
                "'bits': must be 8 or 4");
   CHECK_THROWS(PackedWeights::pack(view(w.data(), {3, 8}), 8, 3, Backend::reference), ArgumentError,
                "'group_size': must divide K = 8");
+  const PackedWeights ok = PackedWeights::pack(view(w.data(), {3, 8}), 8, 0, Backend::reference);
+  std::vector<std::int32_t> rows = {2, 3};
+  std::vector<std::int8_t> got(16);
+  CHECK_THROWS(ok.unpack_rows(view(rows.data(), {2}), view(got.data(), {2, 8})), ArgumentError,
+               "'rows': must lie in [0, 3); found 3 at index 1");
+  CHECK_THROWS(ok.unpack_rows(view(rows.data(), {1}), view(got.data(), {2, 8})), ArgumentError,
+               "'out': must have shape [1, 8], got [2, 8]");
+  rows[1] = 0;
+  w[2 * 8 + 1] = 7;
+  const PackedWeights ref = PackedWeights::pack(view(w.data(), {3, 8}), 8, 0, Backend::reference);
+  ref.unpack_rows(view(rows.data(), {2}), view(got.data(), {2, 8}));
+  CHECK(std::vector<std::int8_t>(got.begin(), got.begin() + 8) == std::vector<std::int8_t>(w.begin() + 16, w.end()));
+  CHECK(std::vector<std::int8_t>(got.begin() + 8, got.end()) == std::vector<std::int8_t>(w.begin(), w.begin() + 8));
   std::vector<float> wf(24);
   CHECK_THROWS(PackedWeights::pack(view(wf.data(), {3, 8}), 8, 0, Backend::reference), DTypeError,
                "'weights': expected dtype int8");

@@ -31,6 +31,10 @@ class PackedWeights {
   std::size_t nbytes() const { return device_data_ ? device_nbytes_ : data_.size(); }
   // Recover the int8 codes [N, K]: out must be an int8 [N, K] contiguous view.
   void unpack(const TensorView& out) const;
+  // Recover the int8 codes of some rows (output channels): rows int32 [R] with values in [0, N), out int8 [R, K]
+  // contiguous. Reads only those rows (an int8 embedding table can live in a GEMM's packed weights: tied lm_head).
+  // CPU backends; on the CUDA backend the layout is read back first (slow: for tests only).
+  void unpack_rows(const TensorView& rows, const TensorView& out) const;
 
   // Layout-specific storage; read by the kernels.
   const std::uint8_t* data() const { return data_.data(); }

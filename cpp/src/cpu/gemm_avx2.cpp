@@ -597,21 +597,23 @@ WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::in
   return layout;
 }
 
-void unpack_weights_avx2(const PackedWeights& w, std::int8_t* codes) {
-  const std::int64_t n = w.n(), k = w.k(), steps = w.padded_k() / 2;
+void unpack_weights_avx2(const PackedWeights& w, const std::int32_t* rows, std::int64_t count,
+                         std::int8_t* codes) {
+  const std::int64_t k = w.k(), steps = w.padded_k() / 2;
   const std::uint8_t* data = w.data();
-  for (std::int64_t row = 0; row < n; ++row) {
+  for (std::int64_t i = 0; i < count; ++i) {
+    const std::int64_t row = rows ? rows[i] : i;
     const std::int64_t panel = row / kNR, c = row % kNR;
+    std::int8_t* out = codes + i * k;
     if (w.bits() == 8) {
-      const std::uint8_t* base = data + panel * steps * 32;
-      for (std::int64_t kk = 0; kk < k; ++kk)
-        codes[row * k + kk] = static_cast<std::int8_t>(base[(kk / 2) * 32 + w8_offset(c, kk & 1)]);
+      const std::uint8_t* base = data + panel * steps * 32 + w8_offset(c, 0);
+      for (std::int64_t kk = 0; kk < k; ++kk) out[kk] = static_cast<std::int8_t>(base[(kk / 2) * 32 + (kk & 1)]);
     } else {
       const std::uint8_t* base = data + panel * steps * 16;
       const int shift = c < 8 ? 0 : 4;
       for (std::int64_t kk = 0; kk < k; ++kk) {
         const int nib = (base[(kk / 2) * 16 + (c % 8) * 2 + (kk & 1)] >> shift) & 0x0f;
-        codes[row * k + kk] = static_cast<std::int8_t>(nib >= 8 ? nib - 16 : nib);
+        out[kk] = static_cast<std::int8_t>(nib >= 8 ? nib - 16 : nib);
       }
     }
   }

@@ -139,9 +139,38 @@ void PackedWeights::unpack(const TensorView& out) const {
   }
 #endif
 #ifdef OSENGINE_HAVE_AVX2_KERNELS
-  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, out.ptr<std::int8_t>());
+  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, nullptr, n_, out.ptr<std::int8_t>());
 #endif
-  detail::unpack_weights_reference(*this, out.ptr<std::int8_t>());
+  detail::unpack_weights_reference(*this, nullptr, n_, out.ptr<std::int8_t>());
+}
+
+void PackedWeights::unpack_rows(const TensorView& rows, const TensorView& out) const {
+  const detail::Checker check("PackedWeights.unpack_rows");
+  check.tensor(rows, "rows", {DType::int32}, 1);
+  check.tensor(out, "out", {DType::int8}, 2);
+  const std::int64_t count = rows.size(0);
+  if (out.size(0) != count || out.size(1) != k_)
+    check.fail("out", "must have shape [" + std::to_string(count) + ", " + std::to_string(k_) + "], got " +
+                          out.shape_string());
+  const auto* index = rows.ptr<const std::int32_t>();
+  for (std::int64_t i = 0; i < count; ++i)
+    if (index[i] < 0 || index[i] >= n_)
+      check.fail("rows", "must lie in [0, " + std::to_string(n_) + "); found " + std::to_string(index[i]) +
+                             " at index " + std::to_string(i));
+  if (count == 0) return;
+#ifdef OSENGINE_HAVE_CUDA
+  if (backend_ == Backend::cuda) {
+    std::vector<std::int8_t> all(static_cast<std::size_t>(n_ * k_));
+    unpack(TensorView(all.data(), DType::int8, {n_, k_}));
+    for (std::int64_t i = 0; i < count; ++i)
+      std::memcpy(out.ptr<std::int8_t>() + i * k_, all.data() + index[i] * k_, static_cast<std::size_t>(k_));
+    return;
+  }
+#endif
+#ifdef OSENGINE_HAVE_AVX2_KERNELS
+  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, index, count, out.ptr<std::int8_t>());
+#endif
+  detail::unpack_weights_reference(*this, index, count, out.ptr<std::int8_t>());
 }
 
 void column_sums(const TensorView& weights_int8, std::int64_t group_size, const TensorView& out) {

@@ -56,9 +56,12 @@ WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, st
   return layout;
 }
 
-void unpack_weights_reference(const PackedWeights& w, std::int8_t* codes) {
-  for (std::int64_t n = 0; n < w.n(); ++n)
-    for (std::int64_t k = 0; k < w.k(); ++k) codes[n * w.k() + k] = weight_at(w, n, k);
+void unpack_weights_reference(const PackedWeights& w, const std::int32_t* rows, std::int64_t count,
+                              std::int8_t* codes) {
+  for (std::int64_t i = 0; i < count; ++i) {
+    const std::int64_t n = rows ? rows[i] : i;
+    for (std::int64_t k = 0; k < w.k(); ++k) codes[i * w.k() + k] = weight_at(w, n, k);
+  }
 }
 
 void gemm_reference(const GemmProblem& p) {
