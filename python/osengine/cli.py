@@ -1,4 +1,4 @@
-"""Command line: osengine quantize | eval | plugins | recipes."""
+"""Command line: osengine quantize | eval | export | plugins | recipes."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,25 @@ def cmd_eval(args) -> int:
                   f"tokens of {result['text']})")
         for task, metrics in result.get("lm_eval", {}).items():
             print(task, metrics)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import export
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    summary = export(args.model, args.format, args.out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        a = summary["input_activations"]
+        print(f"{summary['out']}: {summary['format']} W8A8, {summary['quantized_linears']} int8 linears "
+              f"(weights per {summary['weights']['strategy']}, activations "
+              f"{'dynamic per token' if a['dynamic'] else 'static per tensor'} "
+              f"{'symmetric' if a['symmetric'] else 'asymmetric'}), {summary['ignored_linears']} kept in floating "
+              f"point")
     return 0
 
 
@@ -143,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", action="store_true", help='print {"perplexity": ..., ...}')
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a quantized folder for other runtimes (compressed-tensors: "
+                                      "transformers, vLLM)")
+    x.add_argument("model", help="a quantized folder (--out of quantize)")
+    x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--threads", type=int, default=None)
+    x.add_argument("--json", action="store_true", help="print a JSON summary")
+    x.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plugins", help="list strategies and architectures and where they came from")
     pl.add_argument("--json", action="store_true")

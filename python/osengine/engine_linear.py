@@ -109,9 +109,10 @@ class EngineConversionError(ValueError):
     """A fake-quantized layer whose quantization the engine cannot execute as is."""
 
 
-def _weight_codes_from_fake_quant(layer) -> tuple:
+def weight_codes_from_fake_quant(layer) -> tuple:
     """Recover integer codes and scales from a fake-quantized weight (values code * delta): MinMax symmetric
-    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax."""
+    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax. Symmetric weight
+    specs only (callers check); returns (int8 codes [out, in], scales, group size or 0). Also used by osengine.export."""
     spec = layer.weight_spec
     w = layer.weight.detach().float()
     qmax = 2 ** (spec.bits - 1) - 1
@@ -131,10 +132,24 @@ def _weight_codes_from_fake_quant(layer) -> tuple:
     return codes.clamp(-qmax, qmax).to(torch.int8), scale, group_size
 
 
-def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> EngineLinear:
-    """The EngineLinear that computes what a calibrated FakeQuantLinear simulates."""
+def static_act_qparams_from_fake_quant(name: str, layer, value_range: Optional[tuple] = None) -> tuple:
+    """(scale [1] float32, zero point [1] int32 for signed codes in [-2^(b-1), 2^(b-1) - 1]) of a calibrated static
+    per-tensor activation quantizer; `value_range` (lo, hi) replaces the calibrated range. Also used by the
+    compressed-tensors export (osengine.export)."""
     from .quantizers import qparams_from_range
 
+    aspec = layer.act_quant.spec
+    lo, hi = value_range if value_range is not None else (layer.act_quant.lo, layer.act_quant.hi)
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise EngineConversionError(f"{name}: the static activation quantizer was never calibrated")
+    delta, zp = qparams_from_range(lo.float(), hi.float(), aspec)
+    # fake quant stores asymmetric codes in [0, 2^b - 1]; the engine in [-2^(b-1), 2^(b-1) - 1]: same quantizer
+    offset = 0 if aspec.symmetric else 2 ** (aspec.bits - 1)
+    return delta.reshape(1), (zp.reshape(1) - offset).to(torch.int32)
+
+
+def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> EngineLinear:
+    """The EngineLinear that computes what a calibrated FakeQuantLinear simulates."""
     wspec, aspec = layer.weight_spec, layer.act_quant.spec
     if not wspec.symmetric:
         raise EngineConversionError(
@@ -145,7 +160,7 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
                                     f"static per-tensor or dynamic per-token")
     if aspec.granularity == "per-channel":
         raise EngineConversionError(f"{name}: per-channel activation quantization cannot be used by an int GEMM")
-    codes, w_scale, w_group = _weight_codes_from_fake_quant(layer)
+    codes, w_scale, w_group = weight_codes_from_fake_quant(layer)
     weight_bits = 4 if wspec.bits <= 4 else 8
     act_group = aspec.group_size if aspec.granularity == "per-group" else 0
     if act_group and act_group != w_group:
@@ -153,13 +168,7 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
                                     f"group size (weights use {w_group or 'none'})")
     act_scale = act_zero_point = None
     if not aspec.dynamic:
-        if not (torch.isfinite(layer.act_quant.lo) and torch.isfinite(layer.act_quant.hi)):
-            raise EngineConversionError(f"{name}: the static activation quantizer was never calibrated")
-        delta, zp = qparams_from_range(layer.act_quant.lo.float(), layer.act_quant.hi.float(), aspec)
-        act_scale = delta.reshape(1)
-        # fake quant stores asymmetric codes in [0, 2^b - 1]; the engine in [-2^(b-1), 2^(b-1) - 1]: same quantizer
-        offset = 0 if aspec.symmetric else 2 ** (aspec.bits - 1)
-        act_zero_point = (zp.reshape(1) - offset).to(torch.int32)
+        act_scale, act_zero_point = static_act_qparams_from_fake_quant(name, layer)
     return EngineLinear(codes, w_scale, layer.bias, weight_bits=weight_bits, weight_group_size=w_group,
                         act_bits=aspec.bits, act_symmetric=aspec.symmetric, act_dynamic=aspec.dynamic,
                         act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,

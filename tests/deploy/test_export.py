@@ -1,0 +1,273 @@
+"""compressed-tensors export: the folder loads through transformers (with the compressed-tensors package) and its
+logits match the fake-quant model; what the format cannot express is refused and nothing is written."""
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import osengine
+from osengine.cli import main
+from osengine.export import ExportError, export, export_compressed_tensors
+
+torch.set_num_threads(1)
+
+W8A8_TOKEN = {"name": "w8a8-token", "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
+              "activations": {"bits": 8, "symmetric": False, "granularity": "per-token", "dynamic": True}}
+W8A8_STATIC_ASYM = {"name": "w8a8-static-asym", "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
+                    "activations": {"bits": 8, "symmetric": False, "granularity": "per-tensor", "dynamic": False}}
+W8A8_ASYM_WEIGHTS = {"name": "w8a8-asym-weights", "weights": {"bits": 8, "symmetric": False,
+                                                             "granularity": "per-channel"},
+                     "activations": {"bits": 8, "symmetric": True, "granularity": "per-tensor", "dynamic": False}}
+OUTLIERS = [3, 17, 40]
+
+
+def needs_compressed_tensors():
+    pytest.importorskip("compressed_tensors", reason="loading the export needs the compressed-tensors package "
+                                                     "(pip install 'osengine[export]')")
+
+
+def tiny(kind, biases=False):
+    """A 2-layer random model with asymmetric outlier channels on its norms (as real models have)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_attention_heads=4, vocab_size=128, max_position_embeddings=128)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128, **common))
+    elif kind == "qwen2":  # q/k/v biases of its own, none on o_proj: written as they are
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128, **common))
+    elif kind == "opt":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            num_hidden_layers=2, ffn_dim=128, word_embed_proj_dim=64, **common))
+    elif kind == "bloom":
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_head=4, n_layer=2,
+                                                                       vocab_size=128))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"):
+                m.weight[OUTLIERS] = torch.tensor([12.0, -9.0, 15.0])
+                if getattr(m, "bias", None) is not None:
+                    m.bias[OUTLIERS] = torch.tensor([20.0, -6.0, 8.0])
+        if biases:  # a LLaMA with biases on some projections only (q/k/v and up), as some fine-tunes have
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
+                    lin.bias = torch.nn.Parameter(0.5 * torch.randn(lin.out_features))
+    model.config.architectures = [type(model).__name__]  # as from_pretrained models have (saved folders need it)
+    return model.eval()
+
+
+CALIBRATION = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+FRESH = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+
+
+def quantized(kind, recipe="w8a8-static", biases=False, **options):
+    model = tiny(kind, biases)
+    osengine.quantize(model, recipe=recipe, strategy="osplus", calibration=CALIBRATION, n_samples=4, seq_len=32,
+                      progress=False, **options)
+    return model
+
+
+def int8_full_range(patch):
+    """Make osengine's symmetric activation fake quant clamp at -128 like compressed-tensors and vLLM."""
+    from osengine import quantizers
+
+    plain = quantizers.fake_quant
+
+    def fake_quant(x, delta, zero_point, spec):
+        if not spec.symmetric:
+            return plain(x, delta, zero_point, spec)
+        return torch.clamp(torch.round(x / delta), spec.qmin - 1, spec.qmax) * delta
+
+    patch.setattr(quantizers, "fake_quant", fake_quant)
+
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_same_model(loaded, model):
+    """The logits of the loaded export and of our model on fresh tokens: within 1e-2 as is (compressed-tensors, like
+    vLLM, clamps static symmetric int8 at -128 where osengine's symmetric codes stop at -127, so values beyond the
+    calibrated range differ by one step; asymmetric and per-token quantizers are the same), and equal with that
+    clamp aligned: the export holds the same integers and scales."""
+    theirs = logits(loaded, FRESH)
+    assert relative_error(theirs, logits(model, FRESH)) < 1e-2
+    with pytest.MonkeyPatch.context() as patch:
+        int8_full_range(patch)
+        assert relative_error(theirs, logits(model, FRESH)) < 1e-5
+
+
+def load_export(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def read_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind,recipe", [("llama", "w8a8-static"), ("llama", W8A8_STATIC_ASYM),
+                                         ("llama", W8A8_TOKEN), ("opt", "w8a8-static"), ("opt", W8A8_STATIC_ASYM),
+                                         ("qwen2", "w8a8-static"), ("bloom", "w8a8-static")])
+def test_transformers_loads_the_export_and_its_logits_match(kind, recipe, tmp_path):
+    needs_compressed_tensors()
+    model = quantized(kind, recipe)
+    summary = export_compressed_tensors(model, None, tmp_path / "ct")
+    loaded = load_export(tmp_path / "ct")
+    # the activations really are quantized in the loaded model (not a dense dequantized copy)
+    assert any(getattr(m, "quantization_scheme", None) is not None for m in loaded.modules())
+    assert_same_model(loaded, model)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "int-quantized"
+    assert q["quantization_status"] == "compressed" and q["ignore"] == ["lm_head"]
+    acts = q["config_groups"]["group_0"]["input_activations"]
+    weights = q["config_groups"]["group_0"]["weights"]
+    assert weights == summary["weights"] and weights["strategy"] == "channel" and weights["symmetric"]
+    dynamic = isinstance(recipe, dict) and recipe["activations"].get("dynamic", False)
+    assert acts["strategy"] == ("token" if dynamic else "tensor") and acts["dynamic"] == dynamic
+    tensors = read_tensors(tmp_path / "ct")
+    codes = [k for k, v in tensors.items() if v.dtype == torch.int8 and k.endswith(".weight")]
+    assert len(codes) == summary["quantized_linears"] > 0
+    assert all(tensors[k].abs().max() <= 127 for k in codes)
+    assert any(k.endswith("input_zero_point") for k in tensors) == (not acts["symmetric"] and not dynamic)
+    assert any(k.endswith("input_scale") for k in tensors) == (not dynamic)
+
+
+def test_dynamic_per_token_opt_layers_match(tmp_path):
+    # OPT flattens its MLP input to 2-D, and compressed-tensors' own simulation then takes one range for the whole
+    # tensor instead of one per token (vLLM quantizes per token). Compare every quantized linear on 3-D inputs.
+    needs_compressed_tensors()
+    model = quantized("opt", W8A8_TOKEN)
+    export_compressed_tensors(model, None, tmp_path / "ct")
+    loaded = load_export(tmp_path / "ct")
+    logits(loaded, FRESH)  # compressed-tensors decompresses the int8 weights on the model's first forward
+    x = torch.randn(2, 7, 128, generator=torch.Generator().manual_seed(5)) * 4
+    worst = 0.0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if type(m).__name__ == "FakeQuantLinear":
+                xi = x[..., :m.in_features]
+                worst = max(worst, relative_error(loaded.get_submodule(name)(xi), m(xi)))
+    assert worst < 1e-5
+
+
+def test_llama_with_some_biases_sets_the_bias_flags_and_writes_zero_biases(tmp_path):
+    needs_compressed_tensors()
+    model = quantized("llama", biases=True)
+    summary = export_compressed_tensors(model, None, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    assert summary["bias_flags_set"] == ["attention_bias", "mlp_bias"] and summary["zero_biases"] == 2 * 3
+    tensors = read_tensors(tmp_path / "ct")
+    for i in range(2):
+        assert torch.equal(tensors[f"model.layers.{i}.self_attn.o_proj.bias"], torch.zeros(64))
+        assert torch.equal(tensors[f"model.layers.{i}.mlp.down_proj.bias"], torch.zeros(64))
+        assert tensors[f"model.layers.{i}.self_attn.q_proj.bias"].abs().max() > 0
+    assert_same_model(load_export(tmp_path / "ct"), model)
+
+
+def test_fused_projections_share_one_input_scale(tmp_path):
+    model = quantized("llama")
+    export_compressed_tensors(model, None, tmp_path / "same")
+    tensors = read_tensors(tmp_path / "same")
+    for i in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            scales = [tensors[f"model.layers.{i}.{n}.input_scale"] for n in group]
+            assert all(torch.equal(s, scales[0]) for s in scales)
+    # Ranges that differ (not expected: the projections read the same tensor) are unified to their union.
+    k = model.get_submodule("model.layers.0.self_attn.k_proj").act_quant
+    k.hi.mul_(2.0)
+    with pytest.warns(UserWarning, match="had different calibrated input ranges"):
+        summary = export_compressed_tensors(model, None, tmp_path / "unified")
+    assert summary["unified_fused_groups"] == [["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                                "model.layers.0.self_attn.v_proj"]]
+    tensors = read_tensors(tmp_path / "unified")
+    want = max(k.hi.abs(), k.lo.abs()) / 127
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert torch.allclose(tensors[f"model.layers.0.self_attn.{n}.input_scale"], want.reshape(1))
+
+
+def test_layers_kept_in_floating_point_are_ignored(tmp_path):
+    needs_compressed_tensors()
+    model = quantized("llama", keep_fp=["down_proj"])
+    summary = export_compressed_tensors(model, None, tmp_path / "ct")
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert q["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert summary["quantized_linears"] == 12
+    tensors = read_tensors(tmp_path / "ct")
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
+    assert_same_model(load_export(tmp_path / "ct"), model)
+
+
+def refused(model, tmp_path, match):
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=match):
+        export_compressed_tensors(model, None, out)
+    assert not out.exists() and os.listdir(tmp_path) == []  # nothing written, no staging folder left
+
+
+def test_runtime_shift_is_refused(tmp_path):
+    model = quantized("llama", strategy_options={"shift": "runtime", "max_grid_steps": 10})
+    refused(model, tmp_path, r"model.layers.0.self_attn.q_proj cannot be exported as compressed-tensors: it applies "
+                             r"an OS\+ shift at run time .* no per-channel input shift")
+
+
+def test_int4_activations_are_refused(tmp_path):
+    refused(quantized("llama", "w4a4-token"), tmp_path, r"its activations are int4; the compressed-tensors export "
+                                                        r"writes W8A8 only")
+
+
+def test_asymmetric_weights_are_refused(tmp_path):
+    refused(quantized("llama", W8A8_ASYM_WEIGHTS), tmp_path, r"its weights are asymmetric")
+
+
+def test_quantized_bmm_inputs_are_refused(tmp_path):
+    refused(quantized("opt", "w8a8-paper"), tmp_path, r"quantizes the attention BMM inputs")
+
+
+def test_partly_floating_fused_projections_are_refused(tmp_path):
+    refused(quantized("llama", keep_fp=["k_proj"]), tmp_path,
+            r"fused projections .*q_proj, .*k_proj, .*v_proj are partly kept in floating point")
+
+
+def test_unquantized_model_is_refused(tmp_path):
+    refused(tiny("llama"), tmp_path, "no quantized linear layers")
+
+
+def test_export_of_a_saved_folder_and_the_command_line(tmp_path, capsys):
+    needs_compressed_tensors()
+    model = tiny("llama")
+    osengine.quantize(model, recipe="w8a8-static", strategy="osplus", calibration=CALIBRATION, n_samples=4,
+                      seq_len=32, progress=False, out=tmp_path / "q")
+    summary = export(tmp_path / "q", "compressed-tensors", tmp_path / "ct")
+    assert summary["quantized_linears"] == 14
+    assert_same_model(load_export(tmp_path / "ct"), model)
+    # an existing output is kept unless --overwrite
+    assert main(["export", str(tmp_path / "q"), "--out", str(tmp_path / "ct")]) == 2
+    assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "ct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "q"]
+    # refusals reach the command line as one error line; nothing is written
+    shifted = tiny("llama")
+    osengine.quantize(shifted, recipe="w8a8-static", strategy="osplus", calibration=CALIBRATION, n_samples=4,
+                      seq_len=32, progress=False, strategy_options={"shift": "runtime", "max_grid_steps": 10},
+                      out=tmp_path / "shifted")
+    assert main(["export", str(tmp_path / "shifted"), "--out", str(tmp_path / "never")]) == 2
+    assert "osengine export: error: " in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert main(["export", str(tmp_path / "ct"), "--out", str(tmp_path / "never")]) == 2
+    assert "is not a folder written by osengine quantize" in capsys.readouterr().err
