@@ -231,6 +231,13 @@ def install_bmm_quantization(model: nn.Module, attention_modules: list, spec: Qu
     from transformers import AttentionInterface
 
     AttentionInterface.register(BMM_ATTENTION_NAME, fakequant_bmm_attention)
+    try:  # the masks must be built for it too (additive float masks, as for eager attention): without this,
+        # transformers builds none for an unknown implementation and attention is neither causal nor padding-masked
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(BMM_ATTENTION_NAME, eager_mask)
+    except ImportError:  # older transformers build masks by themselves
+        pass
     for m in attention_modules:
         m.osengine_bmm = BmmQuantizers(spec)
     for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():

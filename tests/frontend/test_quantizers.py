@@ -62,3 +62,32 @@ def test_fake_quant_linear_exact_in_fp_and_shift():
     assert torch.allclose(f(x), ref)
     f.quantize(QuantSpec(bits=8, granularity="per-channel"), QuantSpec(bits=8, granularity="per-token", dynamic=True))
     assert (f(x) - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama", "bert"])
+def test_bmm_attention_keeps_the_masks(kind):
+    """Routing attention through the BMM fake-quant function must keep transformers' masks (causal for decoders,
+    padding for all): with its quantizers off the model computes exactly what it computed before."""
+    from conftest import make_model
+    from osengine.quantizers import install_bmm_quantization
+
+    model = make_model(kind)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0   # right padding (ignored by the model at real positions)
+
+    def run():
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return out[mask.bool()]
+
+    ref = run()
+    layers = model.encoder.layer if kind == "bert" else (
+        model.model.decoder.layers if kind == "opt" else model.model.layers)
+    install_bmm_quantization(model, [l.attention.self if kind == "bert" else l.self_attn for l in layers],
+                             QuantSpec())
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.mode = "off"
+    assert torch.allclose(run(), ref, atol=1e-4)
