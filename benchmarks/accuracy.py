@@ -101,11 +101,12 @@ def run_sst2(config: str, args) -> dict:
     result = {"model": "minilm-l6", "config": config, "strategy": strategy, "recipe": preset, "keep_fp": keep,
               "options": options, "calibration_seconds": 0.0}
     if strategy != "fp":
-        # calibration: SST-2 training sentences that the probe did not use
+        # calibration: SST-2 training sentences that the probe did not use, one padded sample each ([CLS] ... [SEP],
+        # as the encoder sees them at inference; padding is left out of every calibration statistic)
         calib_text = _sst2("train", args.sst2_train + 2000)[0][args.sst2_train:]
         options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=calib_text, tokenizer=tok, keep_fp=keep,
-                     n_samples=16, seq_len=128, batch_size=args.sst2_batch, strategy_options=options, progress=False)
+                     n_samples=args.sst2_samples, seq_len=128, batch_size=args.sst2_batch, strategy_options=options, progress=False)
         result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
     dev = sentence_embeddings(model, tok, dev_x, progress=False).numpy()
     result.update(sst2_accuracy=round(100.0 * float((probe.predict(dev) == np.asarray(dev_y)).mean()), 2),
@@ -116,7 +117,7 @@ def run_sst2(config: str, args) -> dict:
 def _child(kind: str, config: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, config, "--threads", str(args.threads), "--samples",
            str(args.samples), "--calib", str(args.calib), "--grid", str(args.grid), "--batch-size",
-           str(args.batch_size), "--sst2-batch", str(args.sst2_batch), "--sst2-train", str(args.sst2_train), "--model", args.model]
+           str(args.batch_size), "--sst2-batch", str(args.sst2_batch), "--sst2-samples", str(args.sst2_samples), "--sst2-train", str(args.sst2_train), "--model", args.model]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"config": config, "kind": kind, "error": out.stderr.strip().splitlines()[-1:]}
@@ -149,7 +150,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration samples of 512 tokens")
     p.add_argument("--batch-size", type=int, default=2, help="calibration batch; OS+ scores its grid on the first")
     p.add_argument("--grid", type=int, default=50, help="OS+ max_grid_steps (coarse and fine grids)")
-    p.add_argument("--sst2-batch", type=int, default=4, help="SST-2 calibration batch (of 128-token samples)")
+    p.add_argument("--sst2-samples", type=int, default=128, help="SST-2 calibration sentences")
+    p.add_argument("--sst2-batch", type=int, default=32,
+                   help="SST-2 calibration batch (sentences); OS+ scores its grid on the first")
     p.add_argument("--sst2-train", type=int, default=4000, help="SST-2 training sentences for the probe")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)

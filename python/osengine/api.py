@@ -50,7 +50,9 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
     recipe         preset name, YAML path, dict or Recipe; `keep_fp` adds layers kept in floating point
     strategy       registered strategy name (osplus, smoothquant, minmax, or a plugin); options in strategy_options
-    calibration    text file, "generated" (samples the model writes itself), list of strings, or token ids [n, T]
+    calibration    text file, "generated" (samples the model writes itself), list of strings (encoders: one padded
+                   sample per string, special tokens included), token ids [n, T], or a dict of padded input_ids
+                   and attention_mask
     search_batches calibration batches (of batch_size x seq_len tokens) on which OS+ scores its grid
     out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
                    atomically; an existing folder is replaced only with overwrite=True). Reload it with
@@ -70,7 +72,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     recipe = load_recipe(recipe, keep_fp=tuple(keep_fp))
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
-    if tokenizer is None and not isinstance(calibration, torch.Tensor):
+    if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise calib.CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
     t0 = time.time()
     ids = calib.load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len)
@@ -79,7 +81,9 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         torch.cuda.reset_peak_memory_stats()
     report = calib.calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
                                        search_batches=search_batches, progress=progress)
-    report.update(calibration_data_seconds=t_data, calibration_tokens=int(ids.numel()),
+    ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
+    n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
+    report.update(calibration_data_seconds=t_data, calibration_tokens=n_tokens,
                   strategy_options=dict(strategy_options or {}), peak_rss_mib=_peak_rss_mib())
     if next(model.parameters()).is_cuda:
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -91,8 +95,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                     "strategy": strat.name, "strategy_options": dict(strategy_options or {}),
                     "architecture": arch.name, **structure_manifest(model),
                     "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
-                                    type(calibration).__name__, "samples": int(ids.shape[0]),
-                                    "seq_len": int(ids.shape[1])}}
+                                    type(calibration).__name__, "samples": int(ids_only.shape[0]),
+                                    "seq_len": int(ids_only.shape[1])}}
         save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
     return model
 

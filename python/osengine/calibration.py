@@ -59,10 +59,45 @@ def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int 
     return out[:, 1:seq_len + 1].cpu()
 
 
-def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int = 512) -> torch.Tensor:
-    """source: a text file path, "generated", a list of strings, or an integer tensor of token ids [n, T]."""
+def sentence_samples(sentences: Sequence[str], tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> dict:
+    """n_samples items of `sentences` (drawn reproducibly, kept in order), each tokenized on its own the way an
+    encoder sees it at inference ([CLS] ... [SEP] for BERT), truncated to seq_len and padded; `attention_mask`
+    marks the real tokens (padding is excluded from every calibration statistic)."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(sentences), generator=g)[:n_samples].sort().values
+    enc = tokenizer([sentences[i] for i in chosen.tolist()], padding=True, truncation=True, max_length=seq_len,
+                    return_tensors="pt")
+    if enc["input_ids"].numel() == 0 or not enc["attention_mask"].any():
+        raise CalibrationError("calibration sentences produced no tokens")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+def _is_encoder(model) -> bool:
+    return not (hasattr(model, "can_generate") and model.can_generate())
+
+
+def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int = 512,
+                     per_sample: Optional[bool] = None):
+    """source: a text file path, "generated", a list of strings, an integer tensor of token ids [n, T], or a dict
+    {"input_ids": [n, T], "attention_mask": [n, T]} (padded samples).
+
+    A list of strings is cut into n_samples windows of seq_len tokens of the joined text (language models), or,
+    with per_sample (the default for encoders, which never see text across sentence boundaries nor without their
+    special tokens), tokenized item by item into n_samples padded samples. Returns token ids [n, T], or a dict
+    with an attention mask when the samples are padded."""
     if n_samples < 1 or seq_len < 1:
         raise CalibrationError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    if isinstance(source, dict):
+        ids, mask = source.get("input_ids"), source.get("attention_mask")
+        if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor) or ids.shape != mask.shape \
+                or ids.dim() != 2:
+            raise CalibrationError("calibration dict must hold 'input_ids' and 'attention_mask' tensors of the same "
+                                   "shape [n, T]")
+        if ids.is_floating_point():
+            raise CalibrationError("calibration 'input_ids' must hold integer token ids")
+        if ids.numel() == 0 or not mask.any():
+            raise CalibrationError("calibration tensor is empty")
+        return {"input_ids": ids.long(), "attention_mask": mask.long()}
     if isinstance(source, torch.Tensor):
         if source.is_floating_point():
             raise CalibrationError("calibration tensor must hold integer token ids, got a floating-point tensor"
@@ -73,6 +108,8 @@ def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int
     if isinstance(source, (list, tuple)):
         if not source or not all(isinstance(s, str) for s in source):
             raise CalibrationError("calibration list must be a non-empty list of strings")
+        if per_sample if per_sample is not None else _is_encoder(model):
+            return sentence_samples(source, tokenizer, n_samples, seq_len)
         return text_samples("\n\n".join(source), tokenizer, n_samples, seq_len)
     if isinstance(source, (str, Path)):
         if str(source) == "generated":
@@ -184,22 +221,46 @@ def _collect_site_inputs(model, block, sites, calls, n_search):
     return inputs, module_calls
 
 
+def set_token_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
+    """Tell the activation observers under `module` which tokens of the next batch are real (None: all)."""
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.token_mask = mask
+
+
 def _check_finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():
         raise CalibrationError(f"non-finite activations (NaN or inf) in {where}; check the calibration data and "
                                "the model's dtype")
 
 
+def calibration_batches(token_ids, batch_size: int, device) -> tuple:
+    """Model inputs per batch, and per batch the [B, T] boolean mask of real (non-padding) tokens, or None when
+    the batch has no padding. Padded batches are trimmed to their longest sample."""
+    if isinstance(token_ids, dict):
+        ids, mask = token_ids["input_ids"], token_ids["attention_mask"]
+    else:
+        ids, mask = token_ids, torch.ones_like(token_ids)
+    batches, masks = [], []
+    for i in range(0, ids.shape[0], batch_size):
+        b_ids, b_mask = ids[i:i + batch_size], mask[i:i + batch_size]
+        used = b_mask.any(0).nonzero()
+        end = int(used.max()) + 1 if used.numel() else b_ids.shape[1]
+        b_ids, b_mask = b_ids[:, :end].to(device), b_mask[:, :end].to(device)
+        batches.append({"input_ids": b_ids, "attention_mask": b_mask})
+        masks.append(None if bool(b_mask.all()) else b_mask.bool())
+    return batches, masks
+
+
 @torch.no_grad()
 def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, strategy: Strategy,
-                        token_ids: torch.Tensor, batch_size: int = 4, search_batches: int = 1,
+                        token_ids, batch_size: int = 4, search_batches: int = 1,
                         progress: bool = True) -> dict:
-    """Quantize `model` in place, block by block. Returns a report: per-site migration info and channel ranges."""
+    """Quantize `model` in place, block by block. Returns a report: per-site migration info and channel ranges.
+    token_ids: [n, T] ids, or a dict with input_ids and attention_mask (padded samples: padding tokens are left
+    out of the channel ranges, the strategy's error and the activation observers)."""
     device = next(model.parameters()).device
-    token_ids = token_ids.to(device)
-    batches = [{"input_ids": token_ids[i:i + batch_size],
-                "attention_mask": torch.ones_like(token_ids[i:i + batch_size])}
-               for i in range(0, token_ids.shape[0], batch_size)]
+    batches, masks = calibration_batches(token_ids, batch_size, device)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     block_names = arch.blocks(model)
@@ -235,7 +296,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 _check_finite(x, f"the input of {site.consumers[0]}")
             n_search = min(search_batches, len(xs))
             data = SiteData(model=model, site=site, weight_spec=recipe.weights, act_spec=recipe.activations,
-                            inputs=xs, search_inputs=xs[:n_search],
+                            inputs=xs, search_inputs=xs[:n_search], token_masks=masks,
                             calls=site_calls[site.name][:n_search] or [None] * n_search,
                             quantized=[not recipe.keeps_fp(c) for c in site.consumers],
                             scale_search_min=arch.scale_search_min, smoothquant_alpha=arch.smoothquant_alpha,
@@ -265,8 +326,10 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
         quantize_block(block, block_name, recipe)
         if any(isinstance(m, ActQuantizer) and not m.spec.dynamic for m in block.modules()):
             set_observing(block, True)
-            for c in calls:
+            for c, m in zip(calls, masks):
+                set_token_mask(block, m)
                 _run_block(block, c)
+            set_token_mask(block, None)
         set_observing(block, False)
         new_calls = []
         for c in calls:

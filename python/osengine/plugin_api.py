@@ -160,6 +160,8 @@ class SiteData:
                    (they came through the already-quantized earlier blocks)
     search_inputs  the first few batches, on which `error` evaluates candidates
     calls          the captured calls of site.inspect.module for the search batches (attention sites)
+    token_masks    per input batch, a [batch, tokens] boolean mask of the real tokens, or None (no padding);
+                   padding tokens count neither in the channel ranges nor in `error`
     """
     model: nn.Module
     site: MigrationSite
@@ -172,17 +174,26 @@ class SiteData:
     scale_search_min: float = 1.0        # the architecture's lower end of OS+'s t grid
     smoothquant_alpha: float = 0.5       # the architecture's default SmoothQuant migration strength
     shift_foldable: bool = True          # False for RMSNorm / linear-row producers (runtime shift only)
+    token_masks: Optional[list] = None
     _reference: Optional[list] = None
 
     @property
     def channels(self) -> int:
         return self.inputs[0].shape[-1]
 
+    def _mask(self, i: int) -> Optional[torch.Tensor]:
+        return None if self.token_masks is None or i >= len(self.token_masks) else self.token_masks[i]
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """The real (non-padding) tokens of input batch i, [n, channels]."""
+        x, m = self.inputs[i], self._mask(i)
+        return x.reshape(-1, self.channels) if m is None else x[m.to(x.device)]
+
     def channel_min(self) -> torch.Tensor:
-        return torch.stack([x.reshape(-1, self.channels).amin(0) for x in self.inputs]).amin(0)
+        return torch.stack([self.tokens(i).amin(0) for i in range(len(self.inputs))]).amin(0)
 
     def channel_max(self) -> torch.Tensor:
-        return torch.stack([x.reshape(-1, self.channels).amax(0) for x in self.inputs]).amax(0)
+        return torch.stack([self.tokens(i).amax(0) for i in range(len(self.inputs))]).amax(0)
 
     def weights(self) -> list:
         """The consumers' current (weight, bias), fp32."""
@@ -214,7 +225,7 @@ class SiteData:
                 w_new = quantize_weight(w_new, self.weight_spec)
             weights.append((w_new, b_new))
         total, tokens = 0.0, 0
-        for x, call, ref in zip(self.search_inputs, self.calls, self.reference()):
+        for i, (x, call, ref) in enumerate(zip(self.search_inputs, self.calls, self.reference())):
             xs = x.float()
             if shift is not None:
                 xs = xs - shift
@@ -225,10 +236,14 @@ class SiteData:
                     xs = quantize_with_range(xs, -clip, clip, self.act_spec)
                 elif self.act_spec.dynamic:
                     xs = quantize_dynamic(xs, self.act_spec)
-                else:  # static per-tensor without a given clip: the MinMax range of this batch
-                    xs = quantize_with_range(xs, xs.min().item(), xs.max().item(), self.act_spec)
+                else:  # static per-tensor without a given clip: the MinMax range of this batch's real tokens
+                    real = xs if self._mask(i) is None else xs[self._mask(i).to(xs.device)]
+                    xs = quantize_with_range(xs, real.min().item(), real.max().item(), self.act_spec)
             out = self.site.inspect(self.model, self.site, xs.to(x.dtype), weights, call)
             err = (out.float() - ref.float()).pow(2).sum(-1)
+            mask = self._mask(i)
+            if mask is not None:
+                err = err[mask.to(err.device)]
             total += err.sum().item()
             tokens += err.numel()
         return total / max(tokens, 1)

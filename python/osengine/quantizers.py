@@ -117,9 +117,23 @@ class ActQuantizer(nn.Module):
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("batches", torch.tensor(0))
+        self.token_mask: Optional[torch.Tensor] = None   # [batch, tokens] real tokens of the batch being observed
+
+    def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop padding tokens before observing: x is [batch, tokens, channels] (linear inputs) or
+        [batch, heads, tokens, dim] (BMM inputs)."""
+        m = self.token_mask
+        if m is None:
+            return x
+        m = m.to(x.device)
+        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m]
+        if x.dim() == 4 and x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1]:
+            return x.transpose(1, 2)[m]
+        return x
 
     def _observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
+        x = self._real_tokens(x.detach()).float()
         if self.spec.observer == "quantile":
             # token-wise clipping: quantile of per-token extremes, averaged over batches
             flat = x.reshape(-1, x.shape[-1])

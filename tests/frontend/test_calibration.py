@@ -119,3 +119,55 @@ def test_unknown_architecture_lists_supported(tokens):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128))
     with pytest.raises(PluginError, match="supported: .*llama.*docs/plugins.md"):
         api.quantize(model, calibration=tokens, progress=False)
+
+
+def _padded(tokens, pad_ids):
+    """tokens [4, 32] as padded samples of 32, 28, 24 and 20 real tokens; the padding holds `pad_ids`."""
+    lengths = torch.tensor([32, 28, 24, 20])
+    mask = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": torch.where(mask.bool(), tokens, pad_ids), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("recipe", ["w6a6", "w8a8-paper"])
+def test_padding_is_left_out_of_calibration(recipe, tokens):
+    """Padding tokens must not reach the channel ranges, the OS+ error or the observers: whatever the padding
+    holds, the calibration ends the same."""
+    g = torch.Generator().manual_seed(5)
+    results = []
+    for pad in (torch.zeros_like(tokens), torch.randint(0, 128, tokens.shape, generator=g)):
+        model = make_model("bert")
+        api.quantize(model, recipe=recipe, strategy="osplus", calibration=_padded(tokens, pad), batch_size=4,
+                     progress=False, strategy_options={"max_grid_steps": 10})
+        ranges = [(m.lo.item(), m.hi.item()) for m in model.modules() if type(m).__name__ == "ActQuantizer"]
+        sites = [(e["range_before"][0], e["range_before"][1], e["migration"]["t"]) for e in model.osengine_report["sites"]]
+        results.append((ranges, sites, model.osengine_report["calibration_tokens"]))
+    (r0, s0, n0), (r1, s1, n1) = results
+    assert n0 == n1 == 32 + 28 + 24 + 20
+    assert torch.allclose(torch.tensor(r0), torch.tensor(r1), rtol=1e-5, atol=1e-5)
+    for (lo0, hi0, t0), (lo1, hi1, t1) in zip(s0, s1):
+        assert torch.allclose(lo0, lo1, atol=1e-5) and torch.allclose(hi0, hi1, atol=1e-5)
+        assert t0 == pytest.approx(t1, rel=1e-5)
+
+
+def test_encoder_calibration_sentences_are_samples(tmp_path):
+    """For encoders a list of strings becomes one padded sample per sentence, special tokens included (what the
+    encoder sees at inference), not windows cut across sentence boundaries."""
+    import transformers
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "d"]) + "\n")
+    tok = transformers.BertTokenizer(str(vocab))
+    sentences = ["a b", "c d a b c", "d", "a a a"]
+    data = load_calibration(sentences, make_model("bert"), tok, n_samples=3, seq_len=8)
+    assert set(data) == {"input_ids", "attention_mask"} and data["input_ids"].shape[0] == 3
+    for ids, mask in zip(data["input_ids"], data["attention_mask"]):
+        real = ids[mask.bool()]
+        assert real[0] == tok.cls_token_id and real[-1] == tok.sep_token_id
+        assert (ids[~mask.bool()] == tok.pad_token_id).all()
+    windows = load_calibration(sentences, make_model("bert"), tok, n_samples=2, seq_len=4, per_sample=False)
+    assert isinstance(windows, torch.Tensor) and windows.shape == (2, 4)
+    model = make_model("bert")
+    api.quantize(model, recipe="w8a8-static", strategy="osplus", calibration=sentences, tokenizer=tok,
+                 n_samples=4, seq_len=8, batch_size=2, progress=False, strategy_options={"max_grid_steps": 4})
+    every = load_calibration(sentences, make_model("bert"), tok, n_samples=4, seq_len=8)
+    assert model.osengine_report["calibration_tokens"] == int(every["attention_mask"].sum()) == 4 + 7 + 3 + 5
