@@ -1,4 +1,4 @@
-"""Command line: osengine quantize | eval | export | plugins | recipes."""
+"""Command line: osengine quantize | eval | export | bench | plugins | recipes."""
 from __future__ import annotations
 
 import argparse
@@ -91,6 +91,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
 def cmd_plugins(args) -> int:
     from .plugin_api import architectures, strategies
 
@@ -179,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the preset recipes")
     r.set_defaults(func=cmd_recipes)
+
+    from .bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="end-to-end prefill and decode speed and memory: float model vs the engine")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -3,15 +3,22 @@
 EngineLinear keeps only what inference needs: the packed weights (one backend layout, packed once), the weight
 scales, the bias (which carries the folded OS+ shift W z) and the activation quantizer's parameters. Per call it
 quantizes the input with the fused shift/scale kernel and runs the GEMM with the fused epilogue.
+
+Per-call cost matters at decode (a 30-layer model runs ~210 linears per token at a few tokens each): on the CPU with
+float32 input, `forward` hands the extension numpy views prepared once (no argument conversion, no DLPack export), and
+linears that read the same input (q/k/v, gate/up: the architecture's migration sites) can share one fused layer
+(`convert_to_engine(fuse=True)`): one activation quantization and one GEMM over the concatenated weights, each member
+returning its columns. Every output column is computed exactly as by the member alone (same codes, same epilogue).
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import _C, ops
 
 
 class EngineLinear(nn.Module):
@@ -48,6 +55,14 @@ class EngineLinear(nn.Module):
         self.register_buffer("input_shift", None if input_shift is None else input_shift.detach().float().contiguous())
         self.register_buffer("input_smooth_scale",
                              None if input_smooth_scale is None else input_smooth_scale.detach().float().contiguous())
+        # Benchmark switch: subtract the runtime shift in a separate elementwise pass instead of in the quantize kernel.
+        self.separate_shift = False
+        # Set by fuse_linears: the fused layer that computes this one's output columns [lo, hi) (outside the module
+        # tree, so it is neither a child nor in the state dict), and this layer's own packed weights are released.
+        self._fused: Optional["EngineLinear"] = None
+        self._fused_columns = (0, self.out_features)
+        self._cache = None  # fused layer: (input, input version, output, members served)
+        self._fast = None   # numpy views of the per-call constants (CPU float32 fast path), made on first use
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, weight_bits: int = 8, weight_group_size: int = 0, **act_options):
@@ -57,18 +72,111 @@ class EngineLinear(nn.Module):
                    **act_options)
 
     def weight_codes(self) -> torch.Tensor:
-        """The int8 weight codes [out, in], recovered from the packed layout."""
+        """The int8 weight codes [out, in], recovered from the packed layout (the fused layer's, when fused)."""
         out = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
-        self.packed.unpack(out)
+        if self._fused is None:
+            self.packed.unpack(out)
+        else:
+            lo, hi = self._fused_columns
+            self._fused.packed.unpack_rows(torch.arange(lo, hi, dtype=torch.int32), out)
         return out
 
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of this layer's own packed weights (0 when they live in a fused layer)."""
+        return 0 if self.packed is None else int(self.packed.nbytes)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fast = None  # buffers may be replaced (to / cuda / float): rebuild the numpy views on next use
+        if self._fused is not None:
+            self._fused._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prepare_fast(self):
+        """The per-call constants as numpy views (or False where the fast path does not apply: CUDA weights)."""
+        if self.packed is None or self.packed.backend == "cuda" or any(
+                t is not None and t.device.type != "cpu" for t in self.buffers()):
+            self._fast = False
+            return False
+        view = (lambda t: None if t is None else t.detach().numpy())
+        shift = None if self.separate_shift else view(self.input_shift)
+        self._fast = (view(self.w_scale), view(self.bias), view(self.act_scale),
+                      None if self.act_symmetric else view(self.act_zero_point), shift, view(self.input_smooth_scale),
+                      "int4_packed" if self.act_bits <= 4 else "int8",
+                      self.input_shift if self.separate_shift else None)
+        return self._fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            return self._fused._shared_output(x, self)
+        return self._compute(x)
+
+    def _shared_output(self, x: torch.Tensor, member: "EngineLinear") -> torch.Tensor:
+        """Fused layer: member's columns of the output for input x; computed once per input tensor (identity and
+        in-place version checked where torch keeps one: not for inference-mode tensors) for all members."""
+        cache = self._cache
+        if cache is None or cache[0] is not x or member in cache[3] or (
+                cache[1] is not None and cache[1] != x._version):
+            version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+            cache = self._cache = (x, version, self._compute(x), [])
+        cache[3].append(member)
+        if len(cache[3]) >= self._n_members:
+            self._cache = None  # every member served: release the input and the output
+        lo, hi = member._fused_columns
+        return cache[2][..., lo:hi]
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is None:
+            fast = self._prepare_fast()
+        if fast and x.dtype == torch.float32 and not x.is_cuda:
+            return self._forward_cpu(x, fast)
+        return self._forward_generic(x)
+
+    def _forward_cpu(self, x: torch.Tensor, fast) -> torch.Tensor:
+        """CPU float32: numpy views in, prepared constants; the same ops (hence the same floats) as the generic path."""
+        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate = fast
+        shape = x.shape
+        k, n = self.in_features, self.out_features
+        x2 = (x.detach() if x.requires_grad else x).reshape(-1, k)
+        if separate is not None:
+            x2 = x2 - separate  # the elementwise pass that the fused kernel saves
+        elif not x2.is_contiguous():
+            x2 = x2.contiguous()
+        xn = x2.numpy()
+        m = xn.shape[0]
+        codes = np.empty((m, k), dtype=np.int8)
+        if self.act_dynamic:
+            groups = k // self.act_group_size if self.act_group_size else 1
+            param_shape = (m, groups) if groups > 1 else (m,)
+            a_scale = np.empty(param_shape, dtype=np.float32)
+            a_zero_point = np.empty(param_shape, dtype=np.int32)
+            _C.quantize_dynamic(xn, shift, smooth_scale, codes, a_scale, a_zero_point, self.act_bits,
+                                self.act_symmetric, self.act_group_size, "auto", 0)
+            if self.act_symmetric:
+                a_zero_point = None
+        else:
+            _C.quantize_static(xn, shift, smooth_scale, act_scale, act_zero_point, codes, self.act_bits,
+                               self.act_symmetric, self.act_group_size, "auto", 0)
+            a_scale, a_zero_point = act_scale, act_zero_point
+        if a_format == "int4_packed":
+            packed_codes = np.empty((m, k // 2), dtype=np.uint8)
+            _C.pack_int4(codes, packed_codes)
+            codes = packed_codes
+        y = torch.empty((m, n), dtype=torch.float32)
+        _C.gemm(codes, self.packed, a_scale, w_scale, y.numpy(), a_zero_point, bias, None, "none", a_format, 0)
+        return y.view(*shape[:-1], n)
+
+    def _forward_generic(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
+        shift = self.input_shift
+        if self.separate_shift and shift is not None:
+            x2, shift = x2 - shift.to(x2.dtype), None
         x2 = x2.contiguous()
-        q = ops.quantize(x2, bits=self.act_bits, symmetric=self.act_symmetric, shift=self.input_shift,
+        q = ops.quantize(x2, bits=self.act_bits, symmetric=self.act_symmetric, shift=shift,
                          smooth_scale=self.input_smooth_scale, group_size=self.act_group_size,
                          scale=None if self.act_dynamic else self.act_scale,
                          zero_point=None if self.act_dynamic else self.act_zero_point)
@@ -88,7 +196,9 @@ class EngineLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.weight_bits}A{self.act_bits}"
                 f" ({act}, {'symmetric' if self.act_symmetric else 'asymmetric'}), "
                 f"group_size={self.weight_group_size}, shift={'yes' if self.input_shift is not None else 'no'}, "
-                f"backend={self.packed.backend}")
+                + (f"fused: columns {self._fused_columns[0]}..{self._fused_columns[1]} of {self._fused.out_features}, "
+                   f"backend={self._fused.packed.backend}" if self._fused is not None else
+                   f"backend={self.packed.backend}"))
 
 
 def quantize_weight_symmetric(weight: torch.Tensor, bits: int, group_size: int = 0):
@@ -175,9 +285,19 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
                         input_shift=layer.input_shift, backend=backend)
 
 
-def convert_to_engine(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = True,
+                      quantize_embeddings: bool = False) -> nn.Module:
     """Swap every calibrated FakeQuantLinear of a quantized model for an EngineLinear (in place): the model then runs
-    its quantized linears with real int arithmetic. Layers kept in floating point stay as they are."""
+    its quantized linears with real int arithmetic. Layers kept in floating point stay as they are.
+
+    fuse                 linears that read the same input with the same activation quantizer (q/k/v, gate/up) share
+                         one quantization and one GEMM (the outputs are the same; fewer, larger calls)
+    quantize_embeddings  also store the token embedding table in int8 (one scale per row; a lookup dequantizes only
+                         the rows it gathers) and run lm_head on the engine (int8 per-channel weights, activations int8
+                         per token, dynamic); a tied lm_head and embedding share one int8 copy. Not part of the
+                         recipe's simulation (the recipe keeps them in floating point), so off by default: see
+                         docs/deployment.md for what it costs in accuracy.
+    """
     from .quantizers import FakeQuantLinear
 
     targets = [(name, m) for name, m in model.named_modules()
@@ -188,4 +308,10 @@ def convert_to_engine(model: nn.Module, backend: str = "auto") -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, engine_linear_from_fake_quant(name, layer, backend))
+    from . import engine_model
+
+    if fuse:
+        engine_model.fuse_shared_inputs(model)
+    if quantize_embeddings:
+        engine_model.quantize_embeddings(model, backend=backend)
     return model

@@ -1,0 +1,588 @@
+"""End-to-end speed of a language model on the engine against its floating-point original (`osengine bench`).
+
+What is measured, per impl (each impl, or pair of impls that share one model, runs in its own process so that its
+peak memory is its own):
+
+  prefill   model(input_ids [batch, tokens], logits_to_keep=1): the forward pass that fills the KV cache before
+            generation; only the last position's logits are computed (all a generator needs), for every impl alike.
+  decode    greedy decoding with the KV cache: after an untimed prefill of a --prompt-len prompt, --new-tokens steps
+            of model(next_token [batch, 1], past_key_values) + argmax, timed together; tokens/s = batch * steps / s.
+
+Impls: fp32 (CPU) / fp16 (CUDA): the Hugging Face model in floating point. w8a8, w4a8: the model quantized by
+`osengine.quantize` (recipes w8a8-static, w4a8; --strategy, a small calibration) and converted to the engine with
+`convert_to_engine(model, fuse=True, quantize_embeddings=True)` (what a deployment runs: int GEMMs, q/k/v and gate/up
+sharing one quantization and one GEMM, int8 embedding table and lm_head), or reloaded with `osengine.load` when the
+model is a saved quantized folder. w8a8_shift_fused / w8a8_shift_separate: W8A8 calibrated with OS+ and
+shift=runtime, the shift subtracted inside the quantize kernel / in a separate elementwise pass before it. Extra
+impls on request: w8a8_unfused (no shared-input fusion), w8a8_fp_embed (embedding and lm_head kept in fp32).
+
+Method: --warmup untimed runs, then --repeats timed runs (time.perf_counter; CUDA synchronized); the record holds the
+median (`ms`) and the spread (min, max, interquartile range). Memory: `model_mb` is what the model holds (parameters
+and buffers, each storage once, plus the engine's packed weights: osengine.engine_model.model_memory); `peak_mem_mb`
+is the process's peak resident set during that measurement (Linux VmHWM, reset before it; on CUDA: peak CUDA memory
+allocated by torch plus the engine's packed weights). MB = 10^6 bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_PREFILL = "1x128,1x512,8x128"
+DEFAULT_DECODE_BATCH = "1,8"
+CPU_IMPLS = ["fp32", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
+CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
+EXTRA_IMPLS = ["w8a8_unfused", "w8a8_fp_embed"]
+FLOAT_IMPLS = ("fp32", "fp16", "bf16")
+RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8"}
+REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "tokens": int, "ms": float,
+                   "tokens_per_s": float, "peak_mem_mb": float}
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+def random_model(kind: str, dtype=None, device: str = "cpu"):
+    """A LLaMA with random weights: 'llama7b' (LLaMA-7B shapes) or 'tiny' (for tests)."""
+    import torch
+    import transformers
+
+    if kind == "llama7b":
+        cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                       max_position_embeddings=4096)
+    elif kind == "tiny":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=256)
+    else:
+        raise ValueError(f"random model {kind!r}: expected 'llama7b' or 'tiny'")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.to(dtype or torch.float32).eval()
+
+
+def _vocab(model) -> int:
+    return int(model.config.vocab_size)
+
+
+def _calibration(model, tokenizer, args):
+    """Calibration data: token ids for random models, else the --calib text (or 'generated')."""
+    import torch
+
+    if args.random or tokenizer is None:
+        g = torch.Generator().manual_seed(1)
+        return torch.randint(0, _vocab(model), (args.calib_samples, args.calib_seq_len), generator=g)
+    return args.calib
+
+
+def _keep_float_parts(model, dtype):
+    """Cast everything but the engine's modules (whose scales stay float32) to `dtype`."""
+    from .engine_linear import EngineLinear
+    from .engine_model import EngineEmbedding
+
+    for m in model.modules():
+        if isinstance(m, (EngineLinear, EngineEmbedding)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and "inv_freq" not in name:
+                setattr(m, name, b.to(dtype))
+
+
+def build_model(impl: str, args):
+    """The model `impl` runs, ready for inference (eval, on the device)."""
+    import torch
+
+    from . import api
+    from .engine_linear import convert_to_engine
+    from .engine_model import quantize_embeddings, set_shift_mode
+    from .models import is_checkpoint, load_fp_model, load_quantized_manifest
+
+    device = args.device
+    float_dtype = torch.float16 if device == "cuda" else torch.float32
+    source = args.model
+    if impl in FLOAT_IMPLS:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[impl]
+        if args.random:
+            return random_model(args.random, dtype, device)
+        if is_checkpoint(source):
+            source = load_quantized_manifest(source)["base_model"]
+        model, _ = load_fp_model(source, dtype=dtype, device=device)
+        return model
+    fuse = impl != "w8a8_unfused"
+    int8_embeddings = impl != "w8a8_fp_embed" and not args.fp_embeddings
+    if not args.random and is_checkpoint(source):  # a saved quantized folder: reload it on the engine
+        load = getattr(api, "load", None)
+        backend = "cuda" if device == "cuda" else "auto"
+        if load is not None:
+            model, _ = load(source, backend=backend)
+        else:
+            model, _ = api.load_model(source, device=device)
+            convert_to_engine(model, backend=backend)
+        if int8_embeddings:
+            quantize_embeddings(model, backend=backend)
+    else:
+        if args.random:
+            model, tokenizer = random_model(args.random, torch.float32, device), None
+        else:
+            model, tokenizer = load_fp_model(source, device=device)
+        recipe, strategy, options = RECIPES.get(impl.split("_")[0], "w8a8-static"), args.strategy, {}
+        if impl.startswith("w8a8_shift"):
+            strategy, options = "osplus", {"shift": "runtime"}
+        if args.recipe and impl.startswith("w8a8"):
+            recipe = args.recipe
+        api.quantize(model, recipe=recipe, strategy=strategy, strategy_options=options,
+                     calibration=_calibration(model, tokenizer, args), tokenizer=tokenizer,
+                     n_samples=args.calib_samples, seq_len=args.calib_seq_len, batch_size=args.calib_samples,
+                     device=device, progress=False)
+        convert_to_engine(model, fuse=fuse, quantize_embeddings=int8_embeddings)
+    if impl.startswith("w8a8_shift"):
+        set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
+    if device == "cuda":
+        _keep_float_parts(model, float_dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of this process during a measurement: Linux VmHWM (reset through /proc/self/clear_refs), or on
+    CUDA torch's peak allocation plus the engine's packed weights (which torch's allocator does not see)."""
+
+    def __init__(self, device: str, extra_bytes: int = 0):
+        self.device, self.extra = device, extra_bytes
+
+    def reset(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages (quantization leftovers) to the OS
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() + self.extra) / 1e6
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / 1e6
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _ids(model, batch: int, tokens: int, seed: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, _vocab(model) // 2), _vocab(model), (batch, tokens), generator=g).to(device)
+
+
+def _summary(samples: List[float]) -> dict:
+    qs = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"ms": statistics.median(samples), "ms_min": min(samples), "ms_max": max(samples),
+            "ms_iqr": qs[2] - qs[0], "samples": len(samples)}
+
+
+def measure_prefill(model, batch: int, tokens: int, device: str, warmup: int, repeats: int, memory: PeakMemory):
+    import torch
+
+    ids = _ids(model, batch, tokens, seed=tokens + batch, device=device)
+    memory.reset()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times, memory.peak_mb()
+
+
+def greedy_decode(model, prompt, new_tokens: int, device: str):
+    """(ms for the `new_tokens` decode steps, generated ids [batch, 1 + new_tokens]: the prefill's token, then one per
+    step); the prompt's prefill is untimed."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [nxt]
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(nxt)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3, torch.cat(generated, dim=1)
+
+
+def measure_decode(model, batch: int, prompt_len: int, new_tokens: int, device: str, warmup: int, repeats: int,
+                   memory: PeakMemory):
+    prompt = _ids(model, batch, prompt_len, seed=7 + batch, device=device)
+    memory.reset()
+    times = []
+    for i in range(warmup + repeats):
+        ms, _ = greedy_decode(model, prompt, new_tokens, device)
+        if i >= warmup:
+            times.append(ms)
+    return times, memory.peak_mb()
+
+
+def device_name(device: str, threads: int) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name()}"
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"cpu: {model or platform.processor() or platform.machine()} ({threads} threads)"
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    import osengine
+
+    torch.set_num_threads(threads)
+    osengine.set_num_threads(threads)
+
+
+def run_impls(impls: List[str], args) -> List[dict]:
+    """Build the model once and measure every impl in `impls` (impls that share one model: the shift pair)."""
+    import torch
+
+    from .engine_model import model_memory, set_shift_mode
+
+    set_threads(args.threads)
+    t0 = time.time()
+    model = build_model(impls[0], args)
+    setup_s = time.time() - t0
+    memory = model_memory(model)
+    device = device_name(args.device, args.threads)
+    records = []
+    for impl in impls:
+        if impl.startswith("w8a8_shift"):
+            set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
+        base = {"device": device, "impl": impl, "model": args.random and f"random-{args.random}" or str(args.model),
+                "model_mb": round(memory["total"] / 1e6, 2), "setup_s": round(setup_s, 1),
+                "torch": torch.__version__}
+        peak = PeakMemory(args.device, memory["packed"] if args.device == "cuda" else 0)
+        for batch, tokens in args.prefill_points:
+            times, peak_mb = measure_prefill(model, batch, tokens, args.device, args.warmup, args.repeats, peak)
+            s = _summary(times)
+            records.append({**base, "phase": "prefill", "batch": batch, "tokens": tokens, **s,
+                            "tokens_per_s": batch * tokens / (s["ms"] / 1e3), "peak_mem_mb": round(peak_mb, 1)})
+            _progress(records[-1])
+        for batch in args.decode_batches:
+            times, peak_mb = measure_decode(model, batch, args.prompt_len, args.new_tokens, args.device,
+                                            args.warmup, args.repeats, peak)
+            s = _summary(times)
+            records.append({**base, "phase": "decode", "batch": batch, "tokens": args.new_tokens, **s,
+                            "ms_per_token": s["ms"] / args.new_tokens, "prompt_tokens": args.prompt_len,
+                            "tokens_per_s": batch * args.new_tokens / (s["ms"] / 1e3),
+                            "peak_mem_mb": round(peak_mb, 1)})
+            _progress(records[-1])
+    for r in records:
+        for k in ("ms", "ms_min", "ms_max", "ms_iqr", "ms_per_token", "tokens_per_s"):
+            if k in r:
+                r[k] = round(float(r[k]), 3)
+    return records
+
+
+def _progress(r: dict) -> None:
+    print(f"  {r['impl']:<20} {r['phase']:<7} {r['batch']}x{r['tokens']}: {r['ms']:.1f} ms "
+          f"({r['tokens_per_s']:.1f} tok/s)", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver: one process per model
+# ----------------------------------------------------------------------------------------------------------------
+
+def process_groups(impls: List[str]) -> List[List[str]]:
+    """Impls that run on the same model share a process (the shift pair); every other impl gets its own."""
+    groups, shift = [], [i for i in impls if i.startswith("w8a8_shift")]
+    for impl in impls:
+        if impl in shift:
+            if impl == shift[0]:
+                groups.append(shift)
+        else:
+            groups.append([impl])
+    return groups
+
+
+def _child_argv(args, impls: List[str]) -> List[str]:
+    argv = [sys.executable, "-m", "osengine.bench", "--child", ",".join(impls)]
+    for key in ("device", "threads", "warmup", "repeats", "prompt_len", "new_tokens", "strategy", "calib",
+                "calib_samples", "calib_seq_len", "recipe", "random"):
+        value = getattr(args, key)
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    argv += ["--prefill", args.prefill, "--decode-batch", args.decode_batch]
+    if args.fp_embeddings:
+        argv.append("--fp-embeddings")
+    if args.model is not None:
+        argv.append(str(args.model))
+    return argv
+
+
+def run(args) -> List[dict]:
+    """Every impl in its own process; records in impl order. A failing impl is reported and skipped."""
+    records = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    for group in process_groups(args.impls):
+        print(f"[{', '.join(group)}] building and measuring ...", file=sys.stderr, flush=True)
+        if args.in_process:
+            records += run_impls(group, args)
+            continue
+        proc = subprocess.run(_child_argv(args, group), stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            print(f"[{', '.join(group)}] failed (exit {proc.returncode}); skipped", file=sys.stderr, flush=True)
+            continue
+        records += json.loads(lines[-1])
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+def _reference_impl(records: List[dict]) -> Optional[str]:
+    impls = {r["impl"] for r in records}
+    return next((i for i in FLOAT_IMPLS if i in impls), None)
+
+
+def table(records: List[dict]) -> str:
+    ref = _reference_impl(records)
+    lookup = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r for r in records}
+    lines = ["| impl | phase | batch x tokens | ms (median) | spread (IQR) | tokens/s | vs " + (ref or "float")
+             + " | model MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        base = lookup.get((ref, r["phase"], r["batch"], r["tokens"]))
+        speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        spread = f"±{100 * r['ms_iqr'] / 2 / r['ms']:.0f}%" if r["ms"] else "-"
+        lines.append(f"| {r['impl']} | {r['phase']} | {r['batch']} x {r['tokens']} | {r['ms']:.1f} | {spread} | "
+                     f"{r['tokens_per_s']:.1f} | {speedup} | {r['model_mb']:.0f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def targets(records: List[dict], device: str) -> List[tuple]:
+    """(target, measured, PASS / FAIL / SKIP) for the deployment targets."""
+    ref = _reference_impl(records)
+    get = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r for r in records}
+    out = []
+
+    def ratio(phase, batch, tokens, impl="w8a8"):
+        a, b = get.get((impl, phase, batch, tokens)), get.get((ref, phase, batch, tokens))
+        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+
+    def check(name, value, goal):
+        out.append((name, "-" if value is None else f"{value:.2f}x",
+                    "SKIP" if value is None else ("PASS" if value >= goal else "FAIL")))
+
+    decode_tokens = {r["tokens"] for r in records if r["phase"] == "decode"}
+    if device == "cuda":
+        big = max(((r["batch"] * r["tokens"], r["batch"], r["tokens"]) for r in records if r["phase"] == "prefill"),
+                  default=None)
+        check(f"prefill {big[1]}x{big[2]} w8a8 >= 1.3x {ref}" if big else "prefill w8a8 >= 1.3x fp16",
+              ratio("prefill", big[1], big[2]) if big else None, 1.3)
+        return out
+    check("prefill 1x512 w8a8 >= 1.5x fp32", ratio("prefill", 1, 512), 1.5)
+    for b in (1, 8):
+        check(f"decode batch {b} w8a8 >= 2x fp32 tokens/s",
+              next((ratio("decode", b, t) for t in decode_tokens), None), 2.0)
+    w8 = next((r for r in records if r["impl"] == "w8a8"), None)
+    fp = next((r for r in records if r["impl"] == ref), None)
+    check("model memory fp32 / w8a8 >= 3.5x", fp["model_mb"] / w8["model_mb"] if w8 and fp else None, 3.5)
+    return out
+
+
+def plot(records: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    prefill = sorted({(r["batch"], r["tokens"]) for r in records if r["phase"] == "prefill"})
+    decode = sorted({r["batch"] for r in records if r["phase"] == "decode"})
+    get = {(r["impl"], r["phase"], r["batch"], r["tokens"] if r["phase"] == "prefill" else None): r for r in records}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [max(1, len(prefill)),
+                                                                                    max(1, len(decode)), 1]})
+    width = 0.8 / max(1, len(impls))
+    for ax, points, phase, ylabel in ((axes[0], prefill, "prefill", "prefill latency, ms (lower is better)"),
+                                      (axes[1], decode, "decode", "decode tokens/s (higher is better)")):
+        for j, impl in enumerate(impls):
+            rs = [get.get((impl, phase, p[0], p[1]) if phase == "prefill" else (impl, phase, p, None))
+                  for p in points]
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(points))]
+            vals = [(r["ms"] if phase == "prefill" else r["tokens_per_s"]) if r else 0 for r in rs]
+            errs = [[(r["ms"] - r["ms_min"]) if r and phase == "prefill" else 0 for r in rs],
+                    [(r["ms_max"] - r["ms"]) if r and phase == "prefill" else 0 for r in rs]]
+            ax.bar(xs, vals, width, label=impl, yerr=errs if phase == "prefill" else None, capsize=2)
+        ax.set_xticks(range(len(points)))
+        ax.set_xticklabels([f"{b}x{t}" for b, t in points] if phase == "prefill" else [f"batch {b}" for b in points])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    mem = [next((r["model_mb"] for r in records if r["impl"] == i), 0) for i in impls]
+    axes[2].bar(range(len(impls)), mem, color=[f"C{j}" for j in range(len(impls))])
+    axes[2].set_xticks(range(len(impls)))
+    axes[2].set_xticklabels(impls, rotation=45, ha="right")
+    axes[2].set_ylabel("model memory, MB")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{records[0]['model']} on {records[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (osengine bench, benchmarks/e2e.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="Hugging Face folder, .gguf file, registered name (default smollm2-135m), or a quantized "
+                        "folder (--out of quantize: reloaded on the engine)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--impl", default=None,
+                   help=f"comma-separated impls (default: {','.join(CPU_IMPLS)}; on cuda fp16 instead of fp32; "
+                        f"more: {','.join(EXTRA_IMPLS)})")
+    p.add_argument("--prefill", default=DEFAULT_PREFILL, help=f"batch x tokens points (default {DEFAULT_PREFILL})")
+    p.add_argument("--decode-batch", default=DEFAULT_DECODE_BATCH, help="decode batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps (default 64)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and the engine (default 2)")
+    p.add_argument("--strategy", default="minmax", help="calibration strategy of w8a8 / w4a8 (default minmax: "
+                                                        "cheap; speed does not depend on it)")
+    p.add_argument("--recipe", default=None, help="recipe for w8a8 and the shift impls instead of w8a8-static")
+    p.add_argument("--calib", default=str(DEFAULT_CALIB) if DEFAULT_CALIB.is_file() else "generated",
+                   help="calibration text file or 'generated' (default: WikiText-2 validation when present)")
+    p.add_argument("--calib-samples", type=int, default=4)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--fp-embeddings", action="store_true",
+                   help="keep the embedding table and lm_head in floating point (default: int8 on the engine)")
+    p.add_argument("--random", choices=["llama7b", "tiny"], default=None,
+                   help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes)")
+    p.add_argument("--random-llama7b", dest="random", action="store_const", const="llama7b",
+                   help="same as --random llama7b")
+    p.add_argument("--in-process", action="store_true", help="measure in this process (no per-impl peak memory)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the results")
+    p.add_argument("--save-json", default=None, metavar="FILE", help="also write the records to FILE")
+    p.add_argument("--json", action="store_true", help="print the list of records as JSON (progress on stderr)")
+
+
+def parse_points(args) -> None:
+    try:
+        args.prefill_points = [tuple(int(v) for v in p.lower().split("x")) for p in args.prefill.split(",") if p]
+        args.decode_batches = [int(b) for b in args.decode_batch.split(",") if b]
+    except ValueError:
+        raise ValueError(f"--prefill must look like 1x512,8x128 and --decode-batch like 1,8; got {args.prefill!r}, "
+                         f"{args.decode_batch!r}")
+    if any(len(p) != 2 or min(p) < 1 for p in args.prefill_points) or any(b < 1 for b in args.decode_batches):
+        raise ValueError(f"--prefill must look like 1x512,8x128 (positive numbers); got {args.prefill!r}")
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1:
+        raise ValueError("--repeats, --new-tokens and --prompt-len must be >= 1 and --warmup >= 0")
+    default = CUDA_IMPLS if args.device == "cuda" else CPU_IMPLS
+    args.impls = [i for i in (args.impl.split(",") if args.impl else default) if i]
+    known = set(CPU_IMPLS + CUDA_IMPLS + EXTRA_IMPLS + list(FLOAT_IMPLS))
+    unknown = [i for i in args.impls if i not in known]
+    if unknown:
+        raise ValueError(f"unknown impl(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to torch")
+
+
+def main(args) -> int:
+    parse_points(args)
+    records = run(args)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(records, indent=1))
+    if args.plot and records:
+        plot(records, args.plot)
+    if args.json:
+        print(json.dumps(records))
+        return 0 if records else 1
+    if not records:
+        print("no results (every impl failed)", file=sys.stderr)
+        return 1
+    print(f"{records[0]['model']} on {records[0]['device']}; median of {args.repeats} runs after {args.warmup} "
+          f"warm-up; decode: {args.new_tokens} new tokens after a {args.prompt_len}-token prompt\n")
+    print(table(records))
+    print("\n| target | measured | |\n|---|---:|---|")
+    for name, value, verdict in targets(records, args.device):
+        print(f"| {name} | {value} | {verdict} |")
+    if args.plot:
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _child_main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m osengine.bench")
+    add_arguments(p)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    parse_points(args)
+    if args.child:
+        print(json.dumps(run_impls(args.child.split(","), args)))
+        return
+    sys.exit(main(args))
+
+
+if __name__ == "__main__":
+    _child_main()
