@@ -94,6 +94,8 @@ def _keep_float_parts(model, dtype):
     from .engine_model import EngineEmbedding
 
     for m in model.modules():
+        if isinstance(m, EngineEmbedding):
+            m.out_dtype = dtype  # its lookups feed the rest of the model in that dtype
         if isinstance(m, (EngineLinear, EngineEmbedding)):
             continue
         for name, p in list(m.named_parameters(recurse=False)):
