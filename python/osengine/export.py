@@ -168,12 +168,12 @@ def _check_fused_all_or_none(quantized: dict, floating: list) -> None:
         q = [n for n in group if n in quantized]
         if q and len(q) != len(group):
             fp = [n for n in group if n not in quantized]
-            raise ExportError(f"fused projections {', '.join(group)} are partly kept in floating point ({', '.join(fp)}); "
-                              f"vLLM runs them as one GEMM, so all of them must be quantized or all kept in "
-                              f"floating point (adjust keep_fp)")
+            raise ExportError(f"fused projections {', '.join(group)} are partly kept in floating point "
+                              f"({', '.join(fp)}); vLLM runs them as one GEMM, so all of them must be quantized or "
+                              f"all kept in floating point (adjust keep_fp)")
 
 
-def _static_input_params(quantized: dict, act_spec) -> tuple:
+def _static_input_params(quantized: dict) -> tuple:
     """name -> (scale [1], signed zero point [1]) with one range per fused group; and the groups whose calibrated
     ranges differed (unified to their union)."""
     from .engine_linear import static_act_qparams_from_fake_quant
@@ -252,13 +252,16 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: Union[str, P
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads (with the compressed-tensors package) and
     vLLM serves. Returns a summary: out, scheme, quantized / ignored layer counts, zero biases added, fused groups
     whose ranges were unified. Raises ExportError (nothing written) for what the format cannot express."""
-    from .engine_linear import weight_codes_from_fake_quant
+    from .engine_linear import EngineConversionError, weight_codes_from_fake_quant
 
     quantized, floating = _quantized_linears(model)
     w_spec, a_spec = _check_model(model, quantized)
     _check_fused_all_or_none(quantized, floating)
     static = not a_spec.dynamic
-    inputs, unified = _static_input_params(quantized, a_spec) if static else ({}, [])
+    try:
+        inputs, unified = _static_input_params(quantized) if static else ({}, [])
+    except EngineConversionError as e:  # a static quantizer that was never calibrated
+        raise ExportError(str(e)) from None
 
     # Plain tensors: everything but the quantizer state (act_quant.lo/hi, input_shift) of the quantized linears.
     tensors = {}
