@@ -145,6 +145,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
     tensors, tied = _deduplicated_state(model)
     tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
     full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layer_manifest(model)}
+    if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
+        model.config.architectures = [type(model).__name__]
     with tempfile.TemporaryDirectory() as side:
         model.config.save_pretrained(side)
         if getattr(model, "generation_config", None) is not None and model.can_generate():

@@ -116,3 +116,18 @@ def test_broken_folders_give_clear_errors(saved, tmp_path):
     (wrong_shape / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="do not fit the model"):
         osengine.load(wrong_shape)
+
+
+def test_in_memory_module_without_architectures_reloads_as_its_class(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                   vocab_size=40, num_hidden_layers=1, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert not model.config.architectures
+    calib = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    osengine.quantize(model, recipe="w8a8-static", strategy="minmax", calibration=calib, n_samples=2, seq_len=16,
+                      out=tmp_path / "q", progress=False)
+    reloaded, tokenizer = osengine.load_model(tmp_path / "q")
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and tokenizer is None
+    ids = calib[:1]
+    assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)

@@ -70,7 +70,8 @@ class OSPlus(Strategy):
         candidates = grid(t_hi, t_lo, self.max_grid_steps if capped else steps)
         best_t, best_err = self._search(data, z, amax, candidates)
         evaluated = len(candidates)
-        if capped:  # refine between the best point's neighbours
+        if capped and len(candidates) > 1:  # refine between the best point's neighbours (a range below the
+            # grid's lower end gives a single candidate: nothing to refine)
             step = candidates[0] - candidates[1]
             fine = grid(min(t_hi, best_t + step), max(t_lo, best_t - step), self.max_grid_steps)
             t, err = self._search(data, z, amax, fine)
