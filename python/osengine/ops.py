@@ -176,7 +176,7 @@ def gemm(
     out = act(a_scale[m] * w_scale[n] * (A W^T - a_zero_point[m] * colsum_w[n]) + bias[n]) + residual[m, n]
 
     `bias` carries the folded OS+ shift W z. Scales: one value, per token [M] / per channel [N], or per group.
-    `activation`: none, relu, gelu, gelu_tanh, silu. `out_dtype`: float32 or bfloat16 (torch inputs).
+    `activation`: none, relu, gelu, gelu_tanh, silu. `out_dtype`: float32 or bfloat16 (torch inputs; float16 too on the CUDA backend).
     """
     return _gemm(a, weights, "int8", a_scale, w_scale, a_zero_point, bias, residual, activation, out_dtype, out)
 
