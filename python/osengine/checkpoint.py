@@ -41,9 +41,8 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, Any], ma
     if target.exists() and not overwrite:
         raise FileExistsError(f"osengine: output folder {str(target)!r} exists; pass overwrite=True (--overwrite) "
                               f"to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         save_file(contiguous, str(staging / TENSORS_FILE))
         full_manifest = dict(manifest)
@@ -55,11 +54,22 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, Any], ma
             json.dump(full_manifest, f, indent=2, sort_keys=True)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / name)
+
+    write_folder_atomically(target, write, "saving")
+    return target
+
+
+def write_folder_atomically(target: Path, write, label: str = "writing") -> Path:
+    """Run write(staging) into a temporary sibling of `target`, flush every file, then rename it into place. An
+    existing `target` is moved aside first and removed last, so a crash leaves one complete folder on disk."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{label}-", dir=target.parent))
+    try:
+        write(staging)
         for path in staging.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if target.exists():
-            # Swap: move the old one aside first so that a crash leaves one complete checkpoint on disk.
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, retired / target.name)
             os.rename(staging, target)

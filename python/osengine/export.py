@@ -30,9 +30,6 @@ the output path.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -226,24 +223,9 @@ def _write_atomically(out: Path, overwrite: bool, write) -> Path:
     """Run write(staging_folder) into a temporary sibling of `out`, then rename it into place."""
     if out.exists() and not overwrite:
         raise ExportError(f"output folder {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.exporting-", dir=out.parent))
-    try:
-        write(staging)
-        for path in staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, retired / out.name)
-            os.rename(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    from .checkpoint import write_folder_atomically
+
+    return write_folder_atomically(out, write, "exporting")
 
 
 def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: Union[str, Path], *,
