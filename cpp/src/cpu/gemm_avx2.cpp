@@ -22,8 +22,8 @@
 //   as (w[c][2s], w[c][2s+1]) pairs, bytes 16..31 columns 8..15, so vpmovsxbw of each 16-byte half gives the int16
 //   operand of one vpmaddwd against the broadcast A pair. N is padded to 16 and K to even with zeros.
 //   W4: the same two 16-element vectors, stored as nibbles of one 16-byte chunk per step: low nibbles = columns
-//   0..7, high nibbles = columns 8..15. Unpack: vpmovzxbw, then (b << 12) >> 12 and (b << 8) >> 12 (arithmetic)
-//   per 16-bit lane. Half the bytes of W8, which is what the memory-bound M = 1 (decode) case streams.
+//   0..7, high nibbles = columns 8..15. Unpack: vpmovsxbw, then (b << 12) >> 12 and b >> 4 (arithmetic) per
+//   16-bit lane. Half the bytes of W8, which is what the memory-bound M = 1 (decode) case streams.
 //
 // Microkernel: MR x 16 outputs (MR <= 6 rows, 2 ymm of 8 int32 per row: 12 accumulators + 2 W + 1 A broadcast
 //   = 15 ymm registers). Per k-pair step: 2 W loads (sign/nibble-extended), MR broadcasts, 2*MR vpmaddwd and
@@ -75,11 +75,11 @@ inline void load_w<8>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
 
 template <>
 inline void load_w<4>(const std::uint8_t* w, __m256i& w0, __m256i& w1) {
-  // Each 16-bit lane holds one byte b: (b << 12) >> 12 (arithmetic) is the sign-extended low nibble,
-  // (b << 8) >> 12 the high one.
-  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  // Each 16-bit lane holds one byte b sign-extended, i.e. 16 * hi + lo with hi the signed high nibble and lo the
+  // unsigned low one: b >> 4 (arithmetic) is hi, (b << 12) >> 12 the sign-extended low nibble.
+  const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 12), 12);
-  w1 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 12);
+  w1 = _mm256_srai_epi16(v, 4);
 }
 
 template <int BITS>
@@ -133,11 +133,10 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
   "vpmovsxbw " #off "(%[w]), %%ymm12\n\t"  \
   "vpmovsxbw " #off "+16(%[w]), %%ymm13\n\t"
 #define OSE_W4_LOAD(off)                    \
-  "vpmovzxbw " #off "(%[w]), %%ymm13\n\t"  \
+  "vpmovsxbw " #off "(%[w]), %%ymm13\n\t"  \
   "vpsllw $12, %%ymm13, %%ymm12\n\t"       \
-  "vpsllw $8, %%ymm13, %%ymm13\n\t"        \
-  "vpsraw $12, %%ymm12, %%ymm12\n\t"       \
-  "vpsraw $12, %%ymm13, %%ymm13\n\t"
+  "vpsraw $4, %%ymm13, %%ymm13\n\t"        \
+  "vpsraw $12, %%ymm12, %%ymm12\n\t"
 #define OSE_ROW(src, acc0, acc1)                   \
   "vpbroadcastd " src ", %%ymm14\n\t"              \
   "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"         \
