@@ -6,8 +6,8 @@ BASE = {"weights": {"bits": 8}, "activations": {"bits": 8}}
 
 
 def test_presets_are_complete():
-    assert set(preset_names()) >= {"w8a8-static", "w8a8-paper", "w6a6", "w6a6-token", "w4a4-token", "w4a8",
-                                   "w4a4-group"}
+    assert set(preset_names()) >= {"w8a8-static", "w8a8-token", "w8a8-paper", "w6a6", "w6a6-token", "w4a4-token",
+                                   "w4a8", "w4a4-group"}
     r = load_recipe("w8a8-static")
     assert (r.weights.granularity, r.weights.symmetric) == ("per-channel", True)
     assert (r.activations.granularity, r.activations.dynamic, r.activations.symmetric) == ("per-tensor", False, True)
