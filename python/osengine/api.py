@@ -75,7 +75,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise calib.CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
     t0 = time.time()
-    ids = calib.load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len)
+    ids = calib.load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len,
+                                 progress=progress)
     t_data = time.time() - t0
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -41,8 +41,26 @@ def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int =
     return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in chosen.tolist()])
 
 
+class _GenerationProgress:
+    """A `generate` streamer that only advances a progress bar: one step per generated token (all samples)."""
+
+    def __init__(self, steps: int, disable: bool):
+        self.bar = tqdm(total=steps, desc="generating calibration samples", unit="tok", disable=disable)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 @torch.no_grad()
-def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
+                      progress: bool = False) -> torch.Tensor:
     """Calibration text written by the model itself, starting from its BOS token (no data needed)."""
     if not (hasattr(model, "can_generate") and model.can_generate()):
         raise CalibrationError("calibration 'generated' needs a causal language model; "
@@ -55,7 +73,7 @@ def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int 
     start = torch.full((n_samples, 1), bos, dtype=torch.long, device=device)
     out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=50, top_p=0.95,
                          max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=bos,
-                         eos_token_id=None)
+                         eos_token_id=None, streamer=_GenerationProgress(seq_len, disable=not progress))
     return out[:, 1:seq_len + 1].cpu()
 
 
@@ -77,7 +95,7 @@ def _is_encoder(model) -> bool:
 
 
 def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int = 512,
-                     per_sample: Optional[bool] = None):
+                     per_sample: Optional[bool] = None, progress: bool = False):
     """source: a text file path, "generated", a list of strings, an integer tensor of token ids [n, T], or a dict
     {"input_ids": [n, T], "attention_mask": [n, T]} (padded samples).
 
@@ -113,7 +131,7 @@ def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int
         return text_samples("\n\n".join(source), tokenizer, n_samples, seq_len)
     if isinstance(source, (str, Path)):
         if str(source) == "generated":
-            return generated_samples(model, tokenizer, n_samples, seq_len)
+            return generated_samples(model, tokenizer, n_samples, seq_len, progress=progress)
         path = Path(source)
         if not path.is_file():
             raise CalibrationError(f"calibration file {str(path)!r} does not exist (or say 'generated')")

@@ -45,7 +45,8 @@ def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optiona
     if str(text_file) == "generated":
         from .calibration import generated_samples
 
-        ids = generated_samples(generator_model or model, tokenizer, windows or 16, seq_len, seed=GENERATED_SEED)
+        ids = generated_samples(generator_model or model, tokenizer, windows or 16, seq_len, seed=GENERATED_SEED,
+                                progress=progress)
         return {**perplexity_on_windows(model, ids, progress), "text": "generated"}
     path = Path(text_file)
     if not path.is_file():

@@ -103,6 +103,8 @@ def test_bad_calibration_data(tmp_path):
         load_calibration("generated", make_model("bert"), Tok())
     ids = load_calibration("generated", model, Tok(), n_samples=2, seq_len=8)
     assert ids.shape == (2, 8)
+    # the progress bar (a generate streamer) leaves the samples as they are
+    assert torch.equal(load_calibration("generated", model, Tok(), n_samples=2, seq_len=8, progress=True), ids)
 
 
 def test_nan_activations_are_reported(tokens):
