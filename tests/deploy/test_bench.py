@@ -16,18 +16,7 @@ from osengine import bench
 from osengine.engine_linear import EngineLinear, convert_to_engine
 from osengine.engine_model import EngineEmbedding, model_memory, quantize_embeddings, set_shift_mode
 
-
-def tiny_llama(tied=False):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                   vocab_size=128, num_hidden_layers=2, max_position_embeddings=128,
-                                   tie_word_embeddings=tied)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # outlier channels, as real models have
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight[[3, 17]] = torch.tensor([12.0, -9.0])
-    return model
+from deploy_testing import tiny_llama
 
 
 def quantized(recipe="w8a8-static", tied=False, **options):

@@ -7,17 +7,7 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine.engine_linear import EngineConversionError, EngineLinear, convert_to_engine
 
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                   vocab_size=128, num_hidden_layers=2, max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # outlier channels, as real models have
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight[[3, 17]] = torch.tensor([12.0, -9.0])
-    return model
+from deploy_testing import tiny_llama
 
 
 @pytest.mark.parametrize("weight_bits,act_bits,group", [(8, 8, 0), (4, 8, 0), (4, 8, 32), (4, 4, 0), (4, 4, 32)])
