@@ -45,7 +45,7 @@ class _GenerationProgress:
     """A `generate` streamer that only advances a progress bar: one step per generated token (all samples)."""
 
     def __init__(self, steps: int, disable: bool):
-        self.bar = tqdm(total=steps, desc="generating calibration samples", unit="tok", disable=disable)
+        self.bar = tqdm(total=steps, desc="generating samples", unit="tok", disable=disable)
         self.prompt_seen = False
 
     def put(self, value) -> None:
