@@ -17,6 +17,8 @@ struct QuantizeProblem {
   std::int64_t m = 0, k = 0;
   const float* shift = nullptr;         // [k] or null
   const float* smooth_scale = nullptr;  // [k] or null
+  const float* rms_norm_weight = nullptr;  // [k] or null: x is normalized first (see quantize.hpp)
+  float rms_norm_eps = 0.0f;
   std::int64_t group_size = 0;          // > 0, divides k (k itself when the op was given 0)
   int qmin = 0, qmax = 0;
   bool symmetric = true;
@@ -30,6 +32,10 @@ struct QuantizeProblem {
   std::int32_t* out_zero_point = nullptr;
   std::int8_t* codes = nullptr;  // [m, k]
 };
+
+// The RMSNorm factor r = 1 / sqrt(sum(x^2) / k + eps) of one row x[k] (fp32, the summation order of quantize.hpp);
+// not finite when the sum of squares overflows.
+float rms_norm_factor(const float* x, std::int64_t k, float eps);
 
 // Returns the first row whose transformed values y = (x - shift) / smooth_scale hold a NaN or Inf, or -1.
 // Rows after a non-finite one may or may not have been written.

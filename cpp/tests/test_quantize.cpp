@@ -69,6 +69,41 @@ TEST(fused_shift_and_scale_equal_quantizing_the_transformed_input) {
   CHECK(z1 == z2);
 }
 
+TEST(fused_rms_norm_equals_quantizing_the_normalized_input_on_every_backend) {
+  // The documented order: 8 interleaved fma partial sums, combined pairwise; r = 1 / sqrt(sum / K + eps).
+  const std::int64_t m = 4, k = 37;
+  const float eps = 1e-5f;
+  auto x = random_floats(m * k, 3, 4.0f);
+  auto w = random_floats(k, 4, 1.0f);
+  std::vector<float> y(x.size());
+  for (std::int64_t row = 0; row < m; ++row) {
+    float partial[8] = {};
+    for (std::int64_t j = 0; j < k; ++j) partial[j % 8] = std::fma(x[row * k + j], x[row * k + j], partial[j % 8]);
+    const float sum = ((partial[0] + partial[4]) + (partial[2] + partial[6])) +
+                      ((partial[1] + partial[5]) + (partial[3] + partial[7]));
+    const float r = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+    for (std::int64_t j = 0; j < k; ++j) y[row * k + j] = w[j] * (x[row * k + j] * r);
+  }
+  std::vector<std::int8_t> want(x.size());
+  std::vector<float> d_want(m);
+  std::vector<std::int32_t> z_want(m);
+  quantize_dynamic(view(y.data(), {m, k}), {}, {}, view(want.data(), {m, k}), view(d_want.data(), {m}),
+                   view(z_want.data(), {m}), reference_options(8, false));
+  for (Backend backend : {Backend::reference, Backend::automatic}) {
+    std::vector<std::int8_t> got(x.size());
+    std::vector<float> d(m);
+    std::vector<std::int32_t> z(m);
+    QuantizeOptions options{8, false, 0, backend};
+    options.rms_norm_weight = view(w.data(), {k});
+    options.rms_norm_eps = eps;
+    quantize_dynamic(view(x.data(), {m, k}), {}, {}, view(got.data(), {m, k}), view(d.data(), {m}),
+                     view(z.data(), {m}), options);
+    CHECK(got == want);
+    CHECK(d == d_want);
+    CHECK(z == z_want);
+  }
+}
+
 TEST(dynamic_per_token_error_is_within_half_a_step_for_every_bit_width) {
   const std::int64_t m = 7, k = 64;
   auto x = random_floats(m * k, 3, 2.0f);

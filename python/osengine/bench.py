@@ -1,6 +1,6 @@
 """End-to-end speed of a language model on the engine against its floating-point original (`osengine bench`).
 
-What is measured, per impl (each impl, or pair of impls that share one model, runs in its own process so that its
+What is measured, per impl (each impl, or pair of impls that share one model, lives in its own process so that its
 peak memory is its own):
 
   prefill   model(input_ids [batch, tokens], logits_to_keep=1): the forward pass that fills the KV cache before
@@ -16,11 +16,14 @@ model is a saved quantized folder. w8a8_shift_fused / w8a8_shift_separate: W8A8 
 shift=runtime, the shift subtracted inside the quantize kernel / in a separate elementwise pass before it. Extra
 impls on request: w8a8_unfused (no shared-input fusion), w8a8_fp_embed (embedding and lm_head kept in fp32).
 
-Method: --warmup untimed runs, then --repeats timed runs (time.perf_counter; CUDA synchronized); the record holds the
-median (`ms`) and the spread (min, max, interquartile range). Memory: `model_mb` is what the model holds (parameters
+Method: the models are built one after the other, then measured interleaved: at each point every impl runs its
+--warmup untimed runs, then the --repeats timed runs go round the impls in turn (the first impl rotating each round),
+so that a machine that gets busier or quieter during the run slows every impl alike and the ratios stay fair on a
+shared host. Timing: time.perf_counter around one call (CUDA synchronized); the record holds the median (`ms`) and
+the spread (min, max, interquartile range). Memory: `model_mb` is what the model holds (parameters
 and buffers, each storage once, plus the engine's packed weights: osengine.engine_model.model_memory); `peak_mem_mb`
-is the process's peak resident set during that measurement (Linux VmHWM, reset before it; on CUDA: peak CUDA memory
-allocated by torch plus the engine's packed weights). MB = 10^6 bytes.
+is the process's peak resident set over that impl's runs at that point (Linux VmHWM, reset before the first; on
+CUDA: peak CUDA memory allocated by torch plus the engine's packed weights). MB = 10^6 bytes.
 """
 from __future__ import annotations
 
@@ -228,21 +231,16 @@ def _summary(samples: List[float]) -> dict:
             "ms_iqr": qs[2] - qs[0], "samples": len(samples)}
 
 
-def measure_prefill(model, batch: int, tokens: int, device: str, warmup: int, repeats: int, memory: PeakMemory):
+def prefill_once(model, ids, device: str) -> float:
+    """ms of one prefill forward pass (the last position's logits only)."""
     import torch
 
-    ids = _ids(model, batch, tokens, seed=tokens + batch, device=device)
-    memory.reset()
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return times, memory.peak_mb()
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
 
 
 def greedy_decode(model, prompt, new_tokens: int, device: str):
@@ -262,18 +260,6 @@ def greedy_decode(model, prompt, new_tokens: int, device: str):
             generated.append(nxt)
         _sync(device)
         return (time.perf_counter() - t0) * 1e3, torch.cat(generated, dim=1)
-
-
-def measure_decode(model, batch: int, prompt_len: int, new_tokens: int, device: str, warmup: int, repeats: int,
-                   memory: PeakMemory):
-    prompt = _ids(model, batch, prompt_len, seed=7 + batch, device=device)
-    memory.reset()
-    times = []
-    for i in range(warmup + repeats):
-        ms, _ = greedy_decode(model, prompt, new_tokens, device)
-        if i >= warmup:
-            times.append(ms)
-    return times, memory.peak_mb()
 
 
 def device_name(device: str, threads: int) -> str:
@@ -299,51 +285,193 @@ def set_threads(threads: int) -> None:
     osengine.set_num_threads(threads)
 
 
+def measurement_points(args) -> List[tuple]:
+    """(phase, batch, tokens) in measuring order: prefill points, then decode batches."""
+    return ([("prefill", b, t) for b, t in args.prefill_points]
+            + [("decode", b, args.new_tokens) for b in args.decode_batches])
+
+
+class Runner:
+    """One model and the impls that run on it (one process group): runs single samples on request, so that the
+    driver can interleave the impls, and summarizes them into records. Peak memory is tracked per impl and point:
+    reset before its first sample, read after each."""
+
+    def __init__(self, impls: List[str], args):
+        import torch
+
+        from .engine_model import model_memory
+
+        set_threads(args.threads)
+        self.impls, self.args = list(impls), args
+        t0 = time.time()
+        self.model = build_model(impls[0], args)
+        setup_s = time.time() - t0
+        memory = model_memory(self.model)
+        self.memory = PeakMemory(args.device, memory["packed"] if args.device == "cuda" else 0)
+        device = device_name(args.device, args.threads)
+        self.base = {impl: {"device": device, "impl": impl,
+                            "model": args.random and f"random-{args.random}" or str(args.model),
+                            "model_mb": round(memory["total"] / 1e6, 2), "setup_s": round(setup_s, 1),
+                            "torch": torch.__version__} for impl in impls}
+        self.samples, self.peaks, self.inputs = {}, {}, {}
+        self.shift_mode = None
+
+    def _input(self, phase: str, batch: int, tokens: int):
+        key = (phase, batch, tokens)
+        if key not in self.inputs:
+            if phase == "prefill":
+                self.inputs[key] = _ids(self.model, batch, tokens, seed=tokens + batch, device=self.args.device)
+            else:
+                self.inputs[key] = _ids(self.model, batch, self.args.prompt_len, seed=7 + batch,
+                                        device=self.args.device)
+        return self.inputs[key]
+
+    def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
+        from .engine_model import set_shift_mode
+
+        if impl.startswith("w8a8_shift") and self.shift_mode != impl:
+            set_shift_mode(self.model, "separate" if impl.endswith("separate") else "fused")
+            self.shift_mode = impl
+        key = (impl, phase, batch, tokens)
+        ids = self._input(phase, batch, tokens)
+        if key not in self.peaks:
+            self.memory.reset()
+        if phase == "prefill":
+            ms = prefill_once(self.model, ids, self.args.device)
+        else:
+            ms, _ = greedy_decode(self.model, ids, tokens, self.args.device)
+        self.peaks[key] = max(self.peaks.get(key, 0.0), self.memory.peak_mb())
+        if timed:
+            self.samples.setdefault(key, []).append(ms)
+        return ms
+
+    def records(self) -> List[dict]:
+        out = []
+        for impl in self.impls:
+            for phase, batch, tokens in measurement_points(self.args):
+                times = self.samples.get((impl, phase, batch, tokens))
+                if not times:
+                    continue
+                s = _summary(times)
+                r = {**self.base[impl], "phase": phase, "batch": batch, "tokens": tokens, **s,
+                     "tokens_per_s": batch * tokens / (s["ms"] / 1e3),
+                     "peak_mem_mb": round(self.peaks[(impl, phase, batch, tokens)], 1)}
+                if phase == "decode":
+                    r["ms_per_token"] = s["ms"] / tokens
+                    r["prompt_tokens"] = self.args.prompt_len
+                for k in ("ms", "ms_min", "ms_max", "ms_iqr", "ms_per_token", "tokens_per_s"):
+                    if k in r:
+                        r[k] = round(float(r[k]), 3)
+                out.append(r)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class RunnerFailed(RuntimeError):
+    pass
+
+
+PROTOCOL = "@@osengine-bench "  # prefix of the driver <-> child protocol lines on the child's stdout
+
+
+class ChildRunner:
+    """A Runner in its own process (so that its peak memory is its own), driven through JSON lines on its stdin /
+    stdout. Raises RunnerFailed when the child dies or answers out of protocol."""
+
+    def __init__(self, impls: List[str], args, env: dict):
+        self.impls = list(impls)
+        self.proc = subprocess.Popen(_child_argv(args, impls), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=None, text=True, env=env, bufsize=1)
+        self._reply()  # "ready" once the model is built
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+            print(line, end="", file=sys.stderr)  # whatever else the child prints
+        code = self.proc.wait()
+        raise RunnerFailed(f"exit {code}")
+
+    def _ask(self, request: dict):
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise RunnerFailed(f"exit {self.proc.wait()}")
+        return self._reply()
+
+    def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
+        return float(self._ask({"cmd": "sample", "impl": impl, "phase": phase, "batch": batch, "tokens": tokens,
+                                "timed": timed})["ms"])
+
+    def records(self) -> List[dict]:
+        return self._ask({"cmd": "records"})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def serve(impls: List[str], args) -> None:
+    """The child side of ChildRunner: build, say ready, answer requests until stdin closes."""
+    runner = Runner(impls, args)
+    print(PROTOCOL + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "sample":
+            ms = runner.sample(request["impl"], request["phase"], request["batch"], request["tokens"],
+                               request["timed"])
+            print(PROTOCOL + json.dumps({"ms": ms}), flush=True)
+        elif request["cmd"] == "records":
+            print(PROTOCOL + json.dumps(runner.records()), flush=True)
+
+
+def drive(runners: List, args) -> List:
+    """Measure every (runner, impl) at every point: warm-up samples first, then the timed repeats with the impls
+    taking turns (the starting impl rotating each round), so that a machine that slows down or speeds up during
+    the run affects every impl alike. Returns the runners that did not fail."""
+    alive = list(runners)
+    for phase, batch, tokens in measurement_points(args):
+        times = {}
+        for i in range(args.warmup + args.repeats):
+            timed = i >= args.warmup
+            pairs = [(r, impl) for r in alive for impl in r.impls]
+            if timed and pairs:
+                shift = (i - args.warmup) % len(pairs)
+                pairs = pairs[shift:] + pairs[:shift]
+            for runner, impl in pairs:
+                if runner not in alive:
+                    continue
+                try:
+                    ms = runner.sample(impl, phase, batch, tokens, timed)
+                except RunnerFailed as e:
+                    print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+                    alive.remove(runner)
+                    continue
+                if timed:
+                    times.setdefault(impl, []).append(ms)
+        for impl, ts in times.items():
+            ms = statistics.median(ts)
+            print(f"  {impl:<20} {phase:<7} {batch}x{tokens}: {ms:.1f} ms "
+                  f"({batch * tokens / (ms / 1e3):.1f} tok/s)", file=sys.stderr, flush=True)
+    return alive
+
+
 def run_impls(impls: List[str], args) -> List[dict]:
-    """Build the model once and measure every impl in `impls` (impls that share one model: the shift pair)."""
-    import torch
-
-    from .engine_model import model_memory, set_shift_mode
-
-    set_threads(args.threads)
-    t0 = time.time()
-    model = build_model(impls[0], args)
-    setup_s = time.time() - t0
-    memory = model_memory(model)
-    device = device_name(args.device, args.threads)
-    records = []
-    for impl in impls:
-        if impl.startswith("w8a8_shift"):
-            set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
-        base = {"device": device, "impl": impl, "model": args.random and f"random-{args.random}" or str(args.model),
-                "model_mb": round(memory["total"] / 1e6, 2), "setup_s": round(setup_s, 1),
-                "torch": torch.__version__}
-        peak = PeakMemory(args.device, memory["packed"] if args.device == "cuda" else 0)
-        for batch, tokens in args.prefill_points:
-            times, peak_mb = measure_prefill(model, batch, tokens, args.device, args.warmup, args.repeats, peak)
-            s = _summary(times)
-            records.append({**base, "phase": "prefill", "batch": batch, "tokens": tokens, **s,
-                            "tokens_per_s": batch * tokens / (s["ms"] / 1e3), "peak_mem_mb": round(peak_mb, 1)})
-            _progress(records[-1])
-        for batch in args.decode_batches:
-            times, peak_mb = measure_decode(model, batch, args.prompt_len, args.new_tokens, args.device,
-                                            args.warmup, args.repeats, peak)
-            s = _summary(times)
-            records.append({**base, "phase": "decode", "batch": batch, "tokens": args.new_tokens, **s,
-                            "ms_per_token": s["ms"] / args.new_tokens, "prompt_tokens": args.prompt_len,
-                            "tokens_per_s": batch * args.new_tokens / (s["ms"] / 1e3),
-                            "peak_mem_mb": round(peak_mb, 1)})
-            _progress(records[-1])
-    for r in records:
-        for k in ("ms", "ms_min", "ms_max", "ms_iqr", "ms_per_token", "tokens_per_s"):
-            if k in r:
-                r[k] = round(float(r[k]), 3)
-    return records
-
-
-def _progress(r: dict) -> None:
-    print(f"  {r['impl']:<20} {r['phase']:<7} {r['batch']}x{r['tokens']}: {r['ms']:.1f} ms "
-          f"({r['tokens_per_s']:.1f} tok/s)", file=sys.stderr, flush=True)
+    """Build the model once in this process and measure every impl in `impls` (impls that share one model)."""
+    runner = Runner(impls, args)
+    drive([runner], args)
+    return runner.records()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,7 +491,7 @@ def process_groups(impls: List[str]) -> List[List[str]]:
 
 
 def _child_argv(args, impls: List[str]) -> List[str]:
-    argv = [sys.executable, "-m", "osengine.bench", "--child", ",".join(impls)]
+    argv = [sys.executable, "-m", "osengine.bench", "--serve", ",".join(impls)]
     for key in ("device", "threads", "warmup", "repeats", "prompt_len", "new_tokens", "strategy", "calib",
                 "calib_samples", "calib_seq_len", "recipe", "random"):
         value = getattr(args, key)
@@ -378,21 +506,31 @@ def _child_argv(args, impls: List[str]) -> List[str]:
 
 
 def run(args) -> List[dict]:
-    """Every impl in its own process; records in impl order. A failing impl is reported and skipped."""
-    records = []
+    """Build every model (each in its own process, one after the other), then measure them interleaved (`drive`).
+    Records in impl order; an impl whose process fails is reported and skipped."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    for group in process_groups(args.impls):
-        print(f"[{', '.join(group)}] building and measuring ...", file=sys.stderr, flush=True)
-        if args.in_process:
-            records += run_impls(group, args)
-            continue
-        proc = subprocess.run(_child_argv(args, group), stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            print(f"[{', '.join(group)}] failed (exit {proc.returncode}); skipped", file=sys.stderr, flush=True)
-            continue
-        records += json.loads(lines[-1])
-    return records
+    runners = []
+    try:
+        for group in process_groups(args.impls):
+            print(f"[{', '.join(group)}] building ...", file=sys.stderr, flush=True)
+            try:
+                runners.append(Runner(group, args) if args.in_process else ChildRunner(group, args, env))
+            except RunnerFailed as e:
+                print(f"[{', '.join(group)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+        print(f"measuring {', '.join(i for r in runners for i in r.impls)} interleaved ...", file=sys.stderr,
+              flush=True)
+        alive = drive(runners, args)
+        by_impl = {}
+        for runner in alive:
+            try:
+                for record in runner.records():
+                    by_impl.setdefault(record["impl"], []).append(record)
+            except RunnerFailed as e:
+                print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+        return [r for impl in args.impls for r in by_impl.get(impl, [])]
+    finally:
+        for runner in runners:
+            runner.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,7 +658,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes)")
     p.add_argument("--random-llama7b", dest="random", action="store_const", const="llama7b",
                    help="same as --random llama7b")
-    p.add_argument("--in-process", action="store_true", help="measure in this process (no per-impl peak memory)")
+    p.add_argument("--in-process", action="store_true",
+                   help="build and measure every model in this process (no per-impl peak memory)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the results")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the records to FILE")
     p.add_argument("--json", action="store_true", help="print the list of records as JSON (progress on stderr)")
@@ -577,11 +716,11 @@ def main(args) -> int:
 def _child_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m osengine.bench")
     add_arguments(p)
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     parse_points(args)
-    if args.child:
-        print(json.dumps(run_impls(args.child.split(","), args)))
+    if args.serve:
+        serve(args.serve.split(","), args)
         return
     sys.exit(main(args))
 

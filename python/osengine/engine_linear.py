@@ -62,6 +62,9 @@ class EngineLinear(nn.Module):
         self._fused: Optional["EngineLinear"] = None
         self._fused_columns = (0, self.out_features)
         self._cache = None  # fused layer: (input, input version, output, members served)
+        # (weight [K], eps) of an RMSNorm that the input still needs (engine_model.fold_norm_into_quantizer): applied
+        # inside the quantize kernel on the CPU fast path, in torch otherwise.
+        self.pre_norm = None
         self._fast = None   # numpy views of the per-call constants (CPU float32 fast path), made on first use
 
     @classmethod
@@ -100,10 +103,11 @@ class EngineLinear(nn.Module):
             return False
         view = (lambda t: None if t is None else t.detach().numpy())
         shift = None if self.separate_shift else view(self.input_shift)
+        norm = (None, 1e-6) if self.pre_norm is None else (view(self.pre_norm[0].float()), self.pre_norm[1])
         self._fast = (view(self.w_scale), view(self.bias), view(self.act_scale),
                       None if self.act_symmetric else view(self.act_zero_point), shift, view(self.input_smooth_scale),
                       "int4_packed" if self.act_bits <= 4 else "int8",
-                      self.input_shift if self.separate_shift else None)
+                      self.input_shift if self.separate_shift else None, norm)
         return self._fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +139,13 @@ class EngineLinear(nn.Module):
 
     def _forward_cpu(self, x: torch.Tensor, fast) -> torch.Tensor:
         """CPU float32: numpy views in, prepared constants; the same ops (hence the same floats) as the generic path."""
-        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate = fast
+        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps) = fast
         shape = x.shape
         k, n = self.in_features, self.out_features
         x2 = (x.detach() if x.requires_grad else x).reshape(-1, k)
         if separate is not None:
+            if norm is not None:
+                x2, norm = self._normalize(x2), None
             x2 = x2 - separate  # the elementwise pass that the fused kernel saves
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -152,12 +158,12 @@ class EngineLinear(nn.Module):
             a_scale = np.empty(param_shape, dtype=np.float32)
             a_zero_point = np.empty(param_shape, dtype=np.int32)
             _C.quantize_dynamic(xn, shift, smooth_scale, codes, a_scale, a_zero_point, self.act_bits,
-                                self.act_symmetric, self.act_group_size, "auto", 0)
+                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps)
             if self.act_symmetric:
                 a_zero_point = None
         else:
             _C.quantize_static(xn, shift, smooth_scale, act_scale, act_zero_point, codes, self.act_bits,
-                               self.act_symmetric, self.act_group_size, "auto", 0)
+                               self.act_symmetric, self.act_group_size, "auto", 0, norm, eps)
             a_scale, a_zero_point = act_scale, act_zero_point
         if a_format == "int4_packed":
             packed_codes = np.empty((m, k // 2), dtype=np.uint8)
@@ -167,9 +173,18 @@ class EngineLinear(nn.Module):
         _C.gemm(codes, self.packed, a_scale, w_scale, y.numpy(), a_zero_point, bias, None, "none", a_format, 0)
         return y.view(*shape[:-1], n)
 
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded RMSNorm in torch, as LLaMA's: weight * (x * rsqrt(mean(x^2) + eps)), computed in fp32."""
+        weight, eps = self.pre_norm
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * y).to(x.dtype)
+
     def _forward_generic(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.pre_norm is not None:
+            x2 = self._normalize(x2)
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
         shift = self.input_shift

@@ -1,11 +1,13 @@
-"""Model-level pieces of an engine-backed model: fused shared-input linears, an int8 embedding table (and lm_head on
-the engine), and the model's memory as the engine holds it.
+"""Model-level pieces of an engine-backed model: fused shared-input linears (with the RMSNorm that feeds them folded
+into their activation quantization), an int8 embedding table (and lm_head on the engine), and the model's memory as
+the engine holds it.
 
 `convert_to_engine(model, fuse=..., quantize_embeddings=...)` calls these; they can also be applied to a model that
 already runs EngineLinears.
 """
 from __future__ import annotations
 
+import types
 from typing import List, Optional
 
 import numpy as np
@@ -90,9 +92,51 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             except AttributeError:
                 continue
             if len(members) > 1 and can_fuse(members):
-                fuse_linears(members)
+                layer = fuse_linears(members)
                 fused += 1
+                if site.producer_kind == "rmsnorm":
+                    fold_norm_into_quantizer(model.get_submodule(site.producer), layer)
     return fused
+
+
+# RMSNorms computed as weight * (x * rsqrt(mean(x^2) + eps)) in fp32: what the fused quantize kernel does.
+FOLDABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _passthrough(self, hidden_states):
+    """Forward of a norm folded into the quantization of its only reader: the reader normalizes."""
+    return hidden_states
+
+
+def fold_norm_into_quantizer(norm: nn.Module, layer: EngineLinear) -> bool:
+    """Let `layer` (a fused EngineLinear that is the only reader of `norm`'s output: the q/k/v or gate/up of a
+    LLaMA-family block) apply the RMSNorm inside its activation quantization, and make `norm` pass its input through:
+    the normalized activations are then never written out in fp32 (one pass instead of six). CPU backends and
+    the RMSNorm classes of FOLDABLE_NORMS only; returns whether it folded. The norm keeps its weight (state dict
+    unchanged); unfold_norms undoes it."""
+    if type(norm).__name__ not in FOLDABLE_NORMS or layer.packed is None or layer.packed.backend == "cuda":
+        return False
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if weight is None or eps is None or weight.device.type != "cpu" or weight.shape != (layer.in_features,):
+        return False
+    layer.pre_norm = (weight, float(eps))
+    layer._fast = None
+    norm.forward = types.MethodType(_passthrough, norm)  # an instance attribute: shadows the class's forward
+    object.__setattr__(norm, "_osengine_reader", layer)
+    return True
+
+
+def unfold_norms(model: nn.Module) -> int:
+    """Undo fold_norm_into_quantizer everywhere in `model` (norms compute again, their readers stop normalizing)."""
+    count = 0
+    for m in model.modules():
+        layer = m.__dict__.pop("_osengine_reader", None)
+        if layer is not None:
+            m.__dict__.pop("forward", None)
+            layer.pre_norm = None
+            layer._fast = None
+            count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------------------

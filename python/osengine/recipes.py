@@ -7,7 +7,7 @@ from typing import Any, Union
 
 import yaml
 
-from .quantizers import GRANULARITIES, OBSERVERS, QuantSpec
+from .quantizers import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, QuantSpec
 
 PRESET_DIR = Path(__file__).parent / "recipes"
 ALWAYS_FP = ("lm_head", "embeddings")  # outside the transformer blocks: never quantized in this version
@@ -48,8 +48,8 @@ def preset_names() -> list:
 def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe field '{where}' must be a mapping, got {type(raw).__name__}")
-    allowed = {"bits", "symmetric", "granularity", "group_size"} | (
-        set() if is_weight else {"dynamic", "observer", "quantile"})
+    allowed = {"bits", "symmetric", "granularity", "group_size", "observer"} | (
+        set() if is_weight else {"dynamic", "quantile"})
     unknown = set(raw) - allowed
     if unknown:
         raise RecipeError(f"recipe field '{where}.{sorted(unknown)[0]}' is unknown (allowed: {sorted(allowed)})")
@@ -71,7 +71,11 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     elif group is not None:
         raise RecipeError(f"recipe field '{where}.group_size' is only meaningful with granularity per-group")
     if is_weight:
-        return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group)
+        observer = raw.get("observer", "minmax")
+        if observer not in WEIGHT_OBSERVERS:
+            raise RecipeError(f"recipe field '{where}.observer' must be one of {list(WEIGHT_OBSERVERS)} for weights, "
+                              f"got {observer!r}")
+        return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, observer=observer)
     dynamic = raw.get("dynamic", gran != "per-tensor")
     if not isinstance(dynamic, bool):
         raise RecipeError(f"recipe field '{where}.dynamic' must be true or false, got {dynamic!r}")

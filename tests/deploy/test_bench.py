@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine import bench
 from osengine.engine_linear import EngineLinear, convert_to_engine
-from osengine.engine_model import EngineEmbedding, model_memory, quantize_embeddings, set_shift_mode
+from osengine.engine_model import EngineEmbedding, model_memory, quantize_embeddings, set_shift_mode, unfold_norms
 
 from deploy_testing import tiny_llama
 
@@ -91,6 +91,40 @@ def test_cli_bench_prints_json_records(tmp_path):
     assert (tmp_path / "e2e.png").stat().st_size > 1000
 
 
+class ScriptedRunner:
+    """Stands in for a Runner: logs the samples it is asked for; fails on its `fail_at`-th call."""
+
+    def __init__(self, impls, log, fail_at=None):
+        self.impls, self.log, self.fail_at, self.calls = impls, log, fail_at, 0
+
+    def sample(self, impl, phase, batch, tokens, timed):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise bench.RunnerFailed("exit 1")
+        self.log.append((impl, phase, batch, timed))
+        return 1.0
+
+
+def test_drive_interleaves_the_impls_and_drops_a_failed_runner():
+    args = bench_args("--prefill", "1x8", "--decode-batch", "2", "--warmup", "1", "--repeats", "3")
+    log = []
+    fp, shift = ScriptedRunner(["fp32"], log), ScriptedRunner(["w8a8_shift_fused", "w8a8_shift_separate"], log)
+    assert bench.drive([fp, shift], args) == [fp, shift]
+    prefill = [(impl, timed) for impl, phase, _, timed in log if phase == "prefill"]
+    # Warm-up for every impl first, then timed rounds over all impls with the first one rotating.
+    assert prefill == [("fp32", False), ("w8a8_shift_fused", False), ("w8a8_shift_separate", False),
+                       ("fp32", True), ("w8a8_shift_fused", True), ("w8a8_shift_separate", True),
+                       ("w8a8_shift_fused", True), ("w8a8_shift_separate", True), ("fp32", True),
+                       ("w8a8_shift_separate", True), ("fp32", True), ("w8a8_shift_fused", True)]
+    assert [p for _, p, _, _ in log] == ["prefill"] * 12 + ["decode"] * 12  # points one after the other
+
+    log.clear()
+    w8 = ScriptedRunner(["w8a8"], log, fail_at=3)
+    fp = ScriptedRunner(["fp32"], log)
+    assert bench.drive([w8, fp], args) == [fp]  # the failed one is dropped, the rest measured to the end
+    assert sum(1 for impl, *_ in log if impl == "fp32") == 8 and sum(1 for impl, *_ in log if impl == "w8a8") == 2
+
+
 # ---- the engine model it measures ----
 
 @pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8"])
@@ -101,12 +135,16 @@ def test_engine_greedy_tokens_equal_the_fake_quant_models(recipe):
     with torch.no_grad():
         fake_tokens = model.generate(prompt, max_new_tokens=12, do_sample=False)
     unfused = convert_to_engine(copy.deepcopy(model), fuse=False)
-    convert_to_engine(model)  # fused q/k/v and gate/up
+    fused_plain = convert_to_engine(copy.deepcopy(model))
+    assert unfold_norms(fused_plain) == 2 * 2  # input and post-attention RMSNorm of 2 layers
+    assert torch.equal(logits(fused_plain), logits(unfused))  # every column is computed as by the layer alone
+    convert_to_engine(model)  # fused q/k/v and gate/up, the RMSNorms folded into their activation quantization
     fused = [m for m in model.modules() if isinstance(m, EngineLinear) and m._fused is not None]
     assert len(fused) == 2 * 5  # 2 layers x (q, k, v, gate, up)
+    assert len({id(m._fused) for m in fused if m._fused.pre_norm is not None}) == 2 * 2
     got = logits(model)
     assert rel(got, want) < 1e-3
-    assert torch.equal(got, logits(unfused))  # every column is computed as by the layer alone
+    assert rel(got, logits(unfused)) < 1e-4  # the norm in the kernel: fp32, its own summation order
     with torch.no_grad():
         engine_tokens = model.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(engine_tokens, fake_tokens)

@@ -58,11 +58,35 @@ def test_quantize_dynamic_reference_matches_numpy(m, k, bits, symmetric, fused, 
         np.testing.assert_array_equal(q.codes[row], numpy_quantize(y[row], scale[row], q.zero_point[row], qmin, qmax))
 
 
+@given(m=st.sampled_from(SIZES), k=st.sampled_from(SIZES), symmetric=st.booleans(), fused=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_quantize_with_rms_norm_reference_matches_numpy(m, k, symmetric, fused, seed):
+    """The fused RMSNorm: y = w * (x / sqrt(mean(x^2) + eps)) before the shift and scale. numpy computes the norm in
+    float64, the engine in fp32, so codes may differ by one where y sits at a rounding boundary."""
+    assume(m * k <= 300_000)
+    rng = np.random.default_rng(seed)
+    x = activations(rng, m, k)
+    w = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    shift = rng.standard_normal(k).astype(np.float32) if fused else None
+    smooth = rng.uniform(0.5, 4.0, k).astype(np.float32) if fused else None
+    q = osengine.quantize_activations(x, bits=8, symmetric=symmetric, shift=shift, smooth_scale=smooth,
+                                      rms_norm_weight=w, rms_norm_eps=1e-5, backend="reference")
+    x64 = x.astype(np.float64)
+    y = (w * (x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-5))).astype(np.float32)
+    if fused:
+        y = (y - shift) / smooth
+    qmin, qmax = osengine.code_range(8, symmetric)
+    want = np.stack([numpy_quantize(y[r], q.scale[r], q.zero_point[r], qmin, qmax) for r in range(m)])
+    diff = np.abs(want.astype(np.int32) - np.asarray(q.codes, dtype=np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
 @pytest.mark.parametrize("backend", OPTIMIZED_BACKENDS)
 @given(m=st.sampled_from(SIZES), k=st.sampled_from(SIZES), bits=st.integers(2, 8), symmetric=st.booleans(),
        fused=st.booleans(), group=st.sampled_from([0, 1, 3, 32]), static=st.booleans(), bf16=st.booleans(),
-       seed=st.integers(0, 2**31))
-def test_quantize_optimized_matches_reference(backend, m, k, bits, symmetric, fused, group, static, bf16, seed):
+       normed=st.booleans(), seed=st.integers(0, 2**31))
+def test_quantize_optimized_matches_reference(backend, m, k, bits, symmetric, fused, group, static, bf16, normed,
+                                              seed):
     assume(m * k <= 2_000_000)
     assume(group == 0 or k % group == 0)
     rng = np.random.default_rng(seed)
@@ -74,6 +98,9 @@ def test_quantize_optimized_matches_reference(backend, m, k, bits, symmetric, fu
     if fused:
         kwargs["shift"] = rng.standard_normal(k).astype(np.float32)
         kwargs["smooth_scale"] = rng.uniform(0.5, 4.0, k).astype(np.float32)
+    if normed:
+        kwargs["rms_norm_weight"] = rng.uniform(0.2, 3.0, k).astype(np.float32)
+        kwargs["rms_norm_eps"] = 1e-6
     if static:
         groups = k // group if group else 1
         kwargs["scale"] = rng.uniform(0.01, 0.5, groups).astype(np.float32)

@@ -311,3 +311,9 @@ def test_mixed_devices_are_named(rng):
         osengine.quantize_activations(torch.randn(2, 32, device=DEVICE), backend="avx2")
     with pytest.raises(ValueError, match=r"K mismatch"):
         osengine.gemm(cuda(a[:, :16]), packed_gpu, a_scale=0.1, w_scale=0.1)
+
+
+def test_fused_rms_norm_is_refused_on_cuda(rng):
+    x = cuda(rng.standard_normal((4, 64)).astype(np.float32))
+    with pytest.raises(RuntimeError, match="fused RMSNorm .* CPU backends only"):
+        osengine.quantize_activations(x, rms_norm_weight=cuda(np.ones(64, np.float32)))

@@ -121,3 +121,25 @@ def test_bad_codes_and_names(case):
         out.setflags(write=False)
         osengine._C.quantize_dynamic(x, None, None, out, np.empty(2, np.float32), np.empty(2, np.int32), 8, True, 0,
                                      "auto")
+
+
+def test_fused_rms_norm_arguments(case):
+    x, a, w = case
+    norm = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match=r"argument 'rms_norm_weight': .*8"):
+        osengine.quantize_activations(x, rms_norm_weight=np.ones(5, np.float32))
+    with pytest.raises(TypeError, match=r"argument 'rms_norm_weight': expected dtype float32"):
+        osengine.quantize_activations(x, rms_norm_weight=np.ones(8, np.int32))
+    with pytest.raises(ValueError, match=r"argument 'rms_norm_weight': .*finite"):
+        osengine.quantize_activations(x, rms_norm_weight=np.full(8, np.nan, np.float32))
+    for eps in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=r"argument 'rms_norm_eps': must be positive and finite"):
+            osengine.quantize_activations(x, rms_norm_weight=norm, rms_norm_eps=eps)
+    for backend in ("reference", "auto"):
+        bad = x.copy()
+        bad[1, 3] = np.inf
+        with pytest.raises(ValueError, match=r"argument 'x': contains a non-finite value \(inf\) at row 1, column 3"):
+            osengine.quantize_activations(bad, rms_norm_weight=norm, backend=backend)
+        huge = np.full((2, 8), 3e38, np.float32)  # finite, but the sum of squares overflows fp32
+        with pytest.raises(ValueError, match=r"argument 'x': the sum of squares of row 0 overflows"):
+            osengine.quantize_activations(huge, rms_norm_weight=norm, scale=1.0, backend=backend)

@@ -28,6 +28,29 @@ def test_weight_granularities():
         quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=24))
 
 
+@pytest.mark.parametrize("granularity, group_size", [("per-tensor", None), ("per-channel", None), ("per-group", 16)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_weight_observer_clips_only_where_it_helps(granularity, group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[1, 5] = 12.0  # one outlier: clipping it costs less than the coarse steps it forces on the rest
+    minmax = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    mse = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size, observer="mse")
+    q_minmax, q_mse = quantize_weight(w, minmax), quantize_weight(w, mse)
+    rows = lambda q: (q - w).square().sum(dim=1)
+    assert (rows(q_mse) <= rows(q_minmax) + 1e-6).all() or granularity == "per-tensor"
+    assert rows(q_mse).sum() < rows(q_minmax).sum()
+    if granularity != "per-group":  # (within a group of 16 the outlier may be worth keeping)
+        assert q_mse[1, 5] < q_minmax[1, 5] - 0.1  # the outlier is clipped (MinMax keeps it: ~12)
+    # A row whose values sit on the MinMax grid loses nothing to clipping: it keeps its MinMax quantization.
+    grid = torch.linspace(-1, 1, 64) if symmetric else torch.linspace(0, 1, 64)
+    exact = QuantSpec(bits=8, symmetric=symmetric, granularity="per-channel", observer="mse")
+    on_grid = quantize_weight(grid[None], QuantSpec(bits=8, symmetric=symmetric, granularity="per-channel"))
+    assert torch.equal(quantize_weight(on_grid, exact), on_grid)
+    with pytest.raises(ValueError, match="observer"):
+        quantize_weight(w, QuantSpec(bits=4, observer="quantile"))
+
+
 def test_static_observers():
     batches = [torch.tensor([[-1.0, 2.0]]), torch.tensor([[-3.0, 4.0]])]
     for observer, (lo, hi) in (("minmax", (-3.0, 4.0)), ("avgminmax", (-2.0, 3.0))):

@@ -40,6 +40,7 @@ def test_yaml_file(tmp_path):
     ({"weights": {"granularity": "per-token"}, "activations": {}}, "weights.granularity"),
     ({"weights": {"granularity": "per-group"}, "activations": {}}, "weights.group_size"),
     ({"weights": {}, "activations": {"observer": "ema"}}, "activations.observer"),
+    ({"weights": {"observer": "quantile"}, "activations": {}}, "weights.observer"),
     ({"weights": {}, "activations": {"quantile": 2}}, "activations.quantile"),
     ({"weights": {}, "activations": {}, "bmm_inputs": "yes"}, "bmm_inputs"),
     ({"weights": {}, "activations": {}, "keep_fp": ["embeddings"]}, "keep_fp"),

@@ -1,5 +1,6 @@
-// Activation quantization with a fused OS+ shift and scale:
+// Activation quantization with a fused OS+ shift and scale (and optionally the RMSNorm that produces x):
 //
+//     x = rms_norm_weight[k] * (x * r),  r = 1 / sqrt(sum_k(x^2) / K + eps)   (optional, see QuantizeOptions)
 //     y = (x - shift[k]) / smooth_scale[k]                 (both optional, per channel k of K)
 //     q = clamp(round_half_even(y / delta) + zero_point, qmin, qmax)      stored as int8
 //
@@ -26,6 +27,12 @@ struct QuantizeOptions {
   // cudaStream_t to queue the work on, as an integer (0 = the default stream). Ignored on the CPU. On CUDA, non-finite
   // inputs are not reported (that would need a synchronization): their codes land inside the code range.
   std::uintptr_t stream = 0;
+  // Optional RMSNorm of each row before the shift and scale (LLaMA-family norms whose output only feeds this
+  // quantization: the normalized activations are never written out). float32 [K], CPU only. The sum of squares runs
+  // in 8 interleaved fp32 partial sums (element k into partial k mod 8, each updated with fma), combined as
+  // ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)); r = 1 / sqrt(sum / K + eps); every backend does the same.
+  TensorView rms_norm_weight{};
+  float rms_norm_eps = 1e-6f;
 };
 
 // Static (calibrated) quantization. x: [M, K] float32 or bfloat16, contiguous.

@@ -22,16 +22,45 @@ namespace osengine::detail {
 
 namespace {
 
-// y = (x - shift) / smooth_scale for one row; returns false when some y is not finite.
+// rms_norm_factor (kernels.hpp) with the 8 partial sums in one register: lane l of the fma chain is partial l.
+float rms_norm_factor_avx2(const float* x, std::int64_t k, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  alignas(32) float partial[8];
+  _mm256_store_ps(partial, acc);
+  for (; i < k; ++i) partial[i % 8] = std::fma(x[i], x[i], partial[i % 8]);
+  const float sum = ((partial[0] + partial[4]) + (partial[2] + partial[6])) +
+                    ((partial[1] + partial[5]) + (partial[3] + partial[7]));
+  return 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+}
+
+// y = (x - shift) / smooth_scale for one row, x first normalized when the problem has an RMSNorm; returns false when
+// some y is not finite.
 bool transform_row(const QuantizeProblem& p, std::int64_t row, float* y) {
   const std::int64_t k = p.k;
   const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
   __m256i bad = _mm256_setzero_si256();
   const float* xf = p.x_dtype == DType::float32 ? static_cast<const float*>(p.x) + row * k : nullptr;
   const std::uint16_t* xh = p.x_dtype == DType::bfloat16 ? static_cast<const std::uint16_t*>(p.x) + row * k : nullptr;
+  float r = 1.0f;
+  if (p.rms_norm_weight) {
+    if (xh) {  // bf16: widen the row into y first, then work from there in place
+      for (std::int64_t j = 0; j < k; ++j) y[j] = bf16_to_float(xh[j]);
+      xf = y;
+      xh = nullptr;
+    }
+    r = rms_norm_factor_avx2(xf, k, p.rms_norm_eps);
+    if (!std::isfinite(r) || r == 0.0f) return false;  // non-finite x, or the sum of squares overflowed
+  }
+  const __m256 vr = _mm256_set1_ps(r);
   std::int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     __m256 v = xf ? _mm256_loadu_ps(xf + i) : avx2::load_bf16(xh + i);
+    if (p.rms_norm_weight) v = _mm256_mul_ps(_mm256_loadu_ps(p.rms_norm_weight + i), _mm256_mul_ps(v, vr));
     if (p.shift) v = _mm256_sub_ps(v, _mm256_loadu_ps(p.shift + i));
     if (p.smooth_scale) v = _mm256_div_ps(v, _mm256_loadu_ps(p.smooth_scale + i));
     bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), exp_mask), exp_mask));
@@ -40,6 +69,7 @@ bool transform_row(const QuantizeProblem& p, std::int64_t row, float* y) {
   bool finite = _mm256_testz_si256(bad, bad) != 0;
   for (; i < k; ++i) {
     float v = xf ? xf[i] : bf16_to_float(xh[i]);
+    if (p.rms_norm_weight) v = p.rms_norm_weight[i] * (v * r);
     if (p.shift) v = v - p.shift[i];
     if (p.smooth_scale) v = v / p.smooth_scale[i];
     if (!std::isfinite(v)) finite = false;

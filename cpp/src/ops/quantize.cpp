@@ -1,7 +1,10 @@
 // Activation quantization: validation and dispatch.
 #include "osengine/quantize.hpp"
 
+#include <cmath>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "common/checks.hpp"
 #include "common/float_math.hpp"
@@ -41,6 +44,17 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
     check.dim_equals(*arg, name, 0, k, "K, one value per channel of x");
   }
   if (shift.defined()) check.finite(shift, "shift");
+  const TensorView& norm = options.rms_norm_weight;
+  if (norm.defined()) {
+    if (x.device == Device::cuda)
+      throw UnsupportedError(std::string("osengine.") + check.op() +
+                             ": the fused RMSNorm (rms_norm_weight) runs on the CPU backends only");
+    check.tensor(norm, "rms_norm_weight", {DType::float32}, 1);
+    check.dim_equals(norm, "rms_norm_weight", 0, k, "K, one value per channel of x");
+    check.finite(norm, "rms_norm_weight");
+    if (!(options.rms_norm_eps > 0.0f) || !std::isfinite(options.rms_norm_eps))
+      check.fail("rms_norm_eps", "must be positive and finite, got " + std::to_string(options.rms_norm_eps));
+  }
   if (smooth_scale.defined()) check.positive_finite(smooth_scale, "smooth_scale");
   check.tensor(out_codes, "out_codes", {DType::int8}, 2);
   if (out_codes.size(0) != m || out_codes.size(1) != k)
@@ -53,6 +67,8 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
   p.k = k;
   p.shift = shift.defined() ? shift.ptr<const float>() : nullptr;
   p.smooth_scale = smooth_scale.defined() ? smooth_scale.ptr<const float>() : nullptr;
+  p.rms_norm_weight = norm.defined() ? norm.ptr<const float>() : nullptr;
+  p.rms_norm_eps = options.rms_norm_eps;
   p.group_size = options.group_size > 0 ? options.group_size : k;
   const CodeRange range = code_range(options.bits, options.symmetric);
   p.qmin = range.qmin;
@@ -99,6 +115,21 @@ std::int64_t run_quantize(const detail::QuantizeProblem& p, const TensorView& x,
     }
   }
   std::ostringstream msg;
+  if (p.rms_norm_weight) {
+    std::vector<float> x(static_cast<std::size_t>(p.k));
+    for (std::int64_t col = 0; col < p.k; ++col) {
+      const std::int64_t i = row * p.k + col;
+      x[static_cast<std::size_t>(col)] = p.x_dtype == DType::bfloat16
+                                             ? detail::bf16_to_float(static_cast<const std::uint16_t*>(p.x)[i])
+                                             : static_cast<const float*>(p.x)[i];
+    }
+    const float r = detail::rms_norm_factor(x.data(), p.k, p.rms_norm_eps);
+    if (!std::isfinite(r) || r == 0.0f) {
+      msg << "the sum of squares of row " << row << " overflows float32 in the fused RMSNorm; x is too large to be "
+          << "normalized in fp32";
+      check.fail("x", msg.str());
+    }
+  }
   msg << "(x - shift) / smooth_scale overflows to a non-finite value in row " << row
       << " although x is finite there; check that smooth_scale is not tiny";
   check.fail("smooth_scale", msg.str());

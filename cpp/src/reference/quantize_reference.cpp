@@ -22,13 +22,28 @@ std::int8_t quantize_value(float y, float delta, std::int32_t zero_point, int qm
 
 }  // namespace
 
+float rms_norm_factor(const float* x, std::int64_t k, float eps) {
+  float partial[8] = {};
+  for (std::int64_t i = 0; i < k; ++i) partial[i % 8] = std::fma(x[i], x[i], partial[i % 8]);
+  const float sum = ((partial[0] + partial[4]) + (partial[2] + partial[6])) +
+                    ((partial[1] + partial[5]) + (partial[3] + partial[7]));
+  return 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+}
+
 std::int64_t quantize_reference(const QuantizeProblem& p) {
   const std::int64_t groups = p.k / p.group_size;
   std::vector<float> y(static_cast<std::size_t>(p.k));
   for (std::int64_t row = 0; row < p.m; ++row) {
-    // y = (x - shift) / smooth_scale
+    for (std::int64_t col = 0; col < p.k; ++col) y[static_cast<std::size_t>(col)] = load_x(p, row * p.k + col);
+    float r = 1.0f;
+    if (p.rms_norm_weight) {
+      r = rms_norm_factor(y.data(), p.k, p.rms_norm_eps);
+      if (!std::isfinite(r) || r == 0.0f) return row;  // the sum of squares overflowed
+    }
+    // x = w * (x * r); y = (x - shift) / smooth_scale
     for (std::int64_t col = 0; col < p.k; ++col) {
-      float v = load_x(p, row * p.k + col);
+      float v = y[static_cast<std::size_t>(col)];
+      if (p.rms_norm_weight) v = p.rms_norm_weight[col] * (v * r);
       if (p.shift) v = v - p.shift[col];
       if (p.smooth_scale) v = v / p.smooth_scale[col];
       if (!std::isfinite(v)) return row;

@@ -1,0 +1,161 @@
+// Per-core arithmetic ceilings of an AVX2 CPU: what the int8 GEMM kernels can reach at most, and fp32 for comparison.
+//
+//   c++ -O2 -mavx2 -mfma benchmarks/cpu_peak.cpp -o /tmp/cpu_peak && /tmp/cpu_peak [--json]
+//
+// Each line runs one instruction mix in a loop of independent register chains (no memory traffic except where
+// noted, and then from L1), on one thread, and reports multiply-accumulates per second (GMAC/s): the median of
+// --repeats timings (default 7) of ~0.2 s each, the mixes taking turns. Mixes:
+//   fp32_fma          vfmadd231ps: 8 fp32 MACs per instruction (what torch's fp32 GEMM runs).
+//   int16_madd        vpmaddwd alone: 16 int16 MACs per instruction (products summed in pairs to int32).
+//   int16_madd_add    vpmaddwd + vpaddd: the arithmetic of osengine's exact int8 GEMM (no VNNI), one int32
+//                     accumulation per product vector.
+//   w8a8_kernel_step  one k-pair step of the 6 x 16 microkernel: 2 vpmovsxbw W loads, 6 vpbroadcastd A loads,
+//                     12 vpmaddwd, 12 vpaddd (operands in L1).
+//   u8s8_maddubs      vpmaddubsw alone: 32 u8 x s8 MACs per instruction, int16 pair sums that saturate — not usable
+//                     for general int8 x int8 without VNNI, shown for reference.
+// The ratio w8a8_kernel_step / fp32_fma bounds how much faster the W8A8 GEMM can be than an fp32 GEMM that runs at
+// the FMA peak on this core.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+#define CLOBBER_ALL "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+                    "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory"
+#define FMA(x) "vfmadd231ps %%ymm12, %%ymm13, %%ymm" #x "\n\t"
+#define MADD(x) "vpmaddwd %%ymm12, %%ymm13, %%ymm" #x "\n\t"
+#define MADDUBS(x) "vpmaddubsw %%ymm12, %%ymm13, %%ymm" #x "\n\t"
+#define TWELVE(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+// Products go to ymm15 each time (register renaming keeps several in flight), then accumulate.
+#define MADD_ADD(x0, x1)                                                   \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"                                 \
+  "vpaddd %%ymm15, %%ymm" #x0 ", %%ymm" #x0 "\n\t"                        \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"                                 \
+  "vpaddd %%ymm15, %%ymm" #x1 ", %%ymm" #x1 "\n\t"
+#define ROW(off, x0, x1)                                                   \
+  "vpbroadcastd " #off "(%[a]), %%ymm14\n\t"                              \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"                                 \
+  "vpaddd %%ymm15, %%ymm" #x0 ", %%ymm" #x0 "\n\t"                        \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"                                 \
+  "vpaddd %%ymm15, %%ymm" #x1 ", %%ymm" #x1 "\n\t"
+
+alignas(64) std::int8_t w_bytes[64];
+alignas(64) std::int32_t a_pairs[8];
+
+struct Mix {
+  const char* name;
+  double macs_per_iteration;
+  void (*run)(std::int64_t iterations);
+};
+
+void run_fp32_fma(std::int64_t n) {
+  asm volatile("vxorps %%xmm12, %%xmm12, %%xmm12\n\tvxorps %%xmm13, %%xmm13, %%xmm13\n\t"
+               "1:\n\t" TWELVE(FMA) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_int16_madd(std::int64_t n) {
+  asm volatile("vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+               "1:\n\t" TWELVE(MADD) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_int16_madd_add(std::int64_t n) {
+  asm volatile("vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+               "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"
+               "1:\n\t" MADD_ADD(0, 1) MADD_ADD(2, 3) MADD_ADD(4, 5) MADD_ADD(6, 7) MADD_ADD(8, 9) MADD_ADD(10, 11)
+               "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_w8a8_kernel_step(std::int64_t n) {
+  asm volatile("1:\n\t"
+               "vpmovsxbw (%[w]), %%ymm12\n\t"
+               "vpmovsxbw 16(%[w]), %%ymm13\n\t" ROW(0, 0, 1) ROW(4, 2, 3) ROW(8, 4, 5) ROW(12, 6, 7) ROW(16, 8, 9)
+                   ROW(20, 10, 11) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               : [w] "r"(w_bytes), [a] "r"(a_pairs)
+               : CLOBBER_ALL);
+}
+void run_u8s8_maddubs(std::int64_t n) {
+  asm volatile("vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+               "1:\n\t" TWELVE(MADDUBS) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+
+double seconds_for(const Mix& mix, std::int64_t iterations) {
+  const auto t0 = std::chrono::steady_clock::now();
+  mix.run(iterations);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool json = false;
+  int repeats = 7;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--json") {
+      json = true;
+    } else if (arg == "--repeats" && i + 1 < argc) {
+      repeats = std::max(1, std::atoi(argv[++i]));
+    } else {
+      std::fprintf(stderr, "usage: %s [--json] [--repeats N]\n", argv[0]);
+      return 2;
+    }
+  }
+  std::memset(w_bytes, 1, sizeof w_bytes);
+  for (auto& a : a_pairs) a = 0x00010001;
+  const Mix mixes[] = {
+      {"fp32_fma", 12 * 8, run_fp32_fma},
+      {"int16_madd", 12 * 16, run_int16_madd},
+      {"int16_madd_add", 12 * 16, run_int16_madd_add},
+      {"w8a8_kernel_step", 12 * 16, run_w8a8_kernel_step},
+      {"u8s8_maddubs", 12 * 32, run_u8s8_maddubs},
+  };
+  // Iteration counts for ~0.2 s each; then the mixes take turns (round robin) so that a busy machine slows them
+  // alike, and each mix's median is kept.
+  const std::size_t n_mixes = sizeof mixes / sizeof mixes[0];
+  std::vector<std::int64_t> iterations(n_mixes, 1 << 16);
+  for (std::size_t i = 0; i < n_mixes; ++i) {
+    while (seconds_for(mixes[i], iterations[i]) < 0.05) iterations[i] *= 2;
+    iterations[i] = static_cast<std::int64_t>(iterations[i] * 0.2 / std::max(1e-9, seconds_for(mixes[i], iterations[i])));
+  }
+  std::vector<std::vector<double>> rates(n_mixes);
+  for (int r = 0; r < repeats; ++r)
+    for (std::size_t i = 0; i < n_mixes; ++i)
+      rates[i].push_back(mixes[i].macs_per_iteration * static_cast<double>(iterations[i]) /
+                         seconds_for(mixes[i], iterations[i]) / 1e9);
+  std::vector<double> gmacs;
+  for (auto& r : rates) {
+    std::sort(r.begin(), r.end());
+    gmacs.push_back(r[r.size() / 2]);
+  }
+  const double fp32 = gmacs[0];
+  if (json) {
+    std::printf("[");
+    for (std::size_t i = 0; i < gmacs.size(); ++i)
+      std::printf("%s{\"mix\": \"%s\", \"gmac_per_s\": %.2f, \"vs_fp32_fma\": %.3f}", i ? ", " : "", mixes[i].name,
+                  gmacs[i], gmacs[i] / fp32);
+    std::printf("]\n");
+  } else {
+    std::printf("per-core ceilings, one thread (median of %d runs)\n", repeats);
+    std::printf("%-18s %12s %12s\n", "mix", "GMAC/s", "vs fp32 FMA");
+    for (std::size_t i = 0; i < gmacs.size(); ++i)
+      std::printf("%-18s %12.1f %11.2fx\n", mixes[i].name, gmacs[i], gmacs[i] / fp32);
+  }
+  return 0;
+}
