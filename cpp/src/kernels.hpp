@@ -12,9 +12,11 @@
 namespace osengine::detail {
 
 struct QuantizeProblem {
-  const void* x = nullptr;     // [m, k] float32 or bfloat16 (x_dtype)
+  const void* x = nullptr;     // [m, k] float32 or bfloat16 (x_dtype); [m, 2k] = [gate | up] with silu_gate
   DType x_dtype = DType::float32;
   std::int64_t m = 0, k = 0;
+  std::int64_t x_stride = 0;   // elements per row of x: 2k with silu_gate; 0 means k
+  bool silu_gate = false;
   const float* shift = nullptr;         // [k] or null
   const float* smooth_scale = nullptr;  // [k] or null
   const float* rms_norm_weight = nullptr;  // [k] or null: x is normalized first (see quantize.hpp)
@@ -31,6 +33,8 @@ struct QuantizeProblem {
   float* out_delta = nullptr;
   std::int32_t* out_zero_point = nullptr;
   std::int8_t* codes = nullptr;  // [m, k]
+
+  std::int64_t x_row_elements() const { return x_stride > 0 ? x_stride : k; }
 };
 
 // The RMSNorm factor r = 1 / sqrt(sum(x^2) / k + eps) of one row x[k] (fp32, the summation order of quantize.hpp);

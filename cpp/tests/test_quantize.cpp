@@ -104,6 +104,31 @@ TEST(fused_rms_norm_equals_quantizing_the_normalized_input_on_every_backend) {
   }
 }
 
+TEST(fused_silu_gate_equals_quantizing_the_product_on_every_backend) {
+  const std::int64_t m = 3, k = 21;  // x = [gate | up]: [3, 42]
+  auto x = random_floats(m * 2 * k, 5, 4.0f);
+  std::vector<float> y(static_cast<std::size_t>(m * k));
+  for (std::int64_t row = 0; row < m; ++row)
+    for (std::int64_t j = 0; j < k; ++j)
+      y[row * k + j] = detail::silu_approx(x[row * 2 * k + j]) * x[row * 2 * k + k + j];
+  std::vector<std::int8_t> want(y.size());
+  std::vector<float> d_want(m);
+  std::vector<std::int32_t> z_want(m);
+  quantize_dynamic(view(y.data(), {m, k}), {}, {}, view(want.data(), {m, k}), view(d_want.data(), {m}),
+                   view(z_want.data(), {m}), reference_options(8, true));
+  for (Backend backend : {Backend::reference, Backend::automatic}) {
+    std::vector<std::int8_t> got(y.size());
+    std::vector<float> d(m);
+    std::vector<std::int32_t> z(m);
+    QuantizeOptions options{8, true, 0, backend};
+    options.silu_gate = true;
+    quantize_dynamic(view(x.data(), {m, 2 * k}), {}, {}, view(got.data(), {m, k}), view(d.data(), {m}),
+                     view(z.data(), {m}), options);
+    CHECK(got == want);
+    CHECK(d == d_want);
+  }
+}
+
 TEST(dynamic_per_token_error_is_within_half_a_step_for_every_bit_width) {
   const std::int64_t m = 7, k = 64;
   auto x = random_floats(m * k, 3, 2.0f);

@@ -65,6 +65,9 @@ class EngineLinear(nn.Module):
         # (weight [K], eps) of an RMSNorm that the input still needs (engine_model.fold_norm_into_quantizer): applied
         # inside the quantize kernel on the CPU fast path, in torch otherwise.
         self.pre_norm = None
+        # True when the input is [gate | up] of 2 * in_features columns and the layer quantizes silu(gate) * up
+        # (engine_model.fold_gate_into_down_proj): inside the quantize kernel on the CPU fast path, in torch otherwise.
+        self.pre_gate = False
         self._fast = None   # numpy views of the per-call constants (CPU float32 fast path), made on first use
 
     @classmethod
@@ -107,7 +110,7 @@ class EngineLinear(nn.Module):
         self._fast = (view(self.w_scale), view(self.bias), view(self.act_scale),
                       None if self.act_symmetric else view(self.act_zero_point), shift, view(self.input_smooth_scale),
                       "int4_packed" if self.act_bits <= 4 else "int8",
-                      self.input_shift if self.separate_shift else None, norm)
+                      self.input_shift if self.separate_shift else None, norm, self.pre_gate)
         return self._fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,13 +142,15 @@ class EngineLinear(nn.Module):
 
     def _forward_cpu(self, x: torch.Tensor, fast) -> torch.Tensor:
         """CPU float32: numpy views in, prepared constants; the same ops (hence the same floats) as the generic path."""
-        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps) = fast
+        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps), gate = fast
         shape = x.shape
         k, n = self.in_features, self.out_features
-        x2 = (x.detach() if x.requires_grad else x).reshape(-1, k)
+        x2 = (x.detach() if x.requires_grad else x).reshape(-1, 2 * k if gate else k)
         if separate is not None:
             if norm is not None:
                 x2, norm = self._normalize(x2), None
+            if gate:
+                x2, gate = self._gate(x2), False
             x2 = x2 - separate  # the elementwise pass that the fused kernel saves
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -158,12 +163,12 @@ class EngineLinear(nn.Module):
             a_scale = np.empty(param_shape, dtype=np.float32)
             a_zero_point = np.empty(param_shape, dtype=np.int32)
             _C.quantize_dynamic(xn, shift, smooth_scale, codes, a_scale, a_zero_point, self.act_bits,
-                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps)
+                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate)
             if self.act_symmetric:
                 a_zero_point = None
         else:
             _C.quantize_static(xn, shift, smooth_scale, act_scale, act_zero_point, codes, self.act_bits,
-                               self.act_symmetric, self.act_group_size, "auto", 0, norm, eps)
+                               self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate)
             a_scale, a_zero_point = act_scale, act_zero_point
         if a_format == "int4_packed":
             packed_codes = np.empty((m, k // 2), dtype=np.uint8)
@@ -180,8 +185,16 @@ class EngineLinear(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (weight.float() * y).to(x.dtype)
 
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The folded SiLU gate in torch: silu(gate) * up of x = [gate | up]."""
+        gate, up = x[..., :self.in_features], x[..., self.in_features:]
+        return torch.nn.functional.silu(gate) * up
+
     def _forward_generic(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.pre_gate:
+            x = self._gate(x)
+            shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.pre_norm is not None:
             x2 = self._normalize(x2)

@@ -96,6 +96,9 @@ def fuse_shared_inputs(model: nn.Module) -> int:
                 fused += 1
                 if site.producer_kind == "rmsnorm":
                     fold_norm_into_quantizer(model.get_submodule(site.producer), layer)
+                parent = site.consumers[0].rpartition(".")[0]
+                if [n.rpartition(".")[2] for n in site.consumers] == ["gate_proj", "up_proj"]:
+                    fold_gate_into_down_proj(model.get_submodule(parent), layer)
     return fused
 
 
@@ -124,6 +127,50 @@ def fold_norm_into_quantizer(norm: nn.Module, layer: EngineLinear) -> bool:
     norm.forward = types.MethodType(_passthrough, norm)  # an instance attribute: shadows the class's forward
     object.__setattr__(norm, "_osengine_reader", layer)
     return True
+
+
+# MLPs computed as down_proj(silu(gate_proj(x)) * up_proj(x)).
+FOLDABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+
+
+def _gated_mlp_forward(self, x):
+    """Forward of an MLP whose SiLU gate is folded into down_proj's quantization: down_proj reads [gate | up]."""
+    return self.down_proj(self.gate_proj._fused._compute(x))
+
+
+def fold_gate_into_down_proj(mlp: nn.Module, gate_up: EngineLinear) -> bool:
+    """Let the MLP's down_proj compute silu(gate) * up inside its activation quantization, reading the fused
+    gate/up layer's whole output [gate | up]: the product is never written out in fp32 (one pass instead of three).
+    CPU backends, SiLU, the MLP classes of FOLDABLE_MLPS only; returns whether it folded; unfold_gates undoes it."""
+    down = getattr(mlp, "down_proj", None)
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    act = type(getattr(mlp, "act_fn", None)).__name__
+    if (type(mlp).__name__ not in FOLDABLE_MLPS or act not in ("SiLU", "SiLUActivation")
+            or not isinstance(down, EngineLinear) or down._fused is not None or down.packed is None
+            or down.packed.backend == "cuda" or gate_up.packed is None or gate_up.packed.backend == "cuda"
+            or not isinstance(gate, EngineLinear) or not isinstance(up, EngineLinear)
+            or gate._fused is not gate_up or up._fused is not gate_up
+            or gate._fused_columns != (0, down.in_features)
+            or up._fused_columns != (down.in_features, 2 * down.in_features)):
+        return False
+    down.pre_gate = True
+    down._fast = None
+    mlp.forward = types.MethodType(_gated_mlp_forward, mlp)  # an instance attribute: shadows the class's forward
+    object.__setattr__(mlp, "_osengine_gate_reader", down)
+    return True
+
+
+def unfold_gates(model: nn.Module) -> int:
+    """Undo fold_gate_into_down_proj everywhere in `model`."""
+    count = 0
+    for m in model.modules():
+        down = m.__dict__.pop("_osengine_gate_reader", None)
+        if down is not None:
+            m.__dict__.pop("forward", None)
+            down.pre_gate = False
+            down._fast = None
+            count += 1
+    return count
 
 
 def unfold_norms(model: nn.Module) -> int:

@@ -110,6 +110,7 @@ def quantize(
     backend: str = "auto",
     rms_norm_weight: Any = None,
     rms_norm_eps: float = 1e-6,
+    silu_gate: bool = False,
 ) -> QuantizedActivations:
     """Quantize activations x [M, K] (float32 or bfloat16) with an optional fused OS+ shift and scale.
 
@@ -117,9 +118,16 @@ def quantize(
     Static when `scale` is given (one value, or one per group); otherwise dynamic per token (per row, or per row and
     group), and the computed scale and zero point are returned. With `rms_norm_weight` [K] (CPU), x is first
     normalized as by a LLaMA RMSNorm, rms_norm_weight * x / sqrt(mean(x^2) + rms_norm_eps), inside the same pass.
+    With `silu_gate` (CPU), x is [gate | up] of shape [M, 2K] and silu(gate) * up [M, K] is quantized (a LLaMA MLP's
+    down_proj input, never written out in fp32).
     """
     x = _detach(x)
     m, k = _shape(x, "x", "quantize")
+    if silu_gate:
+        if k % 2:
+            raise ValueError(f"osengine.quantize: argument 'x': must hold [gate | up] (an even number of columns) "
+                             f"with silu_gate, got shape {[m, k]}")
+        k //= 2
     shift = _as_array(shift, "float32", x)
     smooth_scale = _as_array(smooth_scale, "float32", x)
     norm = _as_array(rms_norm_weight, "float32", x)
@@ -128,7 +136,7 @@ def quantize(
         scale = _as_array(scale, "float32", x)
         zero_point = _as_array(zero_point, "int32", x)
         _C.quantize_static(x, shift, smooth_scale, scale, zero_point, codes, bits, symmetric, group_size, backend,
-                           _stream(x), norm, rms_norm_eps)
+                           _stream(x), norm, rms_norm_eps, silu_gate)
         return QuantizedActivations(codes, scale, zero_point)
     if zero_point is not None:
         raise ValueError("osengine.quantize: argument 'zero_point': given without 'scale'; static quantization needs both "
@@ -138,7 +146,7 @@ def quantize(
     out_scale = _empty(x, param_shape, "float32")
     out_zero_point = _empty(x, param_shape, "int32")
     _C.quantize_dynamic(x, shift, smooth_scale, codes, out_scale, out_zero_point, bits, symmetric, group_size, backend,
-                        _stream(x), norm, rms_norm_eps)
+                        _stream(x), norm, rms_norm_eps, silu_gate)
     return QuantizedActivations(codes, out_scale, out_zero_point)
 
 

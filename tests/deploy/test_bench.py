@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine import bench
 from osengine.engine_linear import EngineLinear, convert_to_engine
-from osengine.engine_model import EngineEmbedding, model_memory, quantize_embeddings, set_shift_mode, unfold_norms
+from osengine.engine_model import (EngineEmbedding, model_memory, quantize_embeddings, set_shift_mode,
+                                   unfold_gates, unfold_norms)
 
 from deploy_testing import tiny_llama
 
@@ -137,11 +138,13 @@ def test_engine_greedy_tokens_equal_the_fake_quant_models(recipe):
     unfused = convert_to_engine(copy.deepcopy(model), fuse=False)
     fused_plain = convert_to_engine(copy.deepcopy(model))
     assert unfold_norms(fused_plain) == 2 * 2  # input and post-attention RMSNorm of 2 layers
+    assert unfold_gates(fused_plain) == 2  # each layer's SiLU gate
     assert torch.equal(logits(fused_plain), logits(unfused))  # every column is computed as by the layer alone
-    convert_to_engine(model)  # fused q/k/v and gate/up, the RMSNorms folded into their activation quantization
+    convert_to_engine(model)  # fused q/k/v and gate/up; RMSNorms and SiLU gates folded into activation quantization
     fused = [m for m in model.modules() if isinstance(m, EngineLinear) and m._fused is not None]
     assert len(fused) == 2 * 5  # 2 layers x (q, k, v, gate, up)
     assert len({id(m._fused) for m in fused if m._fused.pre_norm is not None}) == 2 * 2
+    assert sum(1 for m in model.modules() if isinstance(m, EngineLinear) and m.pre_gate) == 2  # the down_projs
     got = logits(model)
     assert rel(got, want) < 1e-3
     assert rel(got, logits(unfused)) < 1e-4  # the norm in the kernel: fp32, its own summation order

@@ -317,3 +317,9 @@ def test_fused_rms_norm_is_refused_on_cuda(rng):
     x = cuda(rng.standard_normal((4, 64)).astype(np.float32))
     with pytest.raises(RuntimeError, match="fused RMSNorm .* CPU backends only"):
         osengine.quantize_activations(x, rms_norm_weight=cuda(np.ones(64, np.float32)))
+
+
+def test_fused_silu_gate_is_refused_on_cuda(rng):
+    x = cuda(rng.standard_normal((4, 64)).astype(np.float32))
+    with pytest.raises(RuntimeError, match="fused SiLU gate .* CPU backends only"):
+        osengine.quantize_activations(x, silu_gate=True)

@@ -143,3 +143,21 @@ def test_fused_rms_norm_arguments(case):
         huge = np.full((2, 8), 3e38, np.float32)  # finite, but the sum of squares overflows fp32
         with pytest.raises(ValueError, match=r"argument 'x': the sum of squares of row 0 overflows"):
             osengine.quantize_activations(huge, rms_norm_weight=norm, scale=1.0, backend=backend)
+
+
+def test_fused_silu_gate_arguments(case):
+    x, a, w = case  # x is [2, 8]: gate and up of 4 columns each
+    q = osengine.quantize_activations(x, silu_gate=True)
+    assert q.codes.shape == (2, 4)
+    with pytest.raises(ValueError, match=r"argument 'x': must hold \[gate \| up\] \(an even number of columns\)"):
+        osengine.quantize_activations(np.ones((2, 7), np.float32), silu_gate=True)
+    with pytest.raises(ValueError, match=r"argument 'shift': .*4"):
+        osengine.quantize_activations(x, silu_gate=True, shift=np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match=r"argument 'rms_norm_weight': cannot be combined with silu_gate"):
+        osengine.quantize_activations(x, silu_gate=True, rms_norm_weight=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"argument 'group_size': must divide K = 4 \(half the columns of x"):
+        osengine.quantize_activations(x, silu_gate=True, group_size=3)
+    bad = x.copy()
+    bad[1, 6] = np.nan
+    with pytest.raises(ValueError, match=r"argument 'x': contains a non-finite value \(nan\) at row 1, column 6"):
+        osengine.quantize_activations(bad, silu_gate=True)

@@ -1,6 +1,7 @@
 // Activation quantization with a fused OS+ shift and scale (and optionally the RMSNorm that produces x):
 //
 //     x = rms_norm_weight[k] * (x * r),  r = 1 / sqrt(sum_k(x^2) / K + eps)   (optional, see QuantizeOptions)
+//     x = silu(gate[k]) * up[k]  for x = [gate | up] of 2K columns            (optional, see QuantizeOptions)
 //     y = (x - shift[k]) / smooth_scale[k]                 (both optional, per channel k of K)
 //     q = clamp(round_half_even(y / delta) + zero_point, qmin, qmax)      stored as int8
 //
@@ -33,6 +34,11 @@ struct QuantizeOptions {
   // ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)); r = 1 / sqrt(sum / K + eps); every backend does the same.
   TensorView rms_norm_weight{};
   float rms_norm_eps = 1e-6f;
+  // Optional SiLU gate before the shift and scale (LLaMA-family MLPs: the quantization of down_proj's input, fused
+  // with the product that makes it): x holds [gate | up] as [M, 2K] and row m quantizes silu(gate) * up, silu as in
+  // the GEMM epilogue (x / (1 + exp(-x)) with osengine's exp). out_codes, shift and smooth_scale are sized by K.
+  // CPU only; not together with rms_norm_weight.
+  bool silu_gate = false;
 };
 
 // Static (calibrated) quantization. x: [M, K] float32 or bfloat16, contiguous.

@@ -44,8 +44,23 @@ bool transform_row(const QuantizeProblem& p, std::int64_t row, float* y) {
   const std::int64_t k = p.k;
   const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
   __m256i bad = _mm256_setzero_si256();
-  const float* xf = p.x_dtype == DType::float32 ? static_cast<const float*>(p.x) + row * k : nullptr;
-  const std::uint16_t* xh = p.x_dtype == DType::bfloat16 ? static_cast<const std::uint16_t*>(p.x) + row * k : nullptr;
+  const float* xf = p.x_dtype == DType::float32 ? static_cast<const float*>(p.x) + row * p.x_row_elements() : nullptr;
+  const std::uint16_t* xh =
+      p.x_dtype == DType::bfloat16 ? static_cast<const std::uint16_t*>(p.x) + row * p.x_row_elements() : nullptr;
+  if (p.silu_gate) {  // silu(gate) * up into y first, then work from there in place
+    std::int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      const __m256 g = xf ? _mm256_loadu_ps(xf + j) : avx2::load_bf16(xh + j);
+      const __m256 u = xf ? _mm256_loadu_ps(xf + k + j) : avx2::load_bf16(xh + k + j);
+      _mm256_storeu_ps(y + j, _mm256_mul_ps(avx2::silu_approx(g), u));
+    }
+    for (; j < k; ++j) {
+      const float g = xf ? xf[j] : bf16_to_float(xh[j]), u = xf ? xf[k + j] : bf16_to_float(xh[k + j]);
+      y[j] = silu_approx(g) * u;
+    }
+    xf = y;
+    xh = nullptr;
+  }
   float r = 1.0f;
   if (p.rms_norm_weight) {
     if (xh) {  // bf16: widen the row into y first, then work from there in place

@@ -30,11 +30,23 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
   else
     check.tensor(x, "x", {DType::float32, DType::bfloat16}, 2);
   check.not_empty(x, "x");
-  const std::int64_t m = x.size(0), k = x.size(1);
+  const std::int64_t m = x.size(0), x_cols = x.size(1);
+  if (options.silu_gate) {
+    if (x.device == Device::cuda)
+      throw UnsupportedError(std::string("osengine.") + check.op() +
+                             ": the fused SiLU gate (silu_gate) runs on the CPU backends only");
+    if (x_cols % 2 != 0)
+      check.fail("x", "must hold [gate | up] (an even number of columns) with silu_gate, got shape " +
+                          x.shape_string());
+    if (options.rms_norm_weight.defined())
+      check.fail("rms_norm_weight", "cannot be combined with silu_gate (one prologue per quantization)");
+  }
+  const std::int64_t k = options.silu_gate ? x_cols / 2 : x_cols;
   if (options.group_size < 0) check.fail("group_size", "must be >= 0 (0 = no groups)");
   if (options.group_size > 0 && k % options.group_size != 0) {
     std::ostringstream msg;
-    msg << "must divide K = " << k << " (the last dimension of x), got " << options.group_size;
+    msg << "must divide K = " << k << (options.silu_gate ? " (half the columns of x: silu_gate)" : " (the last dimension of x)")
+        << ", got " << options.group_size;
     check.fail("group_size", msg.str());
   }
   for (const auto* arg : {&shift, &smooth_scale}) {
@@ -58,13 +70,17 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
   if (smooth_scale.defined()) check.positive_finite(smooth_scale, "smooth_scale");
   check.tensor(out_codes, "out_codes", {DType::int8}, 2);
   if (out_codes.size(0) != m || out_codes.size(1) != k)
-    check.fail("out_codes", "must have the shape of x " + x.shape_string() + ", got " + out_codes.shape_string());
+    check.fail("out_codes", std::string(options.silu_gate ? "must be [M, K] for x = [gate | up] of shape "
+                                                          : "must have the shape of x ") +
+                                x.shape_string() + ", got " + out_codes.shape_string());
 
   detail::QuantizeProblem p;
   p.x = x.data;
   p.x_dtype = x.dtype;
   p.m = m;
   p.k = k;
+  p.x_stride = x_cols;
+  p.silu_gate = options.silu_gate;
   p.shift = shift.defined() ? shift.ptr<const float>() : nullptr;
   p.smooth_scale = smooth_scale.defined() ? smooth_scale.ptr<const float>() : nullptr;
   p.rms_norm_weight = norm.defined() ? norm.ptr<const float>() : nullptr;
@@ -103,8 +119,8 @@ std::int64_t run_quantize(const detail::QuantizeProblem& p, const TensorView& x,
 }
 
 [[noreturn]] void report_nonfinite(const detail::Checker& check, const detail::QuantizeProblem& p, std::int64_t row) {
-  for (std::int64_t col = 0; col < p.k; ++col) {
-    const std::int64_t i = row * p.k + col;
+  for (std::int64_t col = 0; col < p.x_row_elements(); ++col) {
+    const std::int64_t i = row * p.x_row_elements() + col;
     const float v = p.x_dtype == DType::bfloat16 ? detail::bf16_to_float(static_cast<const std::uint16_t*>(p.x)[i])
                                                  : static_cast<const float*>(p.x)[i];
     if (!std::isfinite(v)) {
@@ -129,6 +145,10 @@ std::int64_t run_quantize(const detail::QuantizeProblem& p, const TensorView& x,
           << "normalized in fp32";
       check.fail("x", msg.str());
     }
+  }
+  if (p.silu_gate) {
+    msg << "silu(gate) * up overflows to a non-finite value in row " << row << " although x is finite there";
+    check.fail("x", msg.str());
   }
   msg << "(x - shift) / smooth_scale overflows to a non-finite value in row " << row
       << " although x is finite there; check that smooth_scale is not tiny";

@@ -34,13 +34,17 @@ std::int64_t quantize_reference(const QuantizeProblem& p) {
   const std::int64_t groups = p.k / p.group_size;
   std::vector<float> y(static_cast<std::size_t>(p.k));
   for (std::int64_t row = 0; row < p.m; ++row) {
-    for (std::int64_t col = 0; col < p.k; ++col) y[static_cast<std::size_t>(col)] = load_x(p, row * p.k + col);
+    for (std::int64_t col = 0; col < p.k; ++col) {
+      float v = load_x(p, row * p.x_row_elements() + col);
+      if (p.silu_gate) v = silu_approx(v) * load_x(p, row * p.x_row_elements() + p.k + col);  // silu(gate) * up
+      y[static_cast<std::size_t>(col)] = v;
+    }
     float r = 1.0f;
     if (p.rms_norm_weight) {
       r = rms_norm_factor(y.data(), p.k, p.rms_norm_eps);
       if (!std::isfinite(r) || r == 0.0f) return row;  // the sum of squares overflowed
     }
-    // x = w * (x * r); y = (x - shift) / smooth_scale
+    // x = w * (x * r) (the gate and the norm never come together); y = (x - shift) / smooth_scale
     for (std::int64_t col = 0; col < p.k; ++col) {
       float v = y[static_cast<std::size_t>(col)];
       if (p.rms_norm_weight) v = p.rms_norm_weight[col] * (v * r);
