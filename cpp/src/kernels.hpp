@@ -79,7 +79,8 @@ WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, st
 // Unpack `count` rows (rows[i], or 0..count-1 when rows is null) into codes [count, k].
 void unpack_weights_reference(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
                               std::int8_t* codes);
-WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits);
+WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
+                               std::int64_t group_size);
 void unpack_weights_avx2(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
                          std::int8_t* codes);
 

@@ -39,7 +39,7 @@ struct PackedWeightsBuilder {
     detail::WeightLayout layout;
 #ifdef OSENGINE_HAVE_AVX2_KERNELS
     if (backend == Backend::avx2)
-      layout = detail::pack_weights_avx2(codes, n, k, bits);
+      layout = detail::pack_weights_avx2(codes, n, k, bits, group_size);
     else
 #endif
       layout = detail::pack_weights_reference(codes, n, k, bits);
