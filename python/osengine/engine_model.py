@@ -123,9 +123,7 @@ def fold_norm_into_quantizer(norm: nn.Module, layer: EngineLinear) -> bool:
     if weight is None or eps is None or weight.device.type != "cpu" or weight.shape != (layer.in_features,):
         return False
     layer.pre_norm = (weight, float(eps))
-    layer._fast = None
-    norm.forward = types.MethodType(_passthrough, norm)  # an instance attribute: shadows the class's forward
-    object.__setattr__(norm, "_osengine_reader", layer)
+    _install(norm, _passthrough, "_osengine_norm_reader", layer)
     return True
 
 
@@ -154,34 +152,37 @@ def fold_gate_into_down_proj(mlp: nn.Module, gate_up: EngineLinear) -> bool:
             or up._fused_columns != (down.in_features, 2 * down.in_features)):
         return False
     down.pre_gate = True
-    down._fast = None
-    mlp.forward = types.MethodType(_gated_mlp_forward, mlp)  # an instance attribute: shadows the class's forward
-    object.__setattr__(mlp, "_osengine_gate_reader", down)
+    _install(mlp, _gated_mlp_forward, "_osengine_gate_reader", down)
     return True
 
 
 def unfold_gates(model: nn.Module) -> int:
     """Undo fold_gate_into_down_proj everywhere in `model`."""
-    count = 0
-    for m in model.modules():
-        down = m.__dict__.pop("_osengine_gate_reader", None)
-        if down is not None:
-            m.__dict__.pop("forward", None)
-            down.pre_gate = False
-            down._fast = None
-            count += 1
-    return count
+    return _unfold(model, "_osengine_gate_reader", lambda down: setattr(down, "pre_gate", False))
 
 
 def unfold_norms(model: nn.Module) -> int:
     """Undo fold_norm_into_quantizer everywhere in `model` (norms compute again, their readers stop normalizing)."""
+    return _unfold(model, "_osengine_norm_reader", lambda layer: setattr(layer, "pre_norm", None))
+
+
+def _install(module: nn.Module, forward, tag: str, reader: EngineLinear) -> None:
+    """Give `module` its folded forward (an instance attribute: it shadows the class's forward) and remember the
+    EngineLinear that now does its work (a plain attribute, outside the module tree) under `tag`."""
+    reader._fast = None
+    module.forward = types.MethodType(forward, module)
+    object.__setattr__(module, tag, reader)
+
+
+def _unfold(model: nn.Module, tag: str, reset) -> int:
+    """Remove the folded forward of every module tagged `tag` and reset its reader; returns how many."""
     count = 0
     for m in model.modules():
-        layer = m.__dict__.pop("_osengine_reader", None)
-        if layer is not None:
+        reader = m.__dict__.pop(tag, None)
+        if reader is not None:
             m.__dict__.pop("forward", None)
-            layer.pre_norm = None
-            layer._fast = None
+            reset(reader)
+            reader._fast = None
             count += 1
     return count
 

@@ -484,50 +484,61 @@ std::vector<std::int32_t>& a_buffer() {
   return buffer;
 }
 
-void gemm_w8(const GemmProblem& p, const Context& ctx) {
+// Work split shared by the W8 and W4 GEMMs: items = (M block of mb rows) x (N panel of 16 columns), M block outer.
+// mb keeps the prepared A block (a_row_bytes per row) at <= ~3 MB, in the L3 next to W; with few panels it is cut
+// so that the threads get enough items, and the blocks are made equal (a capped first block would leave the last
+// one short and the threads unbalanced). One body per thread, made by make_worker() (its per-thread state); the
+// threads claim chunks of items from a shared counter, in order (so they work on the same A block at the same
+// time), which also keeps the others going when the machine is shared and one thread gets descheduled. The minimum
+// chunk (~2M MACs, k_macs per row and column) keeps small problems on one thread. A worker is called as
+// work(panel, m_begin, m_end).
+template <class MakeWorker>
+void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes, std::int64_t k_macs,
+                MakeWorker make_worker) {
   const std::int64_t n_panels = (p.n + kNR - 1) / kNR;
-  const std::int64_t kp = ctx.steps * 2;
   const int threads = get_num_threads();
-  // M block: the widened A block (MB x Kp int16) stays in the L3 next to W.
-  std::int64_t mb = std::max<std::int64_t>(kMR, (std::int64_t{3} << 20) / (kp * 2) / kMR * kMR);
-  // Enough items for the threads when there are few panels.
+  std::int64_t mb = std::max<std::int64_t>(mr, (std::int64_t{3} << 20) / a_row_bytes / mr * mr);
   const std::int64_t want_items = 4 * static_cast<std::int64_t>(threads);
   if (n_panels < want_items) {
     const std::int64_t blocks = (want_items + n_panels - 1) / n_panels;
-    mb = std::min(mb, round_up((p.m + blocks - 1) / blocks, kMR));
+    mb = std::min(mb, round_up((p.m + blocks - 1) / blocks, mr));
   }
-  mb = std::max<std::int64_t>(mb, kMR);
-  // Equal blocks (a capped first block would leave the last one short and the threads unbalanced).
+  mb = std::max<std::int64_t>(mb, mr);
   std::int64_t m_blocks = (p.m + mb - 1) / mb;
-  mb = round_up((p.m + m_blocks - 1) / m_blocks, kMR);
+  mb = round_up((p.m + m_blocks - 1) / m_blocks, mr);
   m_blocks = (p.m + mb - 1) / mb;
   const std::int64_t items = m_blocks * n_panels;
-  const std::int64_t item_macs = std::min(mb, p.m) * kNR * kp;
+  const std::int64_t item_macs = std::min(mb, p.m) * kNR * k_macs;
   const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
-  // One body per thread; the threads claim chunks of items from a shared counter, in order (so they work on the
-  // same A block at the same time), which also keeps the others going when the machine is shared and one thread
-  // gets descheduled.
   const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(threads, items / min_chunk));
   const std::int64_t chunk = std::max(min_chunk, items / (workers * 16));
   std::atomic<std::int64_t> next{0};
   parallel_for(workers, 1, [&](std::int64_t, std::int64_t) {
-    PanelParams pp;
+    auto work = make_worker();
     for (;;) {
       const std::int64_t begin = next.fetch_add(chunk);
       if (begin >= items) break;
       const std::int64_t end = std::min(items, begin + chunk);
       for (std::int64_t item = begin; item < end; ++item) {
         const std::int64_t block = item / n_panels, panel = item % n_panels;
-        if (!p.out_accumulators && pp.n0 != panel * kNR) prepare_panel(ctx, panel, pp);
-        if (p.out_accumulators) {
-          pp.n0 = panel * kNR;
-          pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
-        }
-        const std::int64_t m_end = std::min(p.m, (block + 1) * mb);
-        for (std::int64_t m0 = block * mb; m0 < m_end; m0 += kMR)
-          run_tile(ctx, pp, m0, std::min<std::int64_t>(kMR, m_end - m0));
+        work(panel, block * mb, std::min(p.m, (block + 1) * mb));
       }
     }
+  });
+}
+
+void gemm_w8(const GemmProblem& p, const Context& ctx) {
+  const std::int64_t kp = ctx.steps * 2;
+  run_blocks(p, kMR, kp * 2, kp, [&] {
+    return [&p, &ctx, pp = PanelParams{}](std::int64_t panel, std::int64_t m_begin, std::int64_t m_end) mutable {
+      if (!p.out_accumulators && pp.n0 != panel * kNR) prepare_panel(ctx, panel, pp);
+      if (p.out_accumulators) {
+        pp.n0 = panel * kNR;
+        pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
+      }
+      for (std::int64_t m0 = m_begin; m0 < m_end; m0 += kMR)
+        run_tile(ctx, pp, m0, std::min<std::int64_t>(kMR, m_end - m0));
+    };
   });
 }
 
@@ -737,44 +748,16 @@ void gemm_w4(const GemmProblem& p) {
   parallel_for(p.m, std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(1, p.k)),
                [&](std::int64_t r0, std::int64_t r1) { prepare_w4_rows(p, c.shape, a_out, rowsum_out, r0, r1); });
 
-  const std::int64_t n_panels = (p.n + kNR - 1) / kNR;
-  const int threads = get_num_threads();
-  // M blocks as in gemm_w8 (the prepared A block next to W in the L3), in tiles of kW4MR rows.
-  std::int64_t mb = std::max<std::int64_t>(kW4MR, (std::int64_t{3} << 20) / lda / kW4MR * kW4MR);
-  const std::int64_t want_items = 4 * static_cast<std::int64_t>(threads);
-  if (n_panels < want_items) {
-    const std::int64_t blocks = (want_items + n_panels - 1) / n_panels;
-    mb = std::min(mb, round_up((p.m + blocks - 1) / blocks, kW4MR));
-  }
-  mb = std::max<std::int64_t>(mb, kW4MR);
-  std::int64_t m_blocks = (p.m + mb - 1) / mb;
-  mb = round_up((p.m + m_blocks - 1) / m_blocks, kW4MR);
-  m_blocks = (p.m + mb - 1) / mb;
-  const std::int64_t items = m_blocks * n_panels;
-  const std::int64_t item_macs = std::min(mb, p.m) * kNR * lda;
-  const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
-  const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(threads, items / min_chunk));
-  const std::int64_t chunk = std::max(min_chunk, items / (workers * 16));
-  std::atomic<std::int64_t> next{0};
-  parallel_for(workers, 1, [&](std::int64_t, std::int64_t) {
-    PanelParams pp;
-    std::vector<std::int32_t> colsum;
-    std::int64_t current = -1;
-    for (;;) {
-      const std::int64_t begin = next.fetch_add(chunk);
-      if (begin >= items) break;
-      const std::int64_t end = std::min(items, begin + chunk);
-      for (std::int64_t item = begin; item < end; ++item) {
-        const std::int64_t block = item / n_panels, panel = item % n_panels;
-        if (panel != current) {
-          prepare_w4_panel(c, panel, pp, colsum);
-          current = panel;
-        }
-        const std::int64_t m_end = std::min(p.m, (block + 1) * mb);
-        for (std::int64_t m0 = block * mb; m0 < m_end; m0 += kW4MR)
-          run_w4_tile(c, pp, colsum.data(), m0, std::min<std::int64_t>(kW4MR, m_end - m0));
+  run_blocks(p, kW4MR, lda, lda, [&] {
+    return [&c, pp = PanelParams{}, colsum = std::vector<std::int32_t>{}, current = std::int64_t{-1}](
+               std::int64_t panel, std::int64_t m_begin, std::int64_t m_end) mutable {
+      if (panel != current) {
+        prepare_w4_panel(c, panel, pp, colsum);
+        current = panel;
       }
-    }
+      for (std::int64_t m0 = m_begin; m0 < m_end; m0 += kW4MR)
+        run_w4_tile(c, pp, colsum.data(), m0, std::min<std::int64_t>(kW4MR, m_end - m0));
+    };
   });
 }
 
