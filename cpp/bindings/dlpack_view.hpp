@@ -1,5 +1,6 @@
 // Turning Python objects into osengine::TensorView without copying: numpy arrays through the buffer protocol,
-// anything else (torch tensors, CPU or CUDA) through the DLPack protocol (__dlpack__).
+// anything else (torch tensors, CPU or CUDA) through the DLPack protocol (__dlpack__; for plain torch tensors
+// torch.utils.dlpack.to_dlpack, the same capsule made in C).
 #pragma once
 #include <pybind11/pybind11.h>
 

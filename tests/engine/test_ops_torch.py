@@ -53,6 +53,39 @@ def test_requires_grad_inputs_are_accepted():
     assert q.codes.shape == (2, 16)
 
 
+def test_every_kind_of_torch_tensor_is_read_as_torch_sees_it():
+    # Plain tensors take torch's C exporter, others (Parameter) Tensor.__dlpack__: same values.
+    x = torch.randn(3, 32)
+    want = osengine.quantize_activations(x.numpy(), bits=8, symmetric=False)
+    for tensor in (x, torch.nn.Parameter(x.clone(), requires_grad=False), torch.nn.Parameter(x.clone())):
+        q = osengine.quantize_activations(tensor, bits=8, symmetric=False)
+        np.testing.assert_array_equal(q.codes.numpy(), want.codes)
+        np.testing.assert_array_equal(q.scale.numpy(), want.scale)
+    strided = torch.randn(32, 3).t()  # not contiguous: refused, never read as if it were
+    with pytest.raises(TypeError, match=r"argument 'x': must be contiguous"):
+        osengine._C.quantize_dynamic(strided, None, None, torch.empty(3, 32, dtype=torch.int8), torch.empty(3),
+                                     torch.empty(3, dtype=torch.int32), 8, True, 0, "auto")
+
+
+def test_a_lazily_negated_view_is_refused():
+    # DLPack exports such a view's memory without the negation: reading it would silently flip every sign.
+    negated = torch._neg_view(-torch.randn(3, 32))
+    assert negated.is_neg()
+    with pytest.raises(ValueError, match=r"argument 'x': is a lazily negated torch view.*resolve_neg\(\)"):
+        osengine.quantize_activations(negated)
+    q = osengine.quantize_activations(negated.resolve_neg())
+    assert q.codes.shape == (3, 32)
+
+
+def test_an_output_that_requires_grad_is_refused_by_the_extension():
+    codes = torch.empty(2, 16, dtype=torch.int8)
+    scale = torch.empty(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"argument 'out_delta': could not be exported through DLPack: BufferError: "
+                                         r"Can't export tensors that require gradient[^\n]*detach\(\)\)$"):
+        osengine._C.quantize_dynamic(torch.randn(2, 16), None, None, codes, scale, torch.empty(2, dtype=torch.int32),
+                                     8, True, 0, "auto")
+
+
 def test_unsupported_torch_dtype_is_named():
     with pytest.raises(TypeError, match=r"argument 'x': unsupported dtype"):
         osengine.quantize_activations(torch.randn(2, 8, dtype=torch.float64))
