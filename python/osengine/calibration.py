@@ -246,6 +246,66 @@ def set_token_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
             m.token_mask = mask
 
 
+def _block_outputs(block: nn.Module, calls: list) -> list:
+    return [_run_block(block, c) for c in calls]
+
+
+def _output_error(outputs: list, targets: list, masks: list) -> float:
+    """Sum of squared differences over the real tokens of every batch."""
+    total = 0.0
+    for out, target, mask in zip(outputs, targets, masks):
+        diff = (out.float() - target.float())
+        if mask is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(mask.shape):
+            diff = diff[mask]
+        total += float(diff.pow(2).sum())
+    return total
+
+
+@torch.no_grad()
+def search_clipping(block: nn.Module, block_name: str, sites: list, calls: list, masks: list) -> list:
+    """Observer "search": for each static activation quantizer of the block (those reading one site's input as
+    one), in the block's order, keep the candidate range (quantiles of the per-token extremes, MinMax first) that
+    gives the least squared error of the block's output against the same block with its activations unquantized
+    (weights quantized), over the calibration batches. Earlier choices stay in place while later ones are searched.
+    Returns one report entry per quantizer group."""
+    site_of = {c: s.name for s in sites for c in s.consumers}
+    groups: dict = {}
+    for name, m in block.named_modules():
+        if isinstance(m, ActQuantizer) and not m.spec.dynamic and m.spec.observer == "search":
+            owner = name[:-len(".act_quant")] if name.endswith(".act_quant") else name
+            key = site_of.get(f"{block_name}.{owner}", owner)
+            groups.setdefault(key, []).append((owner, m))
+    if not groups:
+        return []
+    quantizers = [m for m in block.modules() if isinstance(m, ActQuantizer)]
+    saved = [m.mode for m in quantizers]
+    for m in quantizers:
+        m.mode = "off"
+    targets = _block_outputs(block, calls)
+    for m, mode in zip(quantizers, saved):
+        m.mode = mode
+    entries = []
+    for key, members in groups.items():
+        candidates = members[0][1].clip_candidates()
+        best = None
+        for q, lo, hi in candidates:
+            for _, m in members:
+                m.set_range(lo, hi)
+            err = _output_error(_block_outputs(block, calls), targets, masks)
+            if best is None or err < best[0]:
+                best = (err, q, lo, hi)
+            if q == 1.0:
+                minmax_err = err
+        err, q, lo, hi = best
+        for _, m in members:
+            m.set_range(lo, hi)
+            m.token_extremes = []
+        entries.append({"block": block_name, "quantizers": [owner for owner, _ in members], "quantile": q,
+                        "range": (lo, hi), "minmax_range": candidates[0][1:], "output_error": err,
+                        "minmax_output_error": minmax_err})
+    return entries
+
+
 def _check_finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():
         raise CalibrationError(f"non-finite activations (NaN or inf) in {where}; check the calibration data and "
@@ -294,7 +354,8 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
             if isinstance(m, ActQuantizer):
                 m.mode = "off"   # switched on block by block, once the block is quantized
 
-    report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "sites": []}
+    report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "sites": [],
+              "clipping": []}
     t0 = time.time()
     calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
     for c in calls:
@@ -349,6 +410,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 _run_block(block, c)
             set_token_mask(block, None)
         set_observing(block, False)
+        report["clipping"] += search_clipping(block, block_name, sites, calls, masks)
         new_calls = []
         for c in calls:
             h = _run_block(block, c)

@@ -13,7 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
-OBSERVERS = ("minmax", "avgminmax", "quantile")   # static activations
+OBSERVERS = ("minmax", "avgminmax", "quantile", "search")   # static activations
+# Activation "search" observer (token-wise clipping searched by output error, the coarse stage of Outlier Suppression
+# v1): candidate ranges are these quantiles of the per-token minima and maxima seen during calibration (1.0 = MinMax);
+# the calibration driver keeps the candidate that gives the least squared error of the block's output.
+CLIP_SEARCH_QUANTILES = (1.0, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
 WEIGHT_OBSERVERS = ("minmax", "mse")               # weights
 # Weight "mse" observer: each row's (or group's) MinMax range shrunk by the factor of this grid that gives the least
 # squared error of the fake-quantized row; 1.0 first, so that a row where clipping does not help keeps its MinMax.
@@ -28,7 +32,7 @@ class QuantSpec:
     granularity: str = "per-tensor"
     group_size: Optional[int] = None
     dynamic: bool = False            # activations only: ranges computed per call instead of calibrated
-    observer: str = "minmax"         # static activations: minmax / avgminmax / quantile; weights: minmax / mse
+    observer: str = "minmax"         # static activations: minmax / avgminmax / quantile / search; weights: minmax / mse
     quantile: float = 0.995          # for observer == "quantile"
 
     @property
@@ -141,6 +145,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("batches", torch.tensor(0))
         self.token_mask: Optional[torch.Tensor] = None   # [batch, tokens] real tokens of the batch being observed
+        self.token_extremes: list = []   # observer "search": (per-token minima, maxima) of each observed batch
 
     def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Drop padding tokens before observing: x is [batch, tokens, channels] (linear inputs) or
@@ -157,6 +162,9 @@ class ActQuantizer(nn.Module):
 
     def _observe(self, x: torch.Tensor) -> None:
         x = self._real_tokens(x.detach()).float()
+        if self.spec.observer == "search":  # MinMax now; the token extremes feed clip_candidates()
+            flat = x.reshape(-1, x.shape[-1])
+            self.token_extremes.append((flat.amin(dim=-1).cpu(), flat.amax(dim=-1).cpu()))
         if self.spec.observer == "quantile":
             # token-wise clipping: quantile of per-token extremes, averaged over batches
             flat = x.reshape(-1, x.shape[-1])
@@ -164,7 +172,7 @@ class ActQuantizer(nn.Module):
             hi = torch.quantile(flat.amax(dim=-1), self.spec.quantile)
         else:
             lo, hi = x.min(), x.max()
-        if self.spec.observer == "minmax":
+        if self.spec.observer in ("minmax", "search"):
             self.lo.copy_(torch.minimum(self.lo, lo))
             self.hi.copy_(torch.maximum(self.hi, hi))
         else:  # running average of per-batch ranges; each batch is counted exactly once
@@ -176,6 +184,26 @@ class ActQuantizer(nn.Module):
                 self.lo.copy_((self.lo * n + lo) / (n + 1))
                 self.hi.copy_((self.hi * n + hi) / (n + 1))
         self.batches += 1
+
+    def clip_candidates(self) -> list:
+        """Observer "search": [(quantile, lo, hi)] from the per-token extremes observed, widest (MinMax) first,
+        without repeats."""
+        if not self.token_extremes:
+            raise RuntimeError("clip_candidates() needs calibration batches observed with observer 'search'")
+        mins = torch.cat([lo for lo, _ in self.token_extremes])
+        maxs = torch.cat([hi for _, hi in self.token_extremes])
+        out, seen = [], set()
+        for q in CLIP_SEARCH_QUANTILES:
+            lo = float(torch.quantile(mins, 1.0 - q)) if q < 1.0 else float(mins.min())
+            hi = float(torch.quantile(maxs, q)) if q < 1.0 else float(maxs.max())
+            if (lo, hi) not in seen:
+                seen.add((lo, hi))
+                out.append((q, lo, hi))
+        return out
+
+    def set_range(self, lo: float, hi: float) -> None:
+        self.lo.fill_(lo)
+        self.hi.fill_(hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":

@@ -27,7 +27,7 @@ class Recipe:
     description: str = ""
 
     def to_dict(self) -> dict:
-        w = {k: v for k, v in self.weights.to_dict().items() if k in ("bits", "symmetric", "granularity", "group_size")}
+        w = {k: v for k, v in self.weights.to_dict().items() if k in ("bits", "symmetric", "granularity", "group_size", "observer")}
         return {"name": self.name, "weights": w, "activations": self.activations.to_dict(),
                 "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp)}
 
@@ -85,6 +85,9 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     observer = raw.get("observer", "minmax")
     if observer not in OBSERVERS:
         raise RecipeError(f"recipe field '{where}.observer' must be one of {list(OBSERVERS)}, got {observer!r}")
+    if dynamic and observer == "search":
+        raise RecipeError(f"recipe field '{where}.observer': 'search' chooses a static range; dynamic activations "
+                          "compute theirs per call (set dynamic: false, or leave the observer out)")
     q = raw.get("quantile", 0.995)
     if not isinstance(q, (int, float)) or not 0.5 < q <= 1.0:
         raise RecipeError(f"recipe field '{where}.quantile' must be a number in (0.5, 1], got {q!r}")

@@ -25,6 +25,14 @@ def markdown_table(report: dict) -> str:
         err1 = f"{mig['error']:.4g}" if "error" in mig else "-"
         lines.append(f"| {e['block']} | {e['site']} | {shift} | {t} | {mig.get('scale_max', 1.0):.3g} | "
                      f"{before:.3g} | {after:.3g} | {err0} | {err1} |")
+    if report.get("clipping"):
+        lines += ["", "Clipping searched on the block output (activation observer `search`):", "",
+                  "| block | quantizers | quantile | range | MinMax range | block error | MinMax block error |",
+                  "|---|---|---:|---|---|---:|---:|"]
+        for c in report["clipping"]:
+            (lo, hi), (mlo, mhi) = c["range"], c["minmax_range"]
+            lines.append(f"| {c['block']} | {', '.join(c['quantizers'])} | {c['quantile']:g} | [{lo:.4g}, {hi:.4g}] | "
+                         f"[{mlo:.4g}, {mhi:.4g}] | {c['output_error']:.4g} | {c['minmax_output_error']:.4g} |")
     return "\n".join(lines) + "\n"
 
 

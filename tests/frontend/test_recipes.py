@@ -41,6 +41,8 @@ def test_yaml_file(tmp_path):
     ({"weights": {"granularity": "per-group"}, "activations": {}}, "weights.group_size"),
     ({"weights": {}, "activations": {"observer": "ema"}}, "activations.observer"),
     ({"weights": {"observer": "quantile"}, "activations": {}}, "weights.observer"),
+    ({"weights": {"observer": "search"}, "activations": {}}, "weights.observer"),
+    ({"weights": {}, "activations": {"granularity": "per-token", "observer": "search"}}, "activations.observer"),
     ({"weights": {}, "activations": {"quantile": 2}}, "activations.quantile"),
     ({"weights": {}, "activations": {}, "bmm_inputs": "yes"}, "bmm_inputs"),
     ({"weights": {}, "activations": {}, "keep_fp": ["embeddings"]}, "keep_fp"),
