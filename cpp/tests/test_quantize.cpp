@@ -13,6 +13,28 @@ namespace {
 QuantizeOptions reference_options(int bits, bool symmetric, std::int64_t group_size = 0) {
   return QuantizeOptions{bits, symmetric, group_size, Backend::reference};
 }
+
+// A fused prologue (`fused` applied to x [m, x_cols]) gives, on every backend, the codes, scales and zero points of
+// the reference quantizing the prologue's result y [m, k] directly.
+void check_fused_prologue(const std::vector<float>& x, std::int64_t x_cols, const std::vector<float>& y,
+                          std::int64_t m, std::int64_t k, QuantizeOptions fused) {
+  std::vector<std::int8_t> want(y.size());
+  std::vector<float> d_want(m);
+  std::vector<std::int32_t> z_want(m);
+  quantize_dynamic(view(y.data(), {m, k}), {}, {}, view(want.data(), {m, k}), view(d_want.data(), {m}),
+                   view(z_want.data(), {m}), reference_options(fused.bits, fused.symmetric));
+  for (Backend backend : {Backend::reference, Backend::automatic}) {
+    std::vector<std::int8_t> got(y.size());
+    std::vector<float> d(m);
+    std::vector<std::int32_t> z(m);
+    fused.backend = backend;
+    quantize_dynamic(view(x.data(), {m, x_cols}), {}, {}, view(got.data(), {m, k}), view(d.data(), {m}),
+                     view(z.data(), {m}), fused);
+    CHECK(got == want);
+    CHECK(d == d_want);
+    CHECK(z == z_want);
+  }
+}
 }  // namespace
 
 TEST(code_ranges) {
@@ -84,24 +106,10 @@ TEST(fused_rms_norm_equals_quantizing_the_normalized_input_on_every_backend) {
     const float r = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
     for (std::int64_t j = 0; j < k; ++j) y[row * k + j] = w[j] * (x[row * k + j] * r);
   }
-  std::vector<std::int8_t> want(x.size());
-  std::vector<float> d_want(m);
-  std::vector<std::int32_t> z_want(m);
-  quantize_dynamic(view(y.data(), {m, k}), {}, {}, view(want.data(), {m, k}), view(d_want.data(), {m}),
-                   view(z_want.data(), {m}), reference_options(8, false));
-  for (Backend backend : {Backend::reference, Backend::automatic}) {
-    std::vector<std::int8_t> got(x.size());
-    std::vector<float> d(m);
-    std::vector<std::int32_t> z(m);
-    QuantizeOptions options{8, false, 0, backend};
-    options.rms_norm_weight = view(w.data(), {k});
-    options.rms_norm_eps = eps;
-    quantize_dynamic(view(x.data(), {m, k}), {}, {}, view(got.data(), {m, k}), view(d.data(), {m}),
-                     view(z.data(), {m}), options);
-    CHECK(got == want);
-    CHECK(d == d_want);
-    CHECK(z == z_want);
-  }
+  QuantizeOptions fused{8, false, 0, Backend::reference};
+  fused.rms_norm_weight = view(w.data(), {k});
+  fused.rms_norm_eps = eps;
+  check_fused_prologue(x, k, y, m, k, fused);
 }
 
 TEST(fused_silu_gate_equals_quantizing_the_product_on_every_backend) {
@@ -111,22 +119,9 @@ TEST(fused_silu_gate_equals_quantizing_the_product_on_every_backend) {
   for (std::int64_t row = 0; row < m; ++row)
     for (std::int64_t j = 0; j < k; ++j)
       y[row * k + j] = detail::silu_approx(x[row * 2 * k + j]) * x[row * 2 * k + k + j];
-  std::vector<std::int8_t> want(y.size());
-  std::vector<float> d_want(m);
-  std::vector<std::int32_t> z_want(m);
-  quantize_dynamic(view(y.data(), {m, k}), {}, {}, view(want.data(), {m, k}), view(d_want.data(), {m}),
-                   view(z_want.data(), {m}), reference_options(8, true));
-  for (Backend backend : {Backend::reference, Backend::automatic}) {
-    std::vector<std::int8_t> got(y.size());
-    std::vector<float> d(m);
-    std::vector<std::int32_t> z(m);
-    QuantizeOptions options{8, true, 0, backend};
-    options.silu_gate = true;
-    quantize_dynamic(view(x.data(), {m, 2 * k}), {}, {}, view(got.data(), {m, k}), view(d.data(), {m}),
-                     view(z.data(), {m}), options);
-    CHECK(got == want);
-    CHECK(d == d_want);
-  }
+  QuantizeOptions fused{8, true, 0, Backend::reference};
+  fused.silu_gate = true;
+  check_fused_prologue(x, 2 * k, y, m, k, fused);
 }
 
 TEST(dynamic_per_token_error_is_within_half_a_step_for_every_bit_width) {

@@ -287,22 +287,18 @@ def search_clipping(block: nn.Module, block_name: str, sites: list, calls: list,
     entries = []
     for key, members in groups.items():
         candidates = members[0][1].clip_candidates()
-        best = None
+        scored = []  # (block output error, quantile, lo, hi), MinMax first
         for q, lo, hi in candidates:
             for _, m in members:
                 m.set_range(lo, hi)
-            err = _output_error(_block_outputs(block, calls), targets, masks)
-            if best is None or err < best[0]:
-                best = (err, q, lo, hi)
-            if q == 1.0:
-                minmax_err = err
-        err, q, lo, hi = best
+            scored.append((_output_error(_block_outputs(block, calls), targets, masks), q, lo, hi))
+        err, q, lo, hi = min(scored, key=lambda e: e[0])  # the first of equals: the widest range
         for _, m in members:
             m.set_range(lo, hi)
             m.token_extremes = []
         entries.append({"block": block_name, "quantizers": [owner for owner, _ in members], "quantile": q,
                         "range": (lo, hi), "minmax_range": candidates[0][1:], "output_error": err,
-                        "minmax_output_error": minmax_err})
+                        "minmax_output_error": scored[0][0]})
     return entries
 
 
