@@ -5,7 +5,13 @@ a copy to the engine (convert_to_engine) and reports, on WikiText-2 test tokens:
   per_linear     every quantized linear on identical inputs: engine vs fake quant (relative error; the arithmetic)
   noise_floor    how far the fake-quant model's own logits move when its input embeddings are scaled by 1 + 1e-6
                  (static quantization rounds at hard boundaries, so a model can be chaotic in its inputs)
-  logits         whole-model engine vs fake-quant logits, and whether 64 greedy tokens are identical
+  logits         whole-model engine (as deployed: convert_to_engine's fusions) vs fake-quant logits, and whether
+                 64 greedy tokens are identical
+  integer_exact  the same against the integer-exact fake quant (quantizers.set_integer_exact: the engine's integer
+                 accumulation and epilogue computed in torch, float for float; osengine.engine_arithmetic): with the
+                 engine model's RMSNorm and SiLU in torch (convert_to_engine(fuse=False)), and as deployed, the
+                 RMSNorms and SiLU gates folded into the quantize kernels simulated in the kernels' arithmetic
+                 (engine_model.simulate_folded_prologues). Expected: identical logits and tokens in both.
 
     python benchmarks/engine_check.py [--strategy osplus] [--recipe w8a8-static] [--samples 4]
 """
@@ -21,7 +27,8 @@ import torch
 import osengine
 from osengine import api
 from osengine.engine_linear import convert_to_engine, engine_linear_from_fake_quant
-from osengine.quantizers import FakeQuantLinear
+from osengine.engine_model import simulate_folded_prologues
+from osengine.quantizers import FakeQuantLinear, set_integer_exact
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -56,20 +63,33 @@ def main() -> None:
         per_linear = sorted((rel(engine_linear_from_fake_quant(n, m)(seen[n][0]), seen[n][1]), n)
                             for n, m in model.named_modules() if n in seen)
         moved = model(inputs_embeds=model.get_input_embeddings()(ids) * (1 + 1e-6)).logits
-        engine = convert_to_engine(copy.deepcopy(model))
-        engine_logits = engine(ids).logits
         prompt = tok("The history of the city begins", return_tensors="pt").input_ids
         gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
-        a, b = model.generate(prompt, **gen), engine.generate(prompt, **gen)
-    same = bool(torch.equal(a, b))
+
+        def compare(reference_logits, reference_tokens, other):
+            other_logits, tokens = other(ids).logits, other.generate(prompt, **gen)
+            same = bool(torch.equal(tokens, reference_tokens))
+            return {"logits_rel_err": rel(other_logits, reference_logits),
+                    "logits_identical": bool(torch.equal(other_logits, reference_logits)),
+                    "greedy_64_identical": same, "greedy_first_difference": None if same else
+                    int((tokens != reference_tokens).nonzero()[0, 1]) - prompt.shape[1]}
+
+        engine = convert_to_engine(copy.deepcopy(model))
+        deployed = compare(logits, model.generate(prompt, **gen), engine)
+        exact = copy.deepcopy(model)
+        set_integer_exact(exact)
+        exact_logits = exact(ids).logits
+        integer_exact = {
+            "vs_float_simulation_logits_rel_err": rel(exact_logits, logits),
+            "engine_unfused": compare(exact_logits, exact.generate(prompt, **gen),
+                                      convert_to_engine(copy.deepcopy(model), fuse=False))}
+        integer_exact["prologues_simulated"] = simulate_folded_prologues(exact, engine)
+        integer_exact["engine_deployed"] = compare(exact(ids).logits, exact.generate(prompt, **gen), engine)
     print(json.dumps({
         "model": args.model, "recipe": args.recipe, "strategy": args.strategy, "tokens": int(ids.shape[1]),
         "per_linear_max_rel_err": per_linear[-1][0], "per_linear_worst_layer": per_linear[-1][1],
         "per_linear_median_rel_err": per_linear[len(per_linear) // 2][0], "linears": len(per_linear),
-        "noise_floor_rel": rel(moved, logits), "logits_rel_err": rel(engine_logits, logits),
-        "greedy_64_identical": same,
-        "greedy_first_difference": None if same else int((a != b).nonzero()[0, 1]) - prompt.shape[1]}))
-
+        "noise_floor_rel": rel(moved, logits), **deployed, "integer_exact": integer_exact}))
 
 if __name__ == "__main__":
     main()

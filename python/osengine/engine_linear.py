@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import _C, ops
+from .quantizers import weight_codes_from_fake_quant
 
 
 class EngineLinear(nn.Module):
@@ -245,29 +246,6 @@ def quantize_weight_symmetric(weight: torch.Tensor, bits: int, group_size: int =
 
 class EngineConversionError(ValueError):
     """A fake-quantized layer whose quantization the engine cannot execute as is."""
-
-
-def weight_codes_from_fake_quant(layer) -> tuple:
-    """Recover integer codes and scales from a fake-quantized weight (values code * delta): MinMax symmetric
-    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax. Symmetric weight
-    specs only (callers check); returns (int8 codes [out, in], scales, group size or 0). Also used by osengine.export."""
-    spec = layer.weight_spec
-    w = layer.weight.detach().float()
-    qmax = 2 ** (spec.bits - 1) - 1
-    if spec.granularity == "per-group":
-        grouped = w.reshape(w.shape[0], -1, spec.group_size)
-        scale = (grouped.abs().amax(dim=-1) / qmax).clamp(min=1e-8)
-        codes = torch.round(grouped / scale[..., None]).reshape_as(w)
-        group_size = spec.group_size
-    elif spec.granularity == "per-channel":
-        scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
-        codes = torch.round(w / scale[:, None])
-        group_size = 0
-    else:  # per-tensor
-        scale = (w.abs().amax() / qmax).clamp(min=1e-8).reshape(1)
-        codes = torch.round(w / scale)
-        group_size = 0
-    return codes.clamp(-qmax, qmax).to(torch.int8), scale, group_size
 
 
 def static_act_qparams_from_fake_quant(name: str, layer, value_range: Optional[tuple] = None) -> tuple:

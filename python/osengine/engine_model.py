@@ -166,6 +166,36 @@ def unfold_norms(model: nn.Module) -> int:
     return _unfold(model, "_osengine_norm_reader", lambda layer: setattr(layer, "pre_norm", None))
 
 
+class _EngineSiLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .engine_arithmetic import engine_silu
+
+        return engine_silu(x).to(x.dtype)
+
+
+def _engine_norm_forward(self, hidden_states):
+    from .engine_arithmetic import engine_rms_norm
+
+    return engine_rms_norm(hidden_states, self.weight, self.variance_epsilon).to(hidden_states.dtype)
+
+
+def simulate_folded_prologues(simulation: nn.Module, engine_model: nn.Module) -> int:
+    """Give a fake-quant model the prologues that `engine_model` (the same model after convert_to_engine) folds into
+    its quantize kernels, in the kernels' arithmetic (osengine.engine_arithmetic): each folded RMSNorm computes
+    engine_rms_norm, each MLP whose SiLU gate is folded uses engine_silu. With quantizers.set_integer_exact on its
+    linears, `simulation` then computes the engine model's floats exactly. Returns the number of modules changed."""
+    count = 0
+    for name, module in engine_model.named_modules():
+        if "_osengine_norm_reader" in module.__dict__:
+            norm = simulation.get_submodule(name)
+            norm.forward = types.MethodType(_engine_norm_forward, norm)
+            count += 1
+        if "_osengine_gate_reader" in module.__dict__:
+            simulation.get_submodule(name).act_fn = _EngineSiLU()
+            count += 1
+    return count
+
+
 def _install(module: nn.Module, forward, tag: str, reader: EngineLinear) -> None:
     """Give `module` its folded forward (an instance attribute: it shadows the class's forward) and remember the
     EngineLinear that now does its work (a plain attribute, outside the module tree) under `tag`."""

@@ -234,7 +234,8 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: Union[str, P
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads (with the compressed-tensors package) and
     vLLM serves. Returns a summary: out, scheme, quantized / ignored layer counts, zero biases added, fused groups
     whose ranges were unified. Raises ExportError (nothing written) for what the format cannot express."""
-    from .engine_linear import EngineConversionError, weight_codes_from_fake_quant
+    from .engine_linear import EngineConversionError
+    from .quantizers import weight_codes_from_fake_quant
 
     quantized, floating = _quantized_linears(model)
     w_spec, a_spec = _check_model(model, quantized)

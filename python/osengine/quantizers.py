@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine_arithmetic import integer_exact_linear
+
 GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
 OBSERVERS = ("minmax", "avgminmax", "quantile", "search")   # static activations
 # Activation "search" observer (token-wise clipping searched by output error, the coarse stage of Outlier Suppression
@@ -61,9 +63,13 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
     return delta, zero_point
 
 
+def centred_codes(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """clamp(round(x / delta) + zp, qmin, qmax) - zp: the integer an int GEMM multiplies (as a float tensor)."""
+    return torch.clamp(torch.round(x / delta) + zero_point, spec.qmin, spec.qmax) - zero_point
+
+
 def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / delta) + zero_point, spec.qmin, spec.qmax)
-    return (q - zero_point) * delta
+    return centred_codes(x, delta, zero_point, spec) * delta
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -108,21 +114,26 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return fake_quant(x, delta, zp, spec).reshape_as(w)
 
 
-def quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Activation quantization with ranges taken from x itself (per tensor, per token, or per token and group)."""
+def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple:
+    """(x, or x viewed as [..., groups, group_size] for per-group, delta, zero point) with ranges taken from x itself
+    (per tensor, per token, or per token and group)."""
     if spec.granularity == "per-tensor":
         lo, hi = x.min(), x.max()
     elif spec.granularity == "per-token":
         lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     elif spec.granularity == "per-group":
-        g = _grouped(x, spec.group_size)
-        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        delta, zp = qparams_from_range(lo, hi, spec)
-        return fake_quant(g, delta, zp, spec).reshape_as(x)
+        x = _grouped(x, spec.group_size)
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     else:
         raise ValueError(f"activations: granularity {spec.granularity!r} cannot be dynamic")
     delta, zp = qparams_from_range(lo, hi, spec)
-    return fake_quant(x, delta, zp, spec)
+    return x, delta, zp
+
+
+def quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Activation quantization with ranges taken from x itself (per tensor, per token, or per token and group)."""
+    xg, delta, zp = dynamic_qparams(x, spec)
+    return fake_quant(xg, delta, zp, spec).reshape_as(x)
 
 
 def quantize_with_range(x: torch.Tensor, lo: float, hi: float, spec: QuantSpec) -> torch.Tensor:
@@ -213,20 +224,64 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self._observe(x)
             return x
+        delta, zp = self._static_qparams(x.dtype)
+        return fake_quant(x, delta, zp, self.spec)
+
+    def _static_qparams(self, dtype: torch.dtype) -> tuple:
         if not torch.isfinite(self.lo) or not torch.isfinite(self.hi):
             raise RuntimeError("static activation quantizer used before calibration (no finite range observed)")
-        delta, zp = qparams_from_range(self.lo.to(x.dtype), self.hi.to(x.dtype), self.spec)
-        return fake_quant(x, delta, zp, self.spec)
+        return qparams_from_range(self.lo.to(dtype), self.hi.to(dtype), self.spec)
+
+    def codes(self, x: torch.Tensor) -> tuple:
+        """(centred integer codes [..., K] as a float tensor, step sizes [..., 1] (per tensor / token) or
+        [..., K / group_size] (per group)) of x, what forward() dequantizes: forward(x) == codes * delta."""
+        if self.spec.dynamic:
+            xg, delta, zp = dynamic_qparams(x, self.spec)
+            q = centred_codes(xg, delta, zp, self.spec)
+            if self.spec.granularity == "per-group":
+                return q.reshape_as(x), delta.squeeze(-1)
+            return q, delta.expand(*x.shape[:-1], 1)
+        delta, zp = self._static_qparams(x.dtype)
+        return centred_codes(x, delta, zp, self.spec), delta.expand(*x.shape[:-1], 1)
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"bits={s.bits}, symmetric={s.symmetric}, {s.granularity}, dynamic={s.dynamic}, mode={self.mode}"
 
 
+def weight_codes_from_fake_quant(layer) -> tuple:
+    """Recover integer codes and scales from a fake-quantized weight (values code * delta): MinMax symmetric
+    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax. Symmetric weight
+    specs only (callers check); returns (int8 codes [out, in], scales, group size or 0). Used by the engine
+    conversion, the integer-exact simulation and the compressed-tensors export."""
+    spec = layer.weight_spec
+    w = layer.weight.detach().float()
+    qmax = 2 ** (spec.bits - 1) - 1
+    if spec.granularity == "per-group":
+        grouped = w.reshape(w.shape[0], -1, spec.group_size)
+        scale = (grouped.abs().amax(dim=-1) / qmax).clamp(min=1e-8)
+        codes = torch.round(grouped / scale[..., None]).reshape_as(w)
+        group_size = spec.group_size
+    elif spec.granularity == "per-channel":
+        scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
+        codes = torch.round(w / scale[:, None])
+        group_size = 0
+    else:  # per-tensor
+        scale = (w.abs().amax() / qmax).clamp(min=1e-8).reshape(1)
+        codes = torch.round(w / scale)
+        group_size = 0
+    return codes.clamp(-qmax, qmax).to(torch.int8), scale, group_size
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and input. `input_shift` is the optional runtime shift z
     (x - z before quantization; the matching W z is already in the bias), what the engine fuses into its
-    quantize kernel and GEMM epilogue. With no specs it is an exact floating-point nn.Linear."""
+    quantize kernel and GEMM epilogue. With no specs it is an exact floating-point nn.Linear.
+
+    By default the product is dequant(x) @ dequant(W)^T in floating point, which rounds differently from the
+    engine's integer accumulation. `set_integer_exact` switches a calibrated layer to `integer_exact_linear`, which
+    computes the engine's floats exactly (slower: float64 products), so that a whole model can be compared with its
+    engine-backed copy token for token."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -236,16 +291,24 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("input_shift", None)
         self.act_quant: Optional[ActQuantizer] = None
         self.weight_spec: Optional[QuantSpec] = None
+        self.exact_weight: Optional[tuple] = None   # (codes, scales, group size) while integer-exact
 
     def quantize(self, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
         with torch.no_grad():
             self.weight.copy_(quantize_weight(self.weight.float(), weight_spec).to(self.weight.dtype))
         self.weight_spec = weight_spec
         self.act_quant = ActQuantizer(act_spec).to(self.weight.device)
+        self.exact_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_shift is not None:
             x = x - self.input_shift
+        if self.exact_weight is not None and self.act_quant.mode == "quantize":
+            codes, delta = self.act_quant.codes(x.float())
+            shape = x.shape
+            y = integer_exact_linear(codes.reshape(-1, shape[-1]), delta.reshape(-1, delta.shape[-1]),
+                                     *self.exact_weight, self.bias)
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if self.act_quant is not None:
             x = self.act_quant(x)
         return F.linear(x, self.weight, self.bias)
@@ -307,6 +370,25 @@ def install_bmm_quantization(model: nn.Module, attention_modules: list, spec: Qu
         m.osengine_bmm = BmmQuantizers(spec)
     for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         cfg._attn_implementation = BMM_ATTENTION_NAME
+
+
+def set_integer_exact(model: nn.Module, enabled: bool = True) -> int:
+    """Make every calibrated FakeQuantLinear of `model` compute exactly the floats the engine computes
+    (`integer_exact_linear`), or go back to the floating-point simulation; returns the number of layers switched.
+    Symmetric weights only (what the engine runs); raises ValueError naming the first layer that has others."""
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, FakeQuantLinear) and m.weight_spec is not None and m.act_quant is not None]
+    if enabled:
+        for name, m in layers:
+            if not m.weight_spec.symmetric:
+                raise ValueError(f"set_integer_exact: layer {name} has asymmetric weights; the integer-exact "
+                                 f"simulation follows the engine, which runs symmetric weights only")
+            if m.act_quant.spec.granularity == "per-channel":
+                raise ValueError(f"set_integer_exact: layer {name} quantizes its input per channel, which no int "
+                                 f"GEMM can run")
+    for _, m in layers:
+        m.exact_weight = weight_codes_from_fake_quant(m) if enabled else None
+    return len(layers)
 
 
 def set_observing(module: nn.Module, observing: bool) -> None:
