@@ -36,6 +36,45 @@ def load(directory: Union[str, Path], backend: str = "auto"):
     return convert_to_engine(model, backend=backend), tokenizer
 
 
+def verify_engine(directory: Union[str, Path], prompt: str = "The history of the city begins",
+                  new_tokens: int = 32, backend: str = "auto") -> dict:
+    """Run a saved folder on the engine (as `load` builds it) and in the integer-exact simulation (the fake-quant
+    model computing the engine's CPU arithmetic in torch: quantizers.set_integer_exact,
+    engine_model.simulate_folded_prologues), greedy-decode `new_tokens` after `prompt` with both, and compare.
+    They must agree bit for bit; a difference points at a kernel, a fusion or a plugin that computes something else
+    than the simulation. Returns {"logits_identical", "logits_max_abs_diff", "positions", "tokens_identical",
+    "first_token_difference", "new_tokens", "backend"}. CPU backends only ("auto", "avx2", "reference")."""
+    from .engine_model import simulate_folded_prologues
+    from .quantizers import set_integer_exact
+
+    if backend not in ("auto", "avx2", "reference"):
+        raise ValueError(f"verify_engine: backend must be 'auto', 'avx2' or 'reference' (the simulation follows the "
+                         f"CPU kernels' rounding), got {backend!r}")
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"verify_engine: new_tokens must be a positive integer, got {new_tokens!r}")
+    engine, tokenizer = load(directory, backend=backend)
+    simulation, _ = load_model(directory)
+    set_integer_exact(simulation)
+    simulate_folded_prologues(simulation, engine)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("verify_engine: the prompt gives no tokens")
+    generation = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    with torch.inference_mode():
+        engine_tokens = engine.generate(ids, **generation)
+        simulated_tokens = simulation.generate(ids, **generation)
+        engine_logits = engine(simulated_tokens).logits     # both over the same sequence
+        simulated_logits = simulation(simulated_tokens).logits
+    differing = (engine_tokens != simulated_tokens).nonzero()
+    return {"logits_identical": bool(torch.equal(engine_logits, simulated_logits)),
+            "logits_max_abs_diff": float((engine_logits - simulated_logits).abs().max()),
+            "positions": int(simulated_tokens.shape[1]),
+            "tokens_identical": bool(torch.equal(engine_tokens, simulated_tokens)),
+            "first_token_difference": None if len(differing) == 0 else int(differing[0, 1]) - ids.shape[1],
+            "new_tokens": new_tokens, "backend": backend}
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -131,3 +131,26 @@ def test_in_memory_module_without_architectures_reloads_as_its_class(tmp_path):
     assert type(reloaded).__name__ == "LlamaForCausalLM" and tokenizer is None
     ids = calib[:1]
     assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_check_finds_the_engine_and_the_integer_exact_simulation_identical(saved, capsys):
+    from osengine.cli import main
+
+    root, _ = saved
+    for backend in ("auto", "reference"):
+        assert main(["check", str(root / "q"), "--prompt", "w1 w2 w3 w4", "--new-tokens", "8",
+                     "--backend", backend, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["logits_identical"] and result["tokens_identical"] and result["logits_max_abs_diff"] == 0
+        assert result["positions"] == 12 and result["first_token_difference"] is None
+
+
+def test_check_reports_a_difference(saved, capsys, monkeypatch):
+    # A simulated SiLU 0.1% off stands in for a kernel that computes something else than the simulation.
+    from osengine import engine_arithmetic
+    from osengine.cli import main
+
+    root, _ = saved
+    monkeypatch.setattr(engine_arithmetic, "engine_silu", lambda x: torch.nn.functional.silu(x) * 1.001)
+    assert main(["check", str(root / "q"), "--prompt", "w1 w2 w3 w4", "--new-tokens", "8"]) == 1
+    assert "DIFFER: logits max abs difference" in capsys.readouterr().out
