@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import engine_arithmetic
 from .engine_linear import EngineLinear
 
 
@@ -168,15 +169,11 @@ def unfold_norms(model: nn.Module) -> int:
 
 class _EngineSiLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .engine_arithmetic import engine_silu
-
-        return engine_silu(x).to(x.dtype)
+        return engine_arithmetic.engine_silu(x).to(x.dtype)
 
 
 def _engine_norm_forward(self, hidden_states):
-    from .engine_arithmetic import engine_rms_norm
-
-    return engine_rms_norm(hidden_states, self.weight, self.variance_epsilon).to(hidden_states.dtype)
+    return engine_arithmetic.engine_rms_norm(hidden_states, self.weight, self.variance_epsilon).to(hidden_states.dtype)
 
 
 def simulate_folded_prologues(simulation: nn.Module, engine_model: nn.Module) -> int:
