@@ -13,8 +13,15 @@
 //                     12 vpmaddwd, 12 vpaddd (operands in L1).
 //   u8s8_maddubs      vpmaddubsw alone: 32 u8 x s8 MACs per instruction, int16 pair sums that saturate — not usable
 //                     for general int8 x int8 without VNNI, shown for reference.
+//   fbgemm_mix        vpmaddubsw + vpmaddwd(x, 1) + vpaddd per 32 MACs: FBGEMM's AVX2 int8 arithmetic. Exact only
+//                     while the u8 x s8 pair sums cannot saturate, which is why torch's dynamic int8 Linear on
+//                     fbgemm quantizes activations to 7 bits (reduce_range=True); one add per 32 MACs where the
+//                     exact int16 scheme needs two.
+//   sign_trick_step   one 4-k step of a 4 x 16 microkernel with the exact vpmaddubsw "sign trick" (u8 = |a|,
+//                     s8 = sign(a) * w via vpsignb, then vpmaddwd(x, 1) + vpaddd): 8-bit activations without
+//                     saturation, at the price of a vpsignb per product vector.
 // The ratio w8a8_kernel_step / fp32_fma bounds how much faster the W8A8 GEMM can be than an fp32 GEMM that runs at
-// the FMA peak on this core.
+// the FMA peak on this core; fbgemm_mix / w8a8_kernel_step is the head start of FBGEMM's 7-bit arithmetic.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -46,8 +53,27 @@ namespace {
   "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"                                 \
   "vpaddd %%ymm15, %%ymm" #x1 ", %%ymm" #x1 "\n\t"
 
+// FBGEMM's mix: u8 x s8 pair sums (vpmaddubsw) widened by vpmaddwd with ones (ymm13), one int32 add.
+#define UBS_MADD_ADD(x)                                                    \
+  "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"                              \
+  "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"                                \
+  "vpaddd %%ymm15, %%ymm" #x ", %%ymm" #x "\n\t"
+// Sign trick, one row of the 4 x 16 step: ymm13 = 4 activation bytes broadcast, ymm14 = their |a|, ymm10/11 = W for
+// columns 0..7 / 8..15 (4 k each), ymm12 = int16 ones.
+#define SIGN_ROW(off, x0, x1)                                              \
+  "vpbroadcastd " #off "(%[a]), %%ymm13\n\t"                             \
+  "vpbroadcastd " #off "+64(%[a]), %%ymm14\n\t"                          \
+  "vpsignb %%ymm13, %%ymm10, %%ymm15\n\t"                                 \
+  "vpmaddubsw %%ymm15, %%ymm14, %%ymm15\n\t"                              \
+  "vpmaddwd %%ymm12, %%ymm15, %%ymm15\n\t"                                \
+  "vpaddd %%ymm15, %%ymm" #x0 ", %%ymm" #x0 "\n\t"                        \
+  "vpsignb %%ymm13, %%ymm11, %%ymm15\n\t"                                 \
+  "vpmaddubsw %%ymm15, %%ymm14, %%ymm15\n\t"                              \
+  "vpmaddwd %%ymm12, %%ymm15, %%ymm15\n\t"                                \
+  "vpaddd %%ymm15, %%ymm" #x1 ", %%ymm" #x1 "\n\t"
+
 alignas(64) std::int8_t w_bytes[64];
-alignas(64) std::int32_t a_pairs[8];
+alignas(64) std::int32_t a_pairs[32];
 
 struct Mix {
   const char* name;
@@ -95,6 +121,25 @@ void run_u8s8_maddubs(std::int64_t n) {
                : CLOBBER_ALL);
 }
 
+void run_fbgemm_mix(std::int64_t n) {
+  asm volatile("vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+               "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"
+               "1:\n\t" TWELVE(UBS_MADD_ADD) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_sign_trick_step(std::int64_t n) {
+  asm volatile("vpcmpeqw %%ymm12, %%ymm12, %%ymm12\n\tvpabsw %%ymm12, %%ymm12\n\t"
+               "1:\n\t"
+               "vmovdqu (%[w]), %%ymm10\n\t"
+               "vmovdqu 32(%[w]), %%ymm11\n\t" SIGN_ROW(0, 0, 1) SIGN_ROW(4, 2, 3) SIGN_ROW(8, 4, 5)
+                   SIGN_ROW(12, 6, 7) "dec %[n]\n\tjnz 1b\n\t"
+               : [n] "+r"(n)
+               : [w] "r"(w_bytes), [a] "r"(a_pairs)
+               : CLOBBER_ALL);
+}
+
 double seconds_for(const Mix& mix, std::int64_t iterations) {
   const auto t0 = std::chrono::steady_clock::now();
   mix.run(iterations);
@@ -125,6 +170,8 @@ int main(int argc, char** argv) {
       {"int16_madd_add", 12 * 16, run_int16_madd_add},
       {"w8a8_kernel_step", 12 * 16, run_w8a8_kernel_step},
       {"u8s8_maddubs", 12 * 32, run_u8s8_maddubs},
+      {"fbgemm_mix", 12 * 32, run_fbgemm_mix},
+      {"sign_trick_step", 8 * 32, run_sign_trick_step},
   };
   // Iteration counts for ~0.2 s each; then the mixes take turns (round robin) so that a busy machine slows them
   // alike, and each mix's median is kept.

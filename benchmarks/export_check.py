@@ -3,16 +3,17 @@
 SmolLM2-135M (LLaMA architecture) is quantized with OS+ (calibrated on WikiText-2 validation text), exported with
 `osengine.export.export_compressed_tensors`, loaded back through transformers with the compressed-tensors package,
 and its logits on the first --tokens tokens of ../shared/data/wikitext-2-raw/wiki.test.raw are compared with the
-fake-quant model's (and with floating point). Static symmetric activations differ in one place: int8 runtimes
-(compressed-tensors, vLLM) clamp at -128 where osengine's symmetric codes stop at -127, which matters for values
-beyond the calibrated range; the comparison is also reported with osengine's clamp moved to -128.
+fake-quant model's (and with floating point). The w8a8-static preset's activation codes use the full int8 range
+(activations.full_range: true), as compressed-tensors and vLLM do; `w8a8-static-restricted` keeps the paper's
+symmetric range, whose codes stop at -127 where int8 runtimes clamp at -128 (values beyond the calibrated range then
+quantize one step apart): every comparison is also reported with osengine's clamp moved to -128.
 
 Relative errors (||export - osengine|| / ||osengine||): per linear, each exported linear on the very input the
 osengine linear sees (the format's fidelity); end to end, the logits, next to their noise floor: osengine's own logits
 when its input embeddings are scaled by 1 + 1e-6 (a deep quantized model turns any float-level difference, such as a
 code flipping at a rounding tie, into a different set of rounding decisions in the following layers).
 
-    python benchmarks/export_check.py                        # w8a8-static and w8a8-token, markdown table
+    python benchmarks/export_check.py                        # w8a8-static (-restricted), w8a8-token: a table
     python benchmarks/export_check.py --samples 4 --json     # cheaper calibration; one JSON object per recipe
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ WIKI_CALIB = DATA / "wikitext-2" / "valid.txt"
 EXTRA_RECIPES = {
     "w8a8-token": {"name": "w8a8-token", "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
                    "activations": {"bits": 8, "symmetric": False, "granularity": "per-token", "dynamic": True}},
+    "w8a8-static-restricted": {"name": "w8a8-static-restricted",
+                               "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
+                               "activations": {"bits": 8, "symmetric": True, "granularity": "per-tensor",
+                                               "dynamic": False}},
     "w8a8-token-sym": {"name": "w8a8-token-sym",
                        "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
                        "activations": {"bits": 8, "symmetric": True, "granularity": "per-token", "dynamic": True}},
@@ -55,7 +60,7 @@ class int8_full_range:
         def fake_quant(x, delta, zero_point, spec):
             if not spec.symmetric:
                 return plain(x, delta, zero_point, spec)
-            return torch.clamp(torch.round(x / delta), spec.qmin - 1, spec.qmax) * delta
+            return torch.clamp(torch.round(x / delta), -(2 ** (spec.bits - 1)), spec.qmax) * delta
 
         quantizers.fake_quant = fake_quant
         return self
@@ -169,7 +174,7 @@ def check(recipe_name: str, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--recipes", nargs="+", default=["w8a8-static", "w8a8-token"],
+    p.add_argument("--recipes", nargs="+", default=["w8a8-static", "w8a8-static-restricted", "w8a8-token"],
                    help=f"presets or {', '.join(EXTRA_RECIPES)}")
     p.add_argument("--strategy", default="osplus")
     p.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")

@@ -147,7 +147,8 @@ def cmd_recipes(args) -> int:
         w, a = r.weights, r.activations
         print(f"{name:<12} weights {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
               f"{'/' + str(w.group_size) if w.group_size else ''}; activations {a.bits}b "
-              f"{'sym' if a.symmetric else 'asym'} {a.granularity}{'/' + str(a.group_size) if a.group_size else ''} "
+              f"{'sym' if a.symmetric else 'asym'}{' full-range' if a.full_range else ''} "
+              f"{a.granularity}{'/' + str(a.group_size) if a.group_size else ''} "
               f"{'dynamic' if a.dynamic else 'static ' + a.observer}; bmm {'on' if r.bmm_inputs else 'off'}")
     return 0
 

@@ -285,8 +285,10 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
     act_scale = act_zero_point = None
     if not aspec.dynamic:
         act_scale, act_zero_point = static_act_qparams_from_fake_quant(name, layer)
+    # Full-range symmetric codes (down to -2^(b-1)) are the engine's asymmetric codes with zero point 0.
+    act_symmetric = aspec.symmetric and not aspec.full_range
     return EngineLinear(codes, w_scale, layer.bias, weight_bits=weight_bits, weight_group_size=w_group,
-                        act_bits=aspec.bits, act_symmetric=aspec.symmetric, act_dynamic=aspec.dynamic,
+                        act_bits=aspec.bits, act_symmetric=act_symmetric, act_dynamic=aspec.dynamic,
                         act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,
                         input_shift=layer.input_shift, backend=backend)
 

@@ -8,7 +8,8 @@ What is written (a Hugging Face folder):
     model.safetensors       every weight; for each quantized linear L:
                               L.weight             int8 codes [out, in] (symmetric, in [-127, 127])
                               L.weight_scale       [out, 1] (per channel) or [1] (per tensor), the model's dtype
-                              L.input_scale        [1], static activations only
+                              L.input_scale        [1], static activations only (symmetric ones are exact
+                                                   with activations.full_range: true, int8 runtimes' -128 clamp)
                               L.input_zero_point   [1] int8, static asymmetric activations only
     generation_config.json, tokenizer files   when the model has them
 
@@ -241,6 +242,11 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out_dir: Union[str, P
     w_spec, a_spec = _check_model(model, quantized)
     _check_fused_all_or_none(quantized, floating)
     static = not a_spec.dynamic
+    if static and a_spec.symmetric and not a_spec.full_range:
+        warnings.warn("the model's static symmetric activation codes stop at -127 (the paper's range), where "
+                      "compressed-tensors and vLLM clamp at -128: inputs below the calibrated range quantize "
+                      "differently there. Quantize with activations.full_range: true (the w8a8-static preset) for "
+                      "identical results", stacklevel=2)
     try:
         inputs, unified = _static_input_params(quantized) if static else ({}, [])
     except EngineConversionError as e:  # a static quantizer that was never calibrated

@@ -1,6 +1,8 @@
 """Fake quantization (simulated integer arithmetic in floating point): specs, observers, quantized linear layers.
 
 Integer ranges follow the paper: symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1], asymmetric codes in [0, 2^b - 1].
+Static symmetric activations can instead use the full signed range [-2^(b-1), 2^(b-1)-1] (`full_range`), with the
+same step: what int8 runtimes (vLLM, compressed-tensors) compute, so that an exported model agrees with ours.
 A fake-quantized tensor is dequant(quant(x)) = (clamp(round(x / delta) + zp, qmin, qmax) - zp) * delta.
 """
 from __future__ import annotations
@@ -36,10 +38,15 @@ class QuantSpec:
     dynamic: bool = False            # activations only: ranges computed per call instead of calibrated
     observer: str = "minmax"         # static activations: minmax / avgminmax / quantile / search; weights: minmax / mse
     quantile: float = 0.995          # for observer == "quantile"
+    # Symmetric activations: codes down to -2^(b-1) (int8 runtimes' clamp) instead of -(2^(b-1)-1); the step is
+    # still max|x| / (2^(b-1)-1), so only values beyond the calibrated range quantize differently.
+    full_range: bool = False
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.full_range else -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:

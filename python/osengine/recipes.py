@@ -49,7 +49,7 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe field '{where}' must be a mapping, got {type(raw).__name__}")
     allowed = {"bits", "symmetric", "granularity", "group_size", "observer"} | (
-        set() if is_weight else {"dynamic", "quantile"})
+        set() if is_weight else {"dynamic", "quantile", "full_range"})
     unknown = set(raw) - allowed
     if unknown:
         raise RecipeError(f"recipe field '{where}.{sorted(unknown)[0]}' is unknown (allowed: {sorted(allowed)})")
@@ -91,8 +91,14 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     q = raw.get("quantile", 0.995)
     if not isinstance(q, (int, float)) or not 0.5 < q <= 1.0:
         raise RecipeError(f"recipe field '{where}.quantile' must be a number in (0.5, 1], got {q!r}")
+    full = raw.get("full_range", False)
+    if not isinstance(full, bool):
+        raise RecipeError(f"recipe field '{where}.full_range' must be true or false, got {full!r}")
+    if full and (not sym or dynamic):
+        raise RecipeError(f"recipe field '{where}.full_range' applies to static symmetric activations only "
+                          "(asymmetric codes already use the full range; dynamic ranges are taken from the data)")
     return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, dynamic=dynamic,
-                     observer=observer, quantile=float(q))
+                     observer=observer, quantile=float(q), full_range=full)
 
 
 def recipe_from_dict(raw: Any, default_name: str = "custom") -> Recipe:

@@ -64,6 +64,7 @@ def test_engine_rms_norm_and_silu_give_the_kernels_floats(k):
 INT8_WEIGHTS = QuantSpec(8, True, "per-channel")
 EXACT_CASES = [  # (weight spec, activation spec, input shift)
     (INT8_WEIGHTS, QuantSpec(8, True, "per-tensor"), False),
+    (INT8_WEIGHTS, QuantSpec(8, True, "per-tensor", full_range=True), True),
     (INT8_WEIGHTS, QuantSpec(8, False, "per-tensor"), True),
     (QuantSpec(8, True, "per-tensor"), QuantSpec(8, True, "per-tensor"), False),
     (INT8_WEIGHTS, QuantSpec(8, True, "per-token", dynamic=True), True),
@@ -92,7 +93,7 @@ def test_integer_exact_layer_computes_the_engines_floats(k, n, case):
         layer.input_shift = torch.randn(k)
     with torch.no_grad():
         if not act_spec.dynamic:
-            layer(x)  # observe the range
+            layer(x * 0.8)  # observe a narrower range than x has: values beyond it are clamped
             layer.act_quant.mode = "quantize"
         engine = engine_linear_from_fake_quant("layer", layer)(x)
         simulated = layer(x)

@@ -1,4 +1,5 @@
 """osengine.load: a saved quantized folder rebuilt as an engine-backed model, from the folder alone."""
+import copy
 import json
 import shutil
 
@@ -10,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine.checkpoint import MANIFEST_FILE, TENSORS_FILE, CheckpointError
 from osengine.engine_linear import EngineLinear
+from osengine.engine_model import simulate_folded_prologues
+from osengine.quantizers import set_integer_exact
 
 
 def tiny_llama_folder(root):
@@ -72,11 +75,21 @@ def test_load_runs_on_the_engine_and_matches_fake_quant(saved):
     linears = [m for m in engine_model.modules() if isinstance(m, EngineLinear)]
     assert len(linears) == 2 * 7  # every decoder linear; lm_head and embeddings stay in floating point
     ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(3))
-    want, got = model(input_ids=ids).logits, engine_model(input_ids=ids).logits
-    assert ((got - want).norm() / want.norm()).item() < 1e-3
     prompt = torch.tensor([[1, 5, 9, 13]])
     gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=2)
-    assert torch.equal(engine_model.generate(prompt, **gen), model.generate(prompt, **gen))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, engine_model(input_ids=ids).logits
+        # Against the float simulation: the same up to float rounding, except at positions where a float-level
+        # difference flips an activation code at a rounding boundary (static ranges turn 1 ulp into one step).
+        per_position = (got - want).norm(dim=-1) / want.norm(dim=-1)
+        assert (per_position < 1e-4).float().mean().item() >= 0.9
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+        assert torch.equal(engine_model.generate(prompt, **gen), model.generate(prompt, **gen))
+        # Against the integer-exact simulation (the engine's own float operations, in torch): bit for bit.
+        exact = copy.deepcopy(model)
+        set_integer_exact(exact)
+        simulate_folded_prologues(exact, engine_model)
+        assert torch.equal(exact(input_ids=ids).logits, got)
 
 
 def test_save_refuses_an_existing_folder_before_calibrating(saved):

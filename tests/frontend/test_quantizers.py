@@ -16,6 +16,23 @@ def test_codes_stay_in_range(bits, symmetric):
         assert (row_q - row_x).abs().max() <= (row_x.max() - min(row_x.min(), 0)) / (2 ** bits - 2) + 1e-5
 
 
+def test_full_range_symmetric_activations_reach_minus_2_to_the_b_minus_1():
+    # Same step (max|x| / 127) as the paper's range; only values below the calibrated range get the extra code.
+    restricted = QuantSpec(bits=8, symmetric=True, granularity="per-tensor")
+    full = QuantSpec(bits=8, symmetric=True, granularity="per-tensor", full_range=True)
+    assert (restricted.qmin, restricted.qmax, full.qmin, full.qmax) == (-127, 127, -128, 127)
+    quantizers = {}
+    for spec in (restricted, full):
+        quantizers[spec.full_range] = q = ActQuantizer(spec)
+        q(torch.tensor([-1.0, 1.27]))  # observe: step 0.01
+        q.mode = "quantize"
+    x = torch.tensor([-1.3, -1.276, -1.26, 0.5, 1.3])
+    assert torch.equal(quantizers[False].codes(x)[0], torch.tensor([-127.0, -127.0, -126.0, 50.0, 127.0]))
+    assert torch.equal(quantizers[True].codes(x)[0], torch.tensor([-128.0, -128.0, -126.0, 50.0, 127.0]))
+    codes, step = quantizers[True].codes(x)
+    assert torch.equal(quantizers[True](x), codes * step)
+
+
 def test_weight_granularities():
     w = torch.randn(8, 64)
     w[0] *= 100

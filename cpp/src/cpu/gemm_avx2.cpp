@@ -8,7 +8,8 @@
 //   We considered the vpmaddubsw "sign trick" (u8 = |a| via vpsignb(a, a), s8 = vpsignb(w, a): pair sums bounded
 //   by 2 * 128 * 127 = 32512 < 32767, exact) but two such int16 sums cannot be added without overflow, so each
 //   vpmaddubsw still needs a vpmaddwd(x, 1) to widen it: 32 MACs per 2 multiply-pipe ops either way, and the int16
-//   scheme needs no vpsignb. benchmarks/cpu_peak.cpp measures the ceilings of these instruction mixes.
+//   scheme needs no vpsignb. FBGEMM's vpmaddubsw + vpmaddwd(x, 1) mix (one add per 32 MACs) is exact only for
+//   7-bit activations. benchmarks/cpu_peak.cpp measures the ceilings of all three instruction mixes.
 // W4 (W4A8, W4A4): weights in [-8, 7] make int16 accumulation possible: vpmaddubsw of biased weights (w + 8, the
 //   unsigned operand) and the activation codes, summed over 8 steps in int16, then widened (see "W4 kernels").
 //
