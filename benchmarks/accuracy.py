@@ -9,6 +9,7 @@ Every configuration runs in its own process, so its calibration time and peak me
     python benchmarks/accuracy.py                         # the default table (markdown)
     python benchmarks/accuracy.py --json                  # one JSON object per configuration, then a summary
     python benchmarks/accuracy.py --configs osplus:w8a8-static minmax:w4a4-token:down_proj --no-sst2
+    python benchmarks/accuracy.py --configs osplus:w6a6-token+gptq --no-sst2   # weights rounded by GPTQ
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ SST2 = DATA / "sst-2"
 DEFAULT_LM = [
     "fp", "minmax:w8a8-static", "osplus:w8a8-static", "osplus+shift=runtime:w8a8-static",
     "minmax:w6a6-token", "smoothquant:w6a6-token", "osplus:w6a6-token",
+    # beyond the paper: a runtime shift from quantile extremes on the norm outputs, and GPTQ weight rounding
+    "osplus+shift=runtime+shift_quantile=0.001+shift_sites=attn,mlp:w6a6-token+gptq",
     "minmax:w4a4-token:down_proj", "smoothquant:w4a4-token:down_proj", "osplus:w4a4-token:down_proj",
 ]
 DEFAULT_SST2 = ["fp", "minmax:w8a8-static", "osplus:w8a8-static", "minmax:w6a6", "osplus:w6a6"]
@@ -41,17 +44,21 @@ def _peak_mib() -> float:
 
 
 def _parse(config: str):
-    """fp | strategy[+key=value...]:preset[:keep_fp,...] -> (strategy, preset, keep_fp, options)"""
+    """fp | strategy[+key=value...]:preset[+gptq][:keep_fp,...] -> (strategy, preset, keep_fp, options, rounding)"""
     import yaml
 
     parts = config.split(":")
     if parts[0] == "fp":
-        return "fp", None, [], {}
+        return "fp", None, [], {}, None
     if len(parts) < 2:
-        raise SystemExit(f"--configs entry {config!r} must be fp or strategy[+key=value]:preset[:keep_fp,...]")
+        raise SystemExit(f"--configs entry {config!r} must be fp or strategy[+key=value]:preset[+gptq][:keep_fp,...]")
     strategy, *opts = parts[0].split("+")
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts)}
-    return strategy, parts[1], parts[2].split(",") if len(parts) > 2 else [], options
+    preset, _, rounding = parts[1].partition("+")
+    if rounding not in ("", "gptq", "nearest"):
+        raise SystemExit(f"--configs entry {config!r}: a preset may end in +gptq or +nearest (weight rounding), "
+                         f"got +{rounding}")
+    return strategy, preset, parts[2].split(",") if len(parts) > 2 else [], options, rounding or None
 
 
 def run_lm(config: str, args) -> dict:
@@ -61,15 +68,16 @@ def run_lm(config: str, args) -> dict:
     from osengine.evaluation import perplexity
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep, options = _parse(config)
+    strategy, preset, keep, options, rounding = _parse(config)
     model, tok = api.load_model(args.model)
     result = {"model": args.model, "config": config, "strategy": strategy, "recipe": preset,
-              "keep_fp": keep, "options": options, "calibration_seconds": 0.0}
+              "weight_rounding": rounding or "recipe", "keep_fp": keep, "options": options,
+              "calibration_seconds": 0.0}
     if strategy != "fp":
         options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=args.calib, tokenizer=tok, keep_fp=keep,
-                     n_samples=args.samples, seq_len=512, batch_size=args.batch_size, strategy_options=options,
-                     progress=False)
+                     weight_rounding=rounding, n_samples=args.samples, seq_len=512, batch_size=args.batch_size,
+                     strategy_options=options, progress=False)
         result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
     ppl = perplexity(model, tok, WIKI_TEST, seq_len=512, windows=16, progress=False)
     result.update(perplexity=round(ppl["perplexity"], 3), peak_rss_mib=round(_peak_mib(), 0))
@@ -91,22 +99,23 @@ def run_sst2(config: str, args) -> dict:
     from osengine.evaluation import sentence_embeddings
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep, options = _parse(config)
+    strategy, preset, keep, options, rounding = _parse(config)
     model, tok = api.load_model("minilm-l6")
     train_x, train_y = _sst2("train", args.sst2_train)
     dev_x, dev_y = _sst2("dev", 10_000)
     # the probe is trained once, on FP embeddings; quantized encoders are only evaluated through it
     probe_train = torch.tensor(np.asarray(sentence_embeddings(model, tok, train_x, progress=False)))
     probe = LogisticRegression(max_iter=2000, C=1.0).fit(probe_train.numpy(), train_y)
-    result = {"model": "minilm-l6", "config": config, "strategy": strategy, "recipe": preset, "keep_fp": keep,
-              "options": options, "calibration_seconds": 0.0}
+    result = {"model": "minilm-l6", "config": config, "strategy": strategy, "recipe": preset,
+              "weight_rounding": rounding or "recipe", "keep_fp": keep, "options": options, "calibration_seconds": 0.0}
     if strategy != "fp":
         # calibration: SST-2 training sentences that the probe did not use, one padded sample each ([CLS] ... [SEP],
         # as the encoder sees them at inference; padding is left out of every calibration statistic)
         calib_text = _sst2("train", args.sst2_train + 2000)[0][args.sst2_train:]
         options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=calib_text, tokenizer=tok, keep_fp=keep,
-                     n_samples=args.sst2_samples, seq_len=128, batch_size=args.sst2_batch, strategy_options=options, progress=False)
+                     weight_rounding=rounding, n_samples=args.sst2_samples, seq_len=128, batch_size=args.sst2_batch,
+                     strategy_options=options, progress=False)
         result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
     dev = sentence_embeddings(model, tok, dev_x, progress=False).numpy()
     result.update(sst2_accuracy=round(100.0 * float((probe.predict(dev) == np.asarray(dev_y)).mean()), 2),
@@ -133,7 +142,9 @@ def markdown(rows: list) -> str:
             continue
         metric = "perplexity" if "perplexity" in r else "sst2_accuracy"
         opts = "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
-        lines.append(f"| {r['model']} | {r['strategy']}{opts} | {r['recipe'] or '-'} | {','.join(r['keep_fp']) or '-'} "
+        rounding = r.get("weight_rounding", "recipe")
+        recipe = (r["recipe"] or "-") + ("" if rounding == "recipe" else f" +{rounding}")
+        lines.append(f"| {r['model']} | {r['strategy']}{opts} | {recipe} | {','.join(r['keep_fp']) or '-'} "
                      f"| {metric} | {r[metric]} | {r['calibration_seconds']} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 

@@ -81,13 +81,14 @@ def _peak_rss_mib() -> float:
 
 def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, Recipe] = "w8a8-static",
              strategy: str = "osplus", calibration="generated", *, tokenizer=None, keep_fp: Sequence[str] = (),
-             strategy_options: Optional[dict] = None, n_samples: int = 16, seq_len: int = 512, batch_size: int = 4,
-             search_batches: int = 1, device: Optional[str] = None, out: Optional[Union[str, Path]] = None,
-             overwrite: bool = False, progress: bool = True) -> nn.Module:
+             strategy_options: Optional[dict] = None, weight_rounding: Optional[str] = None, n_samples: int = 16,
+             seq_len: int = 512, batch_size: int = 4, search_batches: int = 1, device: Optional[str] = None,
+             out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
-    recipe         preset name, YAML path, dict or Recipe; `keep_fp` adds layers kept in floating point
+    recipe         preset name, YAML path, dict or Recipe; `keep_fp` adds layers kept in floating point;
+                   `weight_rounding` "gptq" replaces the recipe's weights.rounding (GPTQ instead of nearest)
     strategy       registered strategy name (osplus, smoothquant, minmax, or a plugin); options in strategy_options
     calibration    text file, "generated" (samples the model writes itself), list of strings (encoders: one padded
                    sample per string, special tokens included), token ids [n, T], or a dict of padded input_ids
@@ -108,7 +109,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         model, tokenizer = load_fp_model(source, device=device or "cpu")
     elif device is not None:
         model = model.to(device)
-    recipe = load_recipe(recipe, keep_fp=tuple(keep_fp))
+    recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):

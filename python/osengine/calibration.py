@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .gptq import gptq_quantize_weight
 from .plugin_api import (Architecture, Migration, PluginError, SiteData, Strategy, apply_migration)
-from .quantizers import ActQuantizer, FakeQuantLinear, install_bmm_quantization
+from .quantizers import ActQuantizer, FakeQuantLinear, install_bmm_quantization, quantize_weight
 from .recipes import Recipe
 
 
@@ -196,7 +197,9 @@ def wrap_linears(block: nn.Module) -> None:
             block.set_submodule(name, FakeQuantLinear(m))
 
 
-def quantize_block(block: nn.Module, block_name: str, recipe: Recipe) -> list:
+def quantize_block(block: nn.Module, block_name: str, recipe: Recipe, weights: Optional[dict] = None) -> list:
+    """Quantize the block's linears that the recipe does not keep in floating point; `weights` maps a linear's
+    name (in the block) to its already quantized weight (GPTQ), used instead of rounding to nearest."""
     quantized = []
     for name, m in block.named_modules():
         if isinstance(m, FakeQuantLinear) and not recipe.keeps_fp(f"{block_name}.{name}"):
@@ -204,9 +207,63 @@ def quantize_block(block: nn.Module, block_name: str, recipe: Recipe) -> list:
                 if spec.granularity == "per-group" and m.in_features % spec.group_size:
                     raise PluginError(f"recipe field '{where}.group_size' ({spec.group_size}) does not divide "
                                       f"the {m.in_features} input channels of {block_name}.{name}")
-            m.quantize(recipe.weights, recipe.activations)
+            m.quantize(recipe.weights, recipe.activations, weight=(weights or {}).get(name))
             quantized.append(name)
     return quantized
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list) -> dict:
+    """For each linear of the block that will be quantized: the sum over the real calibration tokens of x x^T
+    (fp32, [in, in]), x being its input as the quantizer will see it (after a runtime shift). One pass of the block
+    in floating point; linears reading the same tensor (q/k/v, gate/up) share one sum."""
+    linears = {n: m for n, m in block.named_modules()
+               if isinstance(m, FakeQuantLinear) and not recipe.keeps_fp(f"{block_name}.{n}")}
+    sums, owner, seen, current_mask = {}, {}, [], [None]
+
+    def hook(m, args, name):
+        x = args[0]
+        if m.input_shift is not None:
+            x = x - m.input_shift
+        for other_input, other_shift, other_name in seen:  # the same tensor as a sibling (kept alive, so identity
+            if other_input is args[0] and other_shift is m.input_shift:  # is safe): share its sum
+                owner[name] = other_name
+                return
+        seen.append((args[0], m.input_shift, name))
+        mask = current_mask[0]
+        rows = x[mask] if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
+        rows = rows.float()
+        sums[name] = sums.get(name, 0) + rows.T @ rows
+        owner[name] = name
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in linears.items()]
+    try:
+        for call, mask in zip(calls, masks):
+            seen.clear()
+            current_mask[0] = mask
+            _run_block(block, call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[owner[n]] for n in linears if n in owner}
+
+
+def gptq_block(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list) -> tuple:
+    """(GPTQ-rounded weights by linear name, report entries): each entry gives the layer's output error
+    sum ||(W - Q) x||^2 over the calibration tokens for round-to-nearest and for GPTQ, relative to sum ||W x||^2."""
+    hessians = collect_hessians(block, block_name, recipe, calls, masks)
+    weights, entries = {}, []
+    for name, h in hessians.items():
+        w = block.get_submodule(name).weight.detach()
+        q = gptq_quantize_weight(w, h, recipe.weights)
+        energy = float(torch.einsum("oi,ij,oj->", w.float(), h, w.float())) or 1.0
+        err = {kind: float(torch.einsum("oi,ij,oj->", d, h, d)) / energy
+               for kind, d in (("nearest", (w.float() - quantize_weight(w.float(), recipe.weights))),
+                               ("gptq", (w.float() - q.float())))}
+        weights[name] = q
+        entries.append({"block": block_name, "linear": name, "relative_error_nearest": err["nearest"],
+                        "relative_error_gptq": err["gptq"]})
+    return weights, entries
 
 
 def set_observing(module: nn.Module, observing: bool) -> None:
@@ -351,7 +408,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 m.mode = "off"   # switched on block by block, once the block is quantized
 
     report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "sites": [],
-              "clipping": []}
+              "clipping": [], "gptq": []}
     t0 = time.time()
     calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
     for c in calls:
@@ -398,7 +455,11 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 entry["range_after"] = entry["range_before"]
             report["sites"].append(entry)
             del data, xs
-        quantize_block(block, block_name, recipe)
+        rounded = {}
+        if recipe.weights.rounding == "gptq":
+            rounded, entries = gptq_block(block, block_name, recipe, calls, masks)
+            report["gptq"] += entries
+        quantize_block(block, block_name, recipe, rounded)
         if any(isinstance(m, ActQuantizer) and not m.spec.dynamic for m in block.modules()):
             set_observing(block, True)
             for c, m in zip(calls, masks):

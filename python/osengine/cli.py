@@ -27,7 +27,8 @@ def cmd_quantize(args) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     model = quantize(args.model, recipe=args.recipe, strategy=args.strategy, calibration=args.calib,
-                     keep_fp=args.keep_fp or (), strategy_options=_options(args.option), n_samples=args.samples,
+                     keep_fp=args.keep_fp or (), strategy_options=_options(args.option),
+                     weight_rounding=args.weight_rounding, n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
                      device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json)
     report = model.osengine_report
@@ -146,7 +147,8 @@ def cmd_recipes(args) -> int:
         r = load_recipe(name)
         w, a = r.weights, r.activations
         print(f"{name:<12} weights {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
-              f"{'/' + str(w.group_size) if w.group_size else ''}; activations {a.bits}b "
+              f"{'/' + str(w.group_size) if w.group_size else ''}{' gptq' if w.rounding == 'gptq' else ''}; "
+              f"activations {a.bits}b "
               f"{'sym' if a.symmetric else 'asym'}{' full-range' if a.full_range else ''} "
               f"{a.granularity}{'/' + str(a.group_size) if a.group_size else ''} "
               f"{'dynamic' if a.dynamic else 'static ' + a.observer}; bmm {'on' if r.bmm_inputs else 'off'}")
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "report.md and activation_ranges.png")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point, e.g. down_proj")
+    q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
+                   help="override the recipe's weights.rounding: gptq rounds weights by GPTQ on the calibration data")
     q.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, e.g. alpha=0.8")
     q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")

@@ -23,6 +23,7 @@ OBSERVERS = ("minmax", "avgminmax", "quantile", "search")   # static activations
 # the calibration driver keeps the candidate that gives the least squared error of the block's output.
 CLIP_SEARCH_QUANTILES = (1.0, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
 WEIGHT_OBSERVERS = ("minmax", "mse")               # weights
+WEIGHT_ROUNDINGS = ("nearest", "gptq")             # weights: round to nearest, or GPTQ (gptq.py)
 # Weight "mse" observer: each row's (or group's) MinMax range shrunk by the factor of this grid that gives the least
 # squared error of the fake-quantized row; 1.0 first, so that a row where clipping does not help keeps its MinMax.
 MSE_SHRINK_GRID = tuple(1.0 - 0.02 * i for i in range(25))  # 1.00, 0.98, ..., 0.52
@@ -41,6 +42,9 @@ class QuantSpec:
     # Symmetric activations: codes down to -2^(b-1) (int8 runtimes' clamp) instead of -(2^(b-1)-1); the step is
     # still max|x| / (2^(b-1)-1), so only values beyond the calibrated range quantize differently.
     full_range: bool = False
+    # Weights only: "nearest" rounds every weight to its nearest code (the paper's MinMax quantizer); "gptq" chooses
+    # the codes on the same grid by GPTQ from the layer's calibration inputs (gptq.py; done by the calibration driver).
+    rounding: str = "nearest"
 
     @property
     def qmin(self) -> int:
@@ -258,7 +262,8 @@ class ActQuantizer(nn.Module):
 
 def weight_codes_from_fake_quant(layer) -> tuple:
     """Recover integer codes and scales from a fake-quantized weight (values code * delta): MinMax symmetric
-    quantization maps each row's (or group's) largest magnitude to +-qmax, so delta = max|w| / qmax. Symmetric weight
+    quantization maps each row's (or group's) largest magnitude to +-qmax (so do the mse observer, by clamping, and
+    GPTQ, which pins that weight), so delta = max|w| / qmax. Symmetric weight
     specs only (callers check); returns (int8 codes [out, in], scales, group size or 0). Used by the engine
     conversion, the integer-exact simulation and the compressed-tensors export."""
     spec = layer.weight_spec
@@ -300,9 +305,12 @@ class FakeQuantLinear(nn.Module):
         self.weight_spec: Optional[QuantSpec] = None
         self.exact_weight: Optional[tuple] = None   # (codes, scales, group size) while integer-exact
 
-    def quantize(self, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
+    def quantize(self, weight_spec: QuantSpec, act_spec: QuantSpec, weight: Optional[torch.Tensor] = None) -> None:
+        """Fake-quantize the weight (round to nearest, or take `weight`, already quantized on the spec's grid by
+        GPTQ) and attach an activation quantizer."""
         with torch.no_grad():
-            self.weight.copy_(quantize_weight(self.weight.float(), weight_spec).to(self.weight.dtype))
+            q = quantize_weight(self.weight.float(), weight_spec) if weight is None else weight
+            self.weight.copy_(q.to(self.weight.dtype))
         self.weight_spec = weight_spec
         self.act_quant = ActQuantizer(act_spec).to(self.weight.device)
         self.exact_weight = None

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
-from .quantizers import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, QuantSpec
+from .quantizers import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, WEIGHT_ROUNDINGS, QuantSpec
 
 PRESET_DIR = Path(__file__).parent / "recipes"
 ALWAYS_FP = ("lm_head", "embeddings")  # outside the transformer blocks: never quantized in this version
@@ -27,8 +27,10 @@ class Recipe:
     description: str = ""
 
     def to_dict(self) -> dict:
-        w = {k: v for k, v in self.weights.to_dict().items() if k in ("bits", "symmetric", "granularity", "group_size", "observer")}
-        return {"name": self.name, "weights": w, "activations": self.activations.to_dict(),
+        w = {k: v for k, v in self.weights.to_dict().items()
+             if k in ("bits", "symmetric", "granularity", "group_size", "observer", "rounding")}
+        a = {k: v for k, v in self.activations.to_dict().items() if k != "rounding"}
+        return {"name": self.name, "weights": w, "activations": a,
                 "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp)}
 
     def keeps_fp(self, linear_name: str) -> bool:
@@ -49,7 +51,7 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe field '{where}' must be a mapping, got {type(raw).__name__}")
     allowed = {"bits", "symmetric", "granularity", "group_size", "observer"} | (
-        set() if is_weight else {"dynamic", "quantile", "full_range"})
+        {"rounding"} if is_weight else {"dynamic", "quantile", "full_range"})
     unknown = set(raw) - allowed
     if unknown:
         raise RecipeError(f"recipe field '{where}.{sorted(unknown)[0]}' is unknown (allowed: {sorted(allowed)})")
@@ -75,7 +77,12 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
         if observer not in WEIGHT_OBSERVERS:
             raise RecipeError(f"recipe field '{where}.observer' must be one of {list(WEIGHT_OBSERVERS)} for weights, "
                               f"got {observer!r}")
-        return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, observer=observer)
+        rounding = raw.get("rounding", "nearest")
+        if rounding not in WEIGHT_ROUNDINGS:
+            raise RecipeError(f"recipe field '{where}.rounding' must be one of {list(WEIGHT_ROUNDINGS)}, "
+                              f"got {rounding!r}")
+        return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, observer=observer,
+                         rounding=rounding)
     dynamic = raw.get("dynamic", gran != "per-tensor")
     if not isinstance(dynamic, bool):
         raise RecipeError(f"recipe field '{where}.dynamic' must be true or false, got {dynamic!r}")
@@ -127,8 +134,10 @@ def recipe_from_dict(raw: Any, default_name: str = "custom") -> Recipe:
                   description=str(raw.get("description", "")))
 
 
-def load_recipe(recipe: Union[str, Path, dict, Recipe], keep_fp: tuple = ()) -> Recipe:
-    """A preset name, a path to a YAML file, a dict, or a Recipe; `keep_fp` adds layers kept in floating point."""
+def load_recipe(recipe: Union[str, Path, dict, Recipe], keep_fp: tuple = (),
+                weight_rounding: Optional[str] = None) -> Recipe:
+    """A preset name, a path to a YAML file, a dict, or a Recipe; `keep_fp` adds layers kept in floating point;
+    `weight_rounding` ("nearest" or "gptq") replaces the recipe's weights.rounding."""
     if isinstance(recipe, Recipe):
         r = recipe
     elif isinstance(recipe, dict):
@@ -149,4 +158,9 @@ def load_recipe(recipe: Union[str, Path, dict, Recipe], keep_fp: tuple = ()) -> 
         raise RecipeError(f"recipe must be a preset name, a YAML path or a dict, got {type(recipe).__name__}")
     if keep_fp:
         r = replace(r, keep_fp=tuple(dict.fromkeys(tuple(r.keep_fp) + tuple(keep_fp))))
+    if weight_rounding is not None:
+        if weight_rounding not in WEIGHT_ROUNDINGS:
+            raise RecipeError(f"recipe field 'weights.rounding' must be one of {list(WEIGHT_ROUNDINGS)}, "
+                              f"got {weight_rounding!r}")
+        r = replace(r, weights=replace(r.weights, rounding=weight_rounding))
     return r

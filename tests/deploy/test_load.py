@@ -92,6 +92,31 @@ def test_load_runs_on_the_engine_and_matches_fake_quant(saved):
         assert torch.equal(exact(input_ids=ids).logits, got)
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8-token"])
+def test_gptq_weights_and_a_quantile_runtime_shift_reload_and_run_on_the_engine(tmp_path, recipe):
+    # GPTQ's codes are read back from the saved values, and the runtime shift rides the engine's shift-add:
+    # the reloaded fake quant is identical, the engine bit for bit the integer-exact simulation.
+    base = tiny_llama_folder(tmp_path)
+    calib = torch.randint(3, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    options = {"max_grid_steps": 10, "shift": "runtime", "shift_quantile": 0.01, "shift_sites": "attn,mlp"}
+    model = osengine.quantize(str(base), recipe=recipe, strategy="osplus", calibration=calib, n_samples=4,
+                              seq_len=32, out=tmp_path / "q", strategy_options=options, weight_rounding="gptq",
+                              progress=False)
+    manifest = json.loads((tmp_path / "q" / MANIFEST_FILE).read_text())
+    assert manifest["recipe"]["weights"]["rounding"] == "gptq"
+    assert manifest["layers"]["model.layers.0.mlp.up_proj"]["runtime_shift"]
+    assert not manifest["layers"]["model.layers.0.mlp.down_proj"]["runtime_shift"]
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    reloaded, _ = osengine.load_model(tmp_path / "q")
+    engine_model, _ = osengine.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+        exact = copy.deepcopy(model)
+        set_integer_exact(exact)
+        simulate_folded_prologues(exact, engine_model)
+        assert torch.equal(exact(input_ids=ids).logits, engine_model(input_ids=ids).logits)
+
+
 def test_save_refuses_an_existing_folder_before_calibrating(saved):
     root, _ = saved
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):

@@ -51,6 +51,15 @@ def test_llama_runtime_shift(tokens):
         assert e["migration"]["error"] < e["migration"]["error_no_migration"]
 
 
+def test_llama_runtime_shift_on_chosen_sites_with_quantile_extremes(tokens):
+    options = {"shift": "runtime", "shift_quantile": 0.01, "shift_sites": "attn,mlp"}
+    _, model = _error("llama", "w6a6-token", "osplus", tokens, strategy_options=options)
+    shifted = {n.split(".")[-1] for n, m in model.named_modules() if getattr(m, "input_shift", None) is not None}
+    assert shifted == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    for e in model.osengine_report["sites"]:
+        assert e["migration"]["runtime_shift"] == (e["site"] != "down")
+
+
 @pytest.mark.parametrize("preset", preset_names())
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_every_preset_runs(preset, kind, tokens):
@@ -62,6 +71,40 @@ def test_every_preset_runs(preset, kind, tokens):
     assert err == err and err < 1e3  # finite
     if preset == "w8a8-paper":
         assert any(hasattr(m, "osengine_bmm") for m in model.modules())
+
+
+@pytest.mark.parametrize("kind, preset", [("llama", "w4a8"), ("opt", "w6a6"), ("bert", "w8a8-static")])
+def test_gptq_rounding_lowers_every_layers_output_error(kind, preset, tokens):
+    recipe = load_recipe(preset).to_dict()
+    recipe["weights"]["rounding"] = "gptq"
+    err_gptq, model = _error(kind, recipe, "osplus", tokens, strategy_options={"max_grid_steps": 10})
+    entries = model.osengine_report["gptq"]
+    quantized = [n for n, m in model.named_modules() if getattr(m, "weight_spec", None) is not None]
+    assert len(entries) == len(quantized)
+    for e in entries:
+        assert e["relative_error_gptq"] < e["relative_error_nearest"], e
+    assert model.osengine_report["recipe"]["weights"]["rounding"] == "gptq"
+    err_nearest, _ = _error(kind, load_recipe(preset).to_dict(), "osplus", tokens,
+                            strategy_options={"max_grid_steps": 10})
+    assert err_gptq < err_nearest
+
+
+def test_gptq_hessians_are_shared_by_linears_reading_one_input(tokens):
+    from osengine.calibration import capture_block_inputs, calibration_batches, collect_hessians, wrap_linears
+
+    model = make_model("llama")
+    recipe = load_recipe("w8a8-static")
+    batches, masks = calibration_batches(tokens, 4, "cpu")
+    block = model.model.layers[0]
+    calls = capture_block_inputs(model, block, batches)
+    wrap_linears(block)
+    h = collect_hessians(block, "model.layers.0", recipe, calls, masks)
+    assert h["self_attn.q_proj"] is h["self_attn.k_proj"] is h["self_attn.v_proj"]
+    assert h["mlp.gate_proj"] is h["mlp.up_proj"]
+    assert h["self_attn.o_proj"] is not h["self_attn.q_proj"] and h["mlp.gate_proj"] is not h["self_attn.q_proj"]
+    x = model.model.layers[0].input_layernorm(calls[0][0][0] if calls[0][0] else calls[0][1]["hidden_states"])
+    rows = x.reshape(-1, x.shape[-1])
+    assert torch.allclose(h["self_attn.q_proj"], rows.T @ rows, rtol=1e-4, atol=1e-3)
 
 
 def test_keep_fp_down_proj(tokens):

@@ -85,11 +85,25 @@ def test_generated_calibration_and_evaluation(tiny_folder, tmp_path, capsys):
     assert res["text"] == "generated" and res["windows"] == 2 and res["perplexity"] > 1
 
 
+def test_gptq_rounding_and_strategy_options_from_the_command_line(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    rc = main(["quantize", str(tiny_folder / "model"), "--recipe", "w6a6-token",
+               "--calib", str(tiny_folder / "text.txt"), "--weight-rounding", "gptq",
+               "--option", "shift=runtime", "--option", "shift_quantile=0.01",
+               "--option", "shift_sites=attn,mlp", "--option", "max_grid_steps=10", "--out", str(out), "--json"])
+    assert rc == 0
+    manifest = json.loads((out / "osengine.json").read_text())
+    assert manifest["recipe"]["weights"]["rounding"] == "gptq"
+    assert manifest["strategy_options"]["shift_sites"] == "attn,mlp"
+    assert any(e["runtime_shift"] for e in manifest["layers"].values())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "w9a9"], "neither a preset"),
     (["--strategy", "nope"], "unknown strategy 'nope'"),
     (["--calib", "/nonexistent.txt"], "does not exist"),
     (["--option", "shift=sideways"], "'shift'"),
+    (["--option", "shift_quantile=0.7"], "'shift_quantile'"),
 ])
 def test_clear_errors(tiny_folder, args, message, capsys):
     rc = main(["quantize", str(tiny_folder / "model"), "--calib", str(tiny_folder / "text.txt"), *args])

@@ -48,6 +48,8 @@ def test_yaml_file(tmp_path):
     ({"weights": {}, "activations": {"symmetric": False, "full_range": True}}, "activations.full_range"),
     ({"weights": {}, "activations": {"granularity": "per-token", "full_range": True}}, "activations.full_range"),
     ({"weights": {"full_range": True}, "activations": {}}, "weights.full_range"),
+    ({"weights": {"rounding": "stochastic"}, "activations": {}}, "weights.rounding"),
+    ({"weights": {}, "activations": {"rounding": "gptq"}}, "activations.rounding"),
     ({"weights": {}, "activations": {}, "bmm_inputs": "yes"}, "bmm_inputs"),
     ({"weights": {}, "activations": {}, "keep_fp": ["embeddings"]}, "keep_fp"),
     ({"weights": {}, "activations": {}, "colour": 1}, "colour"),

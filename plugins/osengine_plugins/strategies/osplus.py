@@ -1,6 +1,9 @@
 """Outlier Suppression+ (Wei et al., EMNLP 2023): channel-wise shift and scale, folded into the producer.
 
 shift  z_j = (max_t X_tj + min_t X_tj) / 2                (centres each channel: removes asymmetry)
+       With shift_quantile=q > 0 the extremes are the q and 1-q quantiles of the channel over the calibration tokens
+       instead (beyond the paper, for runtime shifts on models with massive activations: a channel whose maximum
+       comes from a few attention-sink tokens would otherwise be shifted for every token by half that maximum).
 scale  s_j = max(1, max_t |X_tj - z_j| / t)              (only channels wider than t are squeezed)
 t      1-D grid search from hi = max |X - z| down to the architecture's lower end, max(100, hi / 0.5) steps,
        scored by the error of the inspected output (attention output, fc1 pre-activation, SiLU(gate) * up, ...)
@@ -21,18 +24,43 @@ from osengine.plugin_api import Migration, PluginError, Strategy, grid
 SHIFT_MODES = ("auto", "fold", "runtime", "none")
 
 
+def channel_quantiles(data, q: float, chunk: int = 256) -> tuple:
+    """Per channel, the q and 1-q quantiles (nearest rank) of the site's input over all real calibration tokens;
+    channels are sorted a chunk at a time to bound memory."""
+    tokens = torch.cat([data.tokens(i) for i in range(len(data.inputs))]).float()
+    n = tokens.shape[0]
+    k_lo, k_hi = min(n, max(1, round(q * (n - 1)) + 1)), min(n, max(1, round((1 - q) * (n - 1)) + 1))
+    lo, hi = [], []
+    for start in range(0, tokens.shape[1], chunk):
+        part = tokens[:, start:start + chunk]
+        lo.append(part.kthvalue(k_lo, dim=0).values)
+        hi.append(part.kthvalue(k_hi, dim=0).values)
+    return torch.cat(lo), torch.cat(hi)
+
+
 class OSPlus(Strategy):
     name = "osplus"
     description = ("Outlier Suppression+: shift + scale from a t grid search on the inspected output, folded "
-                   "(options: shift=auto|fold|runtime|none, max_grid_steps)")
+                   "(options: shift=auto|fold|runtime|none, shift_quantile, shift_sites, max_grid_steps)")
 
-    def __init__(self, shift: str = "auto", max_grid_steps: int = 100, min_t: Optional[float] = None):
+    def __init__(self, shift: str = "auto", max_grid_steps: int = 100, min_t: Optional[float] = None,
+                 shift_quantile: float = 0.0, shift_sites=None):
         if shift not in SHIFT_MODES:
             raise PluginError(f"osplus option 'shift' must be one of {SHIFT_MODES}, got {shift!r}")
+        if isinstance(shift_quantile, bool) or not isinstance(shift_quantile, (int, float)) \
+                or not 0.0 <= shift_quantile < 0.5:
+            raise PluginError(f"osplus option 'shift_quantile' must be a number in [0, 0.5), got {shift_quantile!r}")
         if not isinstance(max_grid_steps, int) or max_grid_steps == 1 or max_grid_steps < 0:
             raise PluginError(f"osplus option 'max_grid_steps' must be 0 (full grid) or an integer >= 2, "
                               f"got {max_grid_steps!r}")
         self.shift_mode, self.max_grid_steps, self.min_t = shift, max_grid_steps, min_t
+        self.shift_quantile = float(shift_quantile)
+        if isinstance(shift_sites, str):
+            shift_sites = [n.strip() for n in shift_sites.split(",") if n.strip()]
+        if shift_sites is not None and (not isinstance(shift_sites, (list, tuple)) or not shift_sites
+                                        or not all(isinstance(n, str) for n in shift_sites)):
+            raise PluginError(f"osplus option 'shift_sites' must be site names (e.g. 'attn,mlp'), got {shift_sites!r}")
+        self.shift_sites = None if shift_sites is None else tuple(shift_sites)
 
     def _shift(self, data):
         """(shift tensor or None, runtime?) — 'auto' folds where the producer has a bias (LayerNorm) and leaves
@@ -43,10 +71,13 @@ class OSPlus(Strategy):
         if mode == "fold" and not data.shift_foldable:
             raise PluginError(f"osplus: shift=fold is impossible at site {data.site.name} (producer "
                               f"{data.site.producer} has no bias); use shift=runtime or shift=none")
-        if mode == "none":
+        if mode == "none" or (self.shift_sites is not None and data.site.name not in self.shift_sites):
             return None, False
-        z = (data.channel_max() + data.channel_min()).float() / 2
-        return z, mode == "runtime"
+        if self.shift_quantile > 0:
+            lo, hi = channel_quantiles(data, self.shift_quantile)
+        else:
+            lo, hi = data.channel_min().float(), data.channel_max().float()
+        return (lo + hi) / 2, mode == "runtime"
 
     @staticmethod
     def _search(data, z, amax, candidates):
