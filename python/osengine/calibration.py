@@ -222,14 +222,12 @@ def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: l
     sums, owner, seen, current_mask = {}, {}, [], [None]
 
     def hook(m, args, name):
-        x = args[0]
-        if m.input_shift is not None:
-            x = x - m.input_shift
         for other_input, other_shift, other_name in seen:  # the same tensor as a sibling (kept alive, so identity
             if other_input is args[0] and other_shift is m.input_shift:  # is safe): share its sum
                 owner[name] = other_name
                 return
         seen.append((args[0], m.input_shift, name))
+        x = args[0] if m.input_shift is None else args[0] - m.input_shift
         mask = current_mask[0]
         rows = x[mask] if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
         rows = rows.float()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizers import QuantSpec, _grouped, _mse_range, qparams_from_range
+from .quantizers import QuantSpec, weight_qparams
 
 GPTQ_DAMPING = 0.01      # fraction of the mean Hessian diagonal added to it
 GPTQ_BLOCK = 128         # columns updated together (lazy batch updates; changes speed, not the result)
@@ -29,18 +29,7 @@ def _column_grid(w: torch.Tensor, spec: QuantSpec) -> tuple:
     """Step and zero point for every weight element ([out, in] each), from the spec's range of the original w,
     and a boolean [out, in] mask of the elements pinned to +-qmax (symmetric specs: each row's / group's largest
     magnitude; none for asymmetric specs)."""
-    if spec.granularity == "per-tensor":
-        x, dims = w, (0, 1)
-    elif spec.granularity == "per-channel":
-        x, dims = w, (1,)
-    elif spec.granularity == "per-group":
-        x, dims = _grouped(w, spec.group_size), (-1,)
-    else:
-        raise GPTQError(f"weights: granularity {spec.granularity!r} is not one of per-tensor, per-channel, per-group")
-    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    if spec.observer == "mse":
-        lo, hi = _mse_range(x, lo, hi, spec, dims)
-    delta, zp = qparams_from_range(lo, hi, spec)
+    x, delta, zp = weight_qparams(w, spec)
     delta, zp = delta.expand_as(x).reshape_as(w), zp.expand_as(x).reshape_as(w)
     pinned = torch.zeros_like(w, dtype=torch.bool)
     if spec.symmetric:

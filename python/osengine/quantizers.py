@@ -105,9 +105,11 @@ def _mse_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantS
     return best_lo, best_hi
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Weight quantization of a [out, in] matrix: per-tensor, per output channel, or per group along `in`; the range
-    is MinMax, or with observer "mse" the MinMax range shrunk where that lowers the squared error (clipping)."""
+def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple:
+    """(w viewed as its quantization units, delta, zero point) for a [out, in] weight: per-tensor, per output
+    channel, or per group along `in` ([out, groups, group_size]); the range is MinMax, or with observer "mse" the
+    MinMax range shrunk where that lowers the squared error (clipping). delta and zero point broadcast against the
+    view."""
     if spec.granularity == "per-tensor":
         x, dims = w, (0, 1)
     elif spec.granularity == "per-channel":
@@ -122,6 +124,12 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     elif spec.observer != "minmax":
         raise ValueError(f"weights: observer {spec.observer!r} is not one of {list(WEIGHT_OBSERVERS)}")
     delta, zp = qparams_from_range(lo, hi, spec)
+    return x, delta, zp
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest weight quantization of a [out, in] matrix on the grid of `weight_qparams`."""
+    x, delta, zp = weight_qparams(w, spec)
     return fake_quant(x, delta, zp, spec).reshape_as(w)
 
 
