@@ -32,7 +32,7 @@ def quantize_range(x: torch.Tensor, t: float, bits: int = 8) -> torch.Tensor:
 
 def main() -> None:
     from osengine import api
-    from osengine.calibration import text_samples
+    from osengine.calibrate.data import text_samples
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")

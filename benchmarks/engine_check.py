@@ -7,11 +7,11 @@ a copy to the engine (convert_to_engine) and reports, on WikiText-2 test tokens:
                  (static quantization rounds at hard boundaries, so a model can be chaotic in its inputs)
   logits         whole-model engine (as deployed: convert_to_engine's fusions) vs fake-quant logits, and whether
                  64 greedy tokens are identical
-  integer_exact  the same against the integer-exact fake quant (quantizers.set_integer_exact: the engine's integer
-                 accumulation and epilogue computed in torch, float for float; osengine.engine_arithmetic): with the
+  integer_exact  the same against the integer-exact fake quant (quant.layers.set_integer_exact: the engine's integer
+                 accumulation and epilogue computed in torch, float for float; osengine.quant.integer_exact): with the
                  engine model's RMSNorm and SiLU in torch (convert_to_engine(fuse=False)), and as deployed, the
                  RMSNorms and SiLU gates folded into the quantize kernels simulated in the kernels' arithmetic
-                 (engine_model.simulate_folded_prologues). Expected: identical logits and tokens in both.
+                 (runtime.simulate.simulate_folded_prologues). Expected: identical logits and tokens in both.
 
     python benchmarks/engine_check.py [--strategy osplus] [--recipe w8a8-static] [--samples 4]
 """
@@ -26,9 +26,9 @@ import torch
 
 import osengine
 from osengine import api
-from osengine.engine_linear import convert_to_engine, engine_linear_from_fake_quant
-from osengine.engine_model import simulate_folded_prologues
-from osengine.quantizers import FakeQuantLinear, set_integer_exact
+from osengine.quant.layers import FakeQuantLinear, set_integer_exact
+from osengine.runtime.convert import convert_to_engine, engine_linear_from_fake_quant
+from osengine.runtime.simulate import simulate_folded_prologues
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

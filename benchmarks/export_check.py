@@ -1,7 +1,7 @@
 """The compressed-tensors export checked with a real client on a real model (not a CI test).
 
 SmolLM2-135M (LLaMA architecture) is quantized with OS+ (calibrated on WikiText-2 validation text), exported with
-`osengine.export.export_compressed_tensors`, loaded back through transformers with the compressed-tensors package,
+`osengine.io.export.export_compressed_tensors`, loaded back through transformers with the compressed-tensors package,
 and its logits on the first --tokens tokens of ../shared/data/wikitext-2-raw/wiki.test.raw are compared with the
 fake-quant model's (and with floating point). The w8a8-static preset's activation codes use the full int8 range
 (activations.full_range: true), as compressed-tensors and vLLM do; `w8a8-static-restricted` keeps the paper's
@@ -53,7 +53,7 @@ class int8_full_range:
 
     def __enter__(self):
         import torch
-        from osengine import quantizers
+        from osengine.quant import observers as quantizers
 
         self.plain = plain = quantizers.fake_quant
 
@@ -66,7 +66,7 @@ class int8_full_range:
         return self
 
     def __exit__(self, *exc):
-        from osengine import quantizers
+        from osengine.quant import observers as quantizers
 
         quantizers.fake_quant = self.plain
 
@@ -78,7 +78,7 @@ def _relative(a, b) -> float:
 def _per_linear(model, loaded, ids):
     """Each quantized linear of the export against ours on the same input (the input ours sees): relative error of
     the outputs, as is and with the int8 clamp aligned. Needs `loaded` to have run once (it decompresses then)."""
-    from osengine.quantizers import FakeQuantLinear
+    from osengine.quant.layers import FakeQuantLinear
 
     as_is, aligned, busy, hooks = {}, {}, [], []
 
@@ -116,7 +116,7 @@ def check(recipe_name: str, args) -> dict:
     import transformers
 
     from osengine import api
-    from osengine.export import export_compressed_tensors
+    from osengine.io.export import export_compressed_tensors
 
     transformers.logging.set_verbosity_error()
     recipe = EXTRA_RECIPES.get(recipe_name, recipe_name)

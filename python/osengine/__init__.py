@@ -6,7 +6,7 @@ end (`quantize`, `evaluate`, `load_model`, `load`) is imported lazily so that `i
 from __future__ import annotations
 
 from ._C import __version__
-from .ops import (
+from .engine.ops import (
     PackedWeights,
     QuantizedActivations,
     best_cpu_backend,
@@ -22,7 +22,7 @@ from .ops import (
     set_num_threads,
     unpack_int4,
 )
-from .ops import quantize as quantize_activations
+from .engine.ops import quantize as quantize_activations
 
 _FRONT_END = {"quantize": "api", "evaluate": "api", "load_model": "api", "load": "api"}
 

@@ -9,11 +9,18 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import calibration as calib
-from .models import (REGISTERED_MODELS, ModelLoadError, is_checkpoint, load_fp_model, load_quantized,
-                     load_quantized_manifest, resolve_source, save_quantized, structure_manifest)
-from .plugin_api import make_strategy, resolve_architecture
-from .recipes import Recipe, load_recipe
+from .calibrate.data import CalibrationError, load_calibration
+from .calibrate.pipeline import calibrate_blockwise
+from .evaluation import perplexity
+from .io.checkpoint import refuse_existing_output
+from .io.quantized_model import (is_checkpoint, load_quantized, load_quantized_manifest, save_quantized,
+                                 structure_manifest)
+from .io.sources import REGISTERED_MODELS, ModelLoadError, load_fp_model, resolve_source
+from .plugins.registry import make_strategy, resolve_architecture
+from .quant.layers import set_integer_exact
+from .quant.recipes import Recipe, load_recipe
+from .runtime.convert import convert_to_engine
+from .runtime.simulate import simulate_folded_prologues
 
 
 def load_model(source: Union[str, Path], device: str = "cpu"):
@@ -29,8 +36,6 @@ def load(directory: Union[str, Path], backend: str = "auto"):
     """(model, tokenizer): a folder written by `quantize(..., out=DIR)` rebuilt as an engine-backed model, whose
     quantized linears run with real int8 / int4 arithmetic (weights packed once), without re-calibrating. Layers the
     recipe keeps in floating point stay in floating point. backend: "auto", "avx2", "reference" or "cuda"."""
-    from .engine_linear import convert_to_engine
-
     device = "cuda" if backend == "cuda" else "cpu"
     model, tokenizer, _ = load_quantized(directory, device=device)
     return convert_to_engine(model, backend=backend), tokenizer
@@ -39,14 +44,11 @@ def load(directory: Union[str, Path], backend: str = "auto"):
 def verify_engine(directory: Union[str, Path], prompt: str = "The history of the city begins",
                   new_tokens: int = 32, backend: str = "auto") -> dict:
     """Run a saved folder on the engine (as `load` builds it) and in the integer-exact simulation (the fake-quant
-    model computing the engine's CPU arithmetic in torch: quantizers.set_integer_exact,
-    engine_model.simulate_folded_prologues), greedy-decode `new_tokens` after `prompt` with both, and compare.
+    model computing the engine's CPU arithmetic in torch: quant.layers.set_integer_exact,
+    runtime.simulate.simulate_folded_prologues), greedy-decode `new_tokens` after `prompt` with both, and compare.
     They must agree bit for bit; a difference points at a kernel, a fusion or a plugin that computes something else
     than the simulation. Returns {"logits_identical", "logits_max_abs_diff", "positions", "tokens_identical",
     "first_token_difference", "new_tokens", "backend"}. CPU backends only ("auto", "avx2", "reference")."""
-    from .engine_model import simulate_folded_prologues
-    from .quantizers import set_integer_exact
-
     if backend not in ("auto", "avx2", "reference"):
         raise ValueError(f"verify_engine: backend must be 'auto', 'avx2' or 'reference' (the simulation follows the "
                          f"CPU kernels' rounding), got {backend!r}")
@@ -99,8 +101,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                    `load` (engine-backed) or `load_model` (fake quant).
     The report (per-site migrations, channel ranges, timing, peak memory) is at `model.osengine_report`.
     """
-    if out is not None and Path(out).exists() and not overwrite:  # fail before calibrating, not after
-        raise FileExistsError(f"output folder {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if out is not None:  # fail before calibrating, not after
+        refuse_existing_output(out, overwrite)
     source = None
     if not isinstance(model, nn.Module):
         source = str(model)
@@ -113,14 +115,14 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
-        raise calib.CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
+        raise CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
     t0 = time.time()
-    ids = calib.load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len,
+    ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len,
                                  progress=progress)
     t_data = time.time() - t0
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    report = calib.calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
+    report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
                                        search_batches=search_batches, progress=progress)
     ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
@@ -148,8 +150,6 @@ def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, token
     """Perplexity over `windows` non-overlapping windows of `seq_len` tokens of the text file `ppl` ("generated":
     text that the floating-point base model writes). engine=True runs a saved quantized folder on the engine
     (real int arithmetic, `load`) instead of fake quant."""
-    from .evaluation import perplexity
-
     generator = None
     if not isinstance(model, nn.Module):
         if engine and not is_checkpoint(model):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibrate.data import generated_samples
+
 
 class EvaluationError(ValueError):
     pass
@@ -43,7 +45,6 @@ def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optiona
     if seq_len < 2:
         raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
     if str(text_file) == "generated":
-        from .calibration import generated_samples
 
         ids = generated_samples(generator_model or model, tokenizer, windows or 16, seq_len, seed=GENERATED_SEED,
                                 progress=progress)

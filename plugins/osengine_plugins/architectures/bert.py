@@ -7,25 +7,17 @@ which restores it as X' * s + z (a small runtime cost).
 """
 from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite
 
-from ._layers import find_layers
-
 
 class Bert(Architecture):
     name = "bert"
     description = "BERT post-LayerNorm encoders"
     model_types = ("bert",)
+    layers = ("encoder.layer", "bert.encoder.layer")
     scale_search_min = 1.0
     smoothquant_alpha = 0.5
 
-    def _layers(self, model):
-        return find_layers(model, ("encoder.layer", "bert.encoder.layer"), self.name)
-
-    def blocks(self, model):
-        path, layers = self._layers(model)
-        return [f"{path}.{i}" for i in range(len(layers))]
-
     def sites(self, model, index):
-        path = self._layers(model)[0]
+        path = self.layer_list(model)[0]
         p = f"{path}.{index}"
         embeddings = path.replace("encoder.layer", "embeddings")
         before = f"{embeddings}.LayerNorm" if index == 0 else f"{path}.{index - 1}.output.LayerNorm"
@@ -39,4 +31,4 @@ class Bert(Architecture):
         ]
 
     def attention_modules(self, model):
-        return [layer.attention.self for layer in self._layers(model)[1]]
+        return [layer.attention.self for layer in self.layer_list(model)[1]]

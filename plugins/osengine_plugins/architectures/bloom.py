@@ -7,25 +7,17 @@ BMM-input quantization is not available (BLOOM does not use transformers' attent
 """
 from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite
 
-from ._layers import find_layers
-
 
 class Bloom(Architecture):
     name = "bloom"
     description = "BLOOM pre-LayerNorm decoders (ALiBi)"
     model_types = ("bloom",)
+    layers = ("transformer.h", "h")
     scale_search_min = 1.0
     smoothquant_alpha = 0.5
 
-    def _layers(self, model):
-        return find_layers(model, ("transformer.h", "h"), self.name)
-
-    def blocks(self, model):
-        path, layers = self._layers(model)
-        return [f"{path}.{i}" for i in range(len(layers))]
-
     def sites(self, model, index):
-        p = f"{self._layers(model)[0]}.{index}"
+        p = self.block(model, index)
         post_ln = bool(getattr(model.config, "apply_residual_connection_post_layernorm", False))
         return [
             MigrationSite("attn", f"{p}.input_layernorm", "layernorm", [f"{p}.self_attention.query_key_value"],

@@ -5,27 +5,22 @@ post_attention_layernorm -> gate,up (inspected: SiLU(gate) * up); gate*up -> dow
 the scale is folded into the rows of up_proj, exact because SiLU(g) * (u / s) = (SiLU(g) * u) / s).
 RMSNorm has no bias, so a shift can only be applied at run time (osplus shift=runtime).
 """
-from osengine.plugin_api import Architecture, AttentionOutput, GatedOutput, LinearOutput, MigrationSite
-
-from ._layers import find_layers
+from osengine.plugin_api import Architecture, AttentionOutput, GatedMLP, GatedOutput, LinearOutput, MigrationSite
 
 
 class Llama(Architecture):
     name = "llama"
     description = "LLaMA-family pre-RMSNorm decoders (llama, mistral, qwen2)"
     model_types = ("llama", "mistral", "qwen2")
+    layers = ("model.layers", "layers")
     scale_search_min = 0.1
     smoothquant_alpha = 0.8
-
-    def _layers(self, model):
-        return find_layers(model, ("model.layers", "layers"), self.name)
-
-    def blocks(self, model):
-        path, layers = self._layers(model)
-        return [f"{path}.{i}" for i in range(len(layers))]
+    rmsnorm_eps_attribute = "variance_epsilon"   # LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm: fp32, weight * (x * r)
+    gated_mlp = GatedMLP(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="act_fn")
+    bias_flags = ("attention_bias", "mlp_bias")
 
     def sites(self, model, index):
-        p = f"{self._layers(model)[0]}.{index}"
+        p = self.block(model, index)
         act = model.get_submodule(f"{p}.mlp").act_fn
         return [
             MigrationSite("attn", f"{p}.input_layernorm", "rmsnorm",
@@ -37,5 +32,4 @@ class Llama(Architecture):
         ]
 
     def attention_modules(self, model):
-        path, layers = self._layers(model)
-        return [layer.self_attn for layer in layers]
+        return [layer.self_attn for layer in self.layer_list(model)[1]]

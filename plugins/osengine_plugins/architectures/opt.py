@@ -5,27 +5,22 @@ final_layer_norm -> fc1 (inspected: fc1 pre-activation). out_proj and fc2 are le
 """
 from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite, PluginError
 
-from ._layers import find_layers
-
 
 class OPT(Architecture):
     name = "opt"
     description = "OPT pre-LayerNorm decoders"
     model_types = ("opt",)
+    layers = ("model.decoder.layers", "decoder.layers")
     scale_search_min = 1.0
     smoothquant_alpha = 0.5
 
-    def _layers(self, model):
+    def layer_list(self, model):
         if not getattr(model.config, "do_layer_norm_before", True):
             raise PluginError("opt: models with do_layer_norm_before=False (OPT-350m) are not supported")
-        return find_layers(model, ("model.decoder.layers", "decoder.layers"), self.name)
-
-    def blocks(self, model):
-        path, layers = self._layers(model)
-        return [f"{path}.{i}" for i in range(len(layers))]
+        return super().layer_list(model)
 
     def sites(self, model, index):
-        p = f"{self._layers(model)[0]}.{index}"
+        p = self.block(model, index)
         return [
             MigrationSite("attn", f"{p}.self_attn_layer_norm", "layernorm",
                           [f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"],
@@ -34,4 +29,4 @@ class OPT(Architecture):
         ]
 
     def attention_modules(self, model):
-        return [layer.self_attn for layer in self._layers(model)[1]]
+        return [layer.self_attn for layer in self.layer_list(model)[1]]

@@ -1,0 +1,6 @@
+"""python -m osengine.cli: the osengine command."""
+import sys
+
+from .main import main
+
+sys.exit(main())

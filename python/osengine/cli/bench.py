@@ -1,0 +1,724 @@
+"""End-to-end speed of a language model on the engine against its floating-point original (`osengine bench`).
+
+What is measured, per impl (each impl, or pair of impls that share one model, lives in its own process so that its
+peak memory is its own):
+
+  prefill   model(input_ids [batch, tokens], logits_to_keep=1): the forward pass that fills the KV cache before
+            generation; only the last position's logits are computed (all a generator needs), for every impl alike.
+  decode    greedy decoding with the KV cache: after an untimed prefill of a --prompt-len prompt, --new-tokens steps
+            of model(next_token [batch, 1], past_key_values) + argmax, timed together; tokens/s = batch * steps / s.
+
+Impls: fp32 (CPU) / fp16 (CUDA): the Hugging Face model in floating point. w8a8, w4a8: the model quantized by
+`osengine.quantize` (recipes w8a8-static, w4a8; --strategy, a small calibration) and converted to the engine with
+`convert_to_engine(model, fuse=True, quantize_embeddings=True)` (what a deployment runs: int GEMMs, q/k/v and gate/up
+sharing one quantization and one GEMM, int8 embedding table and lm_head), or reloaded with `osengine.load` when the
+model is a saved quantized folder. w8a8_shift_fused / w8a8_shift_separate: W8A8 calibrated with OS+ and
+shift=runtime, the shift subtracted inside the quantize kernel / in a separate elementwise pass before it. Extra
+impls on request: w8a8_unfused (no shared-input fusion), w8a8_fp_embed (embedding and lm_head kept in fp32).
+
+Method: the models are built one after the other, then measured interleaved: at each point every impl runs its
+--warmup untimed runs, then the --repeats timed runs go round the impls in turn (the first impl rotating each round),
+so that a machine that gets busier or quieter during the run slows every impl alike and the ratios stay fair on a
+shared host. Timing: time.perf_counter around one call (CUDA synchronized); the record holds the median (`ms`) and
+the spread (min, max, interquartile range). Memory: `model_mb` is what the model holds (parameters
+and buffers, each storage once, plus the engine's packed weights: osengine.runtime.memory.model_memory); `peak_mem_mb`
+is the process's peak resident set over that impl's runs at that point (Linux VmHWM, reset before the first; on
+CUDA: peak CUDA memory allocated by torch plus the engine's packed weights). MB = 10^6 bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_PREFILL = "1x128,1x512,8x128"
+DEFAULT_DECODE_BATCH = "1,8"
+CPU_IMPLS = ["fp32", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
+CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
+EXTRA_IMPLS = ["w8a8_unfused", "w8a8_fp_embed"]
+FLOAT_IMPLS = ("fp32", "fp16", "bf16")
+RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8"}
+REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "tokens": int, "ms": float,
+                   "tokens_per_s": float, "peak_mem_mb": float}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+def random_model(kind: str, dtype=None, device: str = "cpu"):
+    """A LLaMA with random weights: 'llama7b' (LLaMA-7B shapes) or 'tiny' (for tests)."""
+    import torch
+    import transformers
+
+    if kind == "llama7b":
+        cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                       max_position_embeddings=4096)
+    elif kind == "tiny":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=256)
+    else:
+        raise ValueError(f"random model {kind!r}: expected 'llama7b' or 'tiny'")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.to(dtype or torch.float32).eval()
+
+
+def _vocab(model) -> int:
+    return int(model.config.vocab_size)
+
+
+def _calibration(model, tokenizer, args):
+    """Calibration data: token ids for random models, else the --calib text (or 'generated')."""
+    import torch
+
+    if args.random or tokenizer is None:
+        g = torch.Generator().manual_seed(1)
+        return torch.randint(0, _vocab(model), (args.calib_samples, args.calib_seq_len), generator=g)
+    return args.calib
+
+
+def _keep_float_parts(model, dtype):
+    """Cast everything but the engine's modules (whose scales stay float32) to `dtype`."""
+    from ..runtime.embedding import EngineEmbedding
+    from ..runtime.linear import EngineLinear
+
+    for m in model.modules():
+        if isinstance(m, EngineEmbedding):
+            m.out_dtype = dtype  # its lookups feed the rest of the model in that dtype
+        if isinstance(m, (EngineLinear, EngineEmbedding)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and "inv_freq" not in name:
+                setattr(m, name, b.to(dtype))
+
+
+def build_model(impl: str, args):
+    """The model `impl` runs, ready for inference (eval, on the device)."""
+    import torch
+
+    from .. import api
+    from ..io.quantized_model import is_checkpoint, load_quantized_manifest
+    from ..io.sources import load_fp_model
+    from ..runtime.convert import convert_to_engine
+    from ..runtime.embedding import quantize_embeddings
+    from ..runtime.memory import set_shift_mode
+
+    device = args.device
+    float_dtype = torch.float16 if device == "cuda" else torch.float32
+    source = args.model
+    if impl in FLOAT_IMPLS:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[impl]
+        if args.random:
+            return random_model(args.random, dtype, device)
+        if is_checkpoint(source):
+            source = load_quantized_manifest(source)["base_model"]
+        model, _ = load_fp_model(source, dtype=dtype, device=device)
+        return model
+    fuse = impl != "w8a8_unfused"
+    int8_embeddings = impl != "w8a8_fp_embed" and not args.fp_embeddings
+    if not args.random and is_checkpoint(source):  # a saved quantized folder: reload it on the engine
+        backend = "cuda" if device == "cuda" else "auto"
+        model, _ = api.load(source, backend=backend)
+        if int8_embeddings:
+            quantize_embeddings(model, backend=backend)
+    else:
+        if args.random:
+            model, tokenizer = random_model(args.random, torch.float32, device), None
+        else:
+            model, tokenizer = load_fp_model(source, device=device)
+        recipe, strategy, options = RECIPES.get(impl.split("_")[0], "w8a8-static"), args.strategy, {}
+        if impl.startswith("w8a8_shift"):
+            strategy, options = "osplus", {"shift": "runtime"}
+        if args.recipe and impl.startswith("w8a8"):
+            recipe = args.recipe
+        api.quantize(model, recipe=recipe, strategy=strategy, strategy_options=options,
+                     calibration=_calibration(model, tokenizer, args), tokenizer=tokenizer,
+                     n_samples=args.calib_samples, seq_len=args.calib_seq_len, batch_size=args.calib_samples,
+                     device=device, progress=False)
+        convert_to_engine(model, fuse=fuse, quantize_embeddings=int8_embeddings)
+    if impl.startswith("w8a8_shift"):
+        set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
+    if device == "cuda":
+        _keep_float_parts(model, float_dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of this process during a measurement: Linux VmHWM (reset through /proc/self/clear_refs), or on
+    CUDA torch's peak allocation plus the engine's packed weights (which torch's allocator does not see)."""
+
+    def __init__(self, device: str, extra_bytes: int = 0):
+        self.device, self.extra = device, extra_bytes
+
+    def reset(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages (quantization leftovers) to the OS
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() + self.extra) / 1e6
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / 1e6
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _ids(model, batch: int, tokens: int, seed: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, _vocab(model) // 2), _vocab(model), (batch, tokens), generator=g).to(device)
+
+
+def _summary(samples: List[float]) -> dict:
+    qs = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"ms": statistics.median(samples), "ms_min": min(samples), "ms_max": max(samples),
+            "ms_iqr": qs[2] - qs[0], "samples": len(samples)}
+
+
+def prefill_once(model, ids, device: str) -> float:
+    """ms of one prefill forward pass (the last position's logits only)."""
+    import torch
+
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def greedy_decode(model, prompt, new_tokens: int, device: str):
+    """(ms for the `new_tokens` decode steps, generated ids [batch, 1 + new_tokens]: the prefill's token, then one per
+    step); the prompt's prefill is untimed."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [nxt]
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(nxt)
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e3, torch.cat(generated, dim=1)
+
+
+def device_name(device: str, threads: int) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name()}"
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"cpu: {model or platform.processor() or platform.machine()} ({threads} threads)"
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    import osengine
+
+    torch.set_num_threads(threads)
+    osengine.set_num_threads(threads)
+
+
+def measurement_points(args) -> List[tuple]:
+    """(phase, batch, tokens) in measuring order: prefill points, then decode batches."""
+    return ([("prefill", b, t) for b, t in args.prefill_points]
+            + [("decode", b, args.new_tokens) for b in args.decode_batches])
+
+
+class Runner:
+    """One model and the impls that run on it (one process group): runs single samples on request, so that the
+    driver can interleave the impls, and summarizes them into records. Peak memory is tracked per impl and point:
+    reset before its first sample, read after each."""
+
+    def __init__(self, impls: List[str], args):
+        import torch
+
+        from ..runtime.memory import model_memory
+
+        set_threads(args.threads)
+        self.impls, self.args = list(impls), args
+        t0 = time.time()
+        self.model = build_model(impls[0], args)
+        setup_s = time.time() - t0
+        memory = model_memory(self.model)
+        self.memory = PeakMemory(args.device, memory["packed"] if args.device == "cuda" else 0)
+        device = device_name(args.device, args.threads)
+        self.base = {impl: {"device": device, "impl": impl,
+                            "model": args.random and f"random-{args.random}" or str(args.model),
+                            "model_mb": round(memory["total"] / 1e6, 2), "setup_s": round(setup_s, 1),
+                            "torch": torch.__version__} for impl in impls}
+        self.samples, self.peaks, self.inputs = {}, {}, {}
+        self.shift_mode = None
+
+    def _input(self, phase: str, batch: int, tokens: int):
+        key = (phase, batch, tokens)
+        if key not in self.inputs:
+            if phase == "prefill":
+                self.inputs[key] = _ids(self.model, batch, tokens, seed=tokens + batch, device=self.args.device)
+            else:
+                self.inputs[key] = _ids(self.model, batch, self.args.prompt_len, seed=7 + batch,
+                                        device=self.args.device)
+        return self.inputs[key]
+
+    def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
+        from ..runtime.memory import set_shift_mode
+
+        if impl.startswith("w8a8_shift") and self.shift_mode != impl:
+            set_shift_mode(self.model, "separate" if impl.endswith("separate") else "fused")
+            self.shift_mode = impl
+        key = (impl, phase, batch, tokens)
+        ids = self._input(phase, batch, tokens)
+        if key not in self.peaks:
+            self.memory.reset()
+        if phase == "prefill":
+            ms = prefill_once(self.model, ids, self.args.device)
+        else:
+            ms, _ = greedy_decode(self.model, ids, tokens, self.args.device)
+        self.peaks[key] = max(self.peaks.get(key, 0.0), self.memory.peak_mb())
+        if timed:
+            self.samples.setdefault(key, []).append(ms)
+        return ms
+
+    def records(self) -> List[dict]:
+        out = []
+        for impl in self.impls:
+            for phase, batch, tokens in measurement_points(self.args):
+                times = self.samples.get((impl, phase, batch, tokens))
+                if not times:
+                    continue
+                s = _summary(times)
+                r = {**self.base[impl], "phase": phase, "batch": batch, "tokens": tokens, **s,
+                     "tokens_per_s": batch * tokens / (s["ms"] / 1e3),
+                     "peak_mem_mb": round(self.peaks[(impl, phase, batch, tokens)], 1)}
+                if phase == "decode":
+                    r["ms_per_token"] = s["ms"] / tokens
+                    r["prompt_tokens"] = self.args.prompt_len
+                for k in ("ms", "ms_min", "ms_max", "ms_iqr", "ms_per_token", "tokens_per_s"):
+                    if k in r:
+                        r[k] = round(float(r[k]), 3)
+                out.append(r)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class RunnerFailed(RuntimeError):
+    pass
+
+
+PROTOCOL = "@@osengine-bench "  # prefix of the driver <-> child protocol lines on the child's stdout
+
+
+class ChildRunner:
+    """A Runner in its own process (so that its peak memory is its own), driven through JSON lines on its stdin /
+    stdout. Raises RunnerFailed when the child dies or answers out of protocol."""
+
+    def __init__(self, impls: List[str], args, env: dict):
+        self.impls = list(impls)
+        self.proc = subprocess.Popen(_child_argv(args, impls), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=None, text=True, env=env, bufsize=1)
+        self._reply()  # "ready" once the model is built
+
+    def _reply(self):
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+            print(line, end="", file=sys.stderr)  # whatever else the child prints
+        code = self.proc.wait()
+        raise RunnerFailed(f"exit {code}")
+
+    def _ask(self, request: dict):
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise RunnerFailed(f"exit {self.proc.wait()}")
+        return self._reply()
+
+    def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
+        return float(self._ask({"cmd": "sample", "impl": impl, "phase": phase, "batch": batch, "tokens": tokens,
+                                "timed": timed})["ms"])
+
+    def records(self) -> List[dict]:
+        return self._ask({"cmd": "records"})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def serve(impls: List[str], args) -> None:
+    """The child side of ChildRunner: build, say ready, answer requests until stdin closes."""
+    runner = Runner(impls, args)
+    print(PROTOCOL + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "sample":
+            ms = runner.sample(request["impl"], request["phase"], request["batch"], request["tokens"],
+                               request["timed"])
+            print(PROTOCOL + json.dumps({"ms": ms}), flush=True)
+        elif request["cmd"] == "records":
+            print(PROTOCOL + json.dumps(runner.records()), flush=True)
+
+
+def drive(runners: List, args) -> List:
+    """Measure every (runner, impl) at every point: warm-up samples first, then the timed repeats with the impls
+    taking turns (the starting impl rotating each round), so that a machine that slows down or speeds up during
+    the run affects every impl alike. Returns the runners that did not fail."""
+    alive = list(runners)
+    for phase, batch, tokens in measurement_points(args):
+        times = {}
+        for i in range(args.warmup + args.repeats):
+            timed = i >= args.warmup
+            pairs = [(r, impl) for r in alive for impl in r.impls]
+            if timed and pairs:
+                shift = (i - args.warmup) % len(pairs)
+                pairs = pairs[shift:] + pairs[:shift]
+            for runner, impl in pairs:
+                if runner not in alive:
+                    continue
+                try:
+                    ms = runner.sample(impl, phase, batch, tokens, timed)
+                except RunnerFailed as e:
+                    print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+                    alive.remove(runner)
+                    continue
+                if timed:
+                    times.setdefault(impl, []).append(ms)
+        for impl, ts in times.items():
+            ms = statistics.median(ts)
+            print(f"  {impl:<20} {phase:<7} {batch}x{tokens}: {ms:.1f} ms "
+                  f"({batch * tokens / (ms / 1e3):.1f} tok/s)", file=sys.stderr, flush=True)
+    return alive
+
+
+def run_impls(impls: List[str], args) -> List[dict]:
+    """Build the model once in this process and measure every impl in `impls` (impls that share one model)."""
+    runner = Runner(impls, args)
+    drive([runner], args)
+    return runner.records()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver: one process per model
+# ----------------------------------------------------------------------------------------------------------------
+
+def process_groups(impls: List[str]) -> List[List[str]]:
+    """Impls that run on the same model share a process (the shift pair); every other impl gets its own."""
+    groups, shift = [], [i for i in impls if i.startswith("w8a8_shift")]
+    for impl in impls:
+        if impl in shift:
+            if impl == shift[0]:
+                groups.append(shift)
+        else:
+            groups.append([impl])
+    return groups
+
+
+def _child_argv(args, impls: List[str]) -> List[str]:
+    argv = [sys.executable, "-m", "osengine.cli.bench", "--serve", ",".join(impls)]
+    for key in ("device", "threads", "warmup", "repeats", "prompt_len", "new_tokens", "strategy", "calib",
+                "calib_samples", "calib_seq_len", "recipe", "random"):
+        value = getattr(args, key)
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    argv += ["--prefill", args.prefill, "--decode-batch", args.decode_batch]
+    if args.fp_embeddings:
+        argv.append("--fp-embeddings")
+    if args.model is not None:
+        argv.append(str(args.model))
+    return argv
+
+
+def run(args) -> List[dict]:
+    """Build every model (each in its own process, one after the other), then measure them interleaved (`drive`).
+    Records in impl order; an impl whose process fails is reported and skipped."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    runners = []
+    try:
+        for group in process_groups(args.impls):
+            print(f"[{', '.join(group)}] building ...", file=sys.stderr, flush=True)
+            try:
+                runners.append(Runner(group, args) if args.in_process else ChildRunner(group, args, env))
+            except RunnerFailed as e:
+                print(f"[{', '.join(group)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+        print(f"measuring {', '.join(i for r in runners for i in r.impls)} interleaved ...", file=sys.stderr,
+              flush=True)
+        alive = drive(runners, args)
+        by_impl = {}
+        for runner in alive:
+            try:
+                for record in runner.records():
+                    by_impl.setdefault(record["impl"], []).append(record)
+            except RunnerFailed as e:
+                print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+        return [r for impl in args.impls for r in by_impl.get(impl, [])]
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+def _reference_impl(records: List[dict]) -> Optional[str]:
+    impls = {r["impl"] for r in records}
+    return next((i for i in FLOAT_IMPLS if i in impls), None)
+
+
+def table(records: List[dict]) -> str:
+    ref = _reference_impl(records)
+    lookup = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r for r in records}
+    lines = ["| impl | phase | batch x tokens | ms (median) | spread (IQR) | tokens/s | vs " + (ref or "float")
+             + " | model MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        base = lookup.get((ref, r["phase"], r["batch"], r["tokens"]))
+        speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        spread = f"±{100 * r['ms_iqr'] / 2 / r['ms']:.0f}%" if r["ms"] else "-"
+        lines.append(f"| {r['impl']} | {r['phase']} | {r['batch']} x {r['tokens']} | {r['ms']:.1f} | {spread} | "
+                     f"{r['tokens_per_s']:.1f} | {speedup} | {r['model_mb']:.0f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def targets(records: List[dict], device: str) -> List[tuple]:
+    """(target, measured, PASS / FAIL / SKIP) for the deployment targets."""
+    ref = _reference_impl(records)
+    get = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r for r in records}
+    out = []
+
+    def ratio(phase, batch, tokens, impl="w8a8"):
+        a, b = get.get((impl, phase, batch, tokens)), get.get((ref, phase, batch, tokens))
+        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+
+    def check(name, value, goal):
+        out.append((name, "-" if value is None else f"{value:.2f}x",
+                    "SKIP" if value is None else ("PASS" if value >= goal else "FAIL")))
+
+    decode_tokens = {r["tokens"] for r in records if r["phase"] == "decode"}
+    if device == "cuda":
+        big = max(((r["batch"] * r["tokens"], r["batch"], r["tokens"]) for r in records if r["phase"] == "prefill"),
+                  default=None)
+        check(f"prefill {big[1]}x{big[2]} w8a8 >= 1.3x {ref}" if big else "prefill w8a8 >= 1.3x fp16",
+              ratio("prefill", big[1], big[2]) if big else None, 1.3)
+        return out
+    check("prefill 1x512 w8a8 >= 1.5x fp32", ratio("prefill", 1, 512), 1.5)
+    for b in (1, 8):
+        check(f"decode batch {b} w8a8 >= 2x fp32 tokens/s",
+              next((ratio("decode", b, t) for t in decode_tokens), None), 2.0)
+    w8 = next((r for r in records if r["impl"] == "w8a8"), None)
+    fp = next((r for r in records if r["impl"] == ref), None)
+    check("model memory fp32 / w8a8 >= 3.5x", fp["model_mb"] / w8["model_mb"] if w8 and fp else None, 3.5)
+    return out
+
+
+def plot(records: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    prefill = sorted({(r["batch"], r["tokens"]) for r in records if r["phase"] == "prefill"})
+    decode = sorted({r["batch"] for r in records if r["phase"] == "decode"})
+    get = {(r["impl"], r["phase"], r["batch"], r["tokens"] if r["phase"] == "prefill" else None): r for r in records}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [max(1, len(prefill)),
+                                                                                    max(1, len(decode)), 1]})
+    width = 0.8 / max(1, len(impls))
+    for ax, points, phase, ylabel in ((axes[0], prefill, "prefill", "prefill latency, ms (lower is better)"),
+                                      (axes[1], decode, "decode", "decode tokens/s (higher is better)")):
+        for j, impl in enumerate(impls):
+            rs = [get.get((impl, phase, p[0], p[1]) if phase == "prefill" else (impl, phase, p, None))
+                  for p in points]
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(points))]
+            vals = [(r["ms"] if phase == "prefill" else r["tokens_per_s"]) if r else 0 for r in rs]
+            errs = [[(r["ms"] - r["ms_min"]) if r and phase == "prefill" else 0 for r in rs],
+                    [(r["ms_max"] - r["ms"]) if r and phase == "prefill" else 0 for r in rs]]
+            ax.bar(xs, vals, width, label=impl, yerr=errs if phase == "prefill" else None, capsize=2)
+        ax.set_xticks(range(len(points)))
+        ax.set_xticklabels([f"{b}x{t}" for b, t in points] if phase == "prefill" else [f"batch {b}" for b in points])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    mem = [next((r["model_mb"] for r in records if r["impl"] == i), 0) for i in impls]
+    axes[2].bar(range(len(impls)), mem, color=[f"C{j}" for j in range(len(impls))])
+    axes[2].set_xticks(range(len(impls)))
+    axes[2].set_xticklabels(impls, rotation=45, ha="right")
+    axes[2].set_ylabel("model memory, MB")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{records[0]['model']} on {records[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (osengine bench, benchmarks/e2e.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="Hugging Face folder, .gguf file, registered name (default smollm2-135m), or a quantized "
+                        "folder (--out of quantize: reloaded on the engine)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--impl", default=None,
+                   help=f"comma-separated impls (default: {','.join(CPU_IMPLS)}; on cuda fp16 instead of fp32; "
+                        f"more: {','.join(EXTRA_IMPLS)})")
+    p.add_argument("--prefill", default=DEFAULT_PREFILL, help=f"batch x tokens points (default {DEFAULT_PREFILL})")
+    p.add_argument("--decode-batch", default=DEFAULT_DECODE_BATCH, help="decode batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps (default 64)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and the engine (default 2)")
+    p.add_argument("--strategy", default="minmax", help="calibration strategy of w8a8 / w4a8 (default minmax: "
+                                                        "cheap; speed does not depend on it)")
+    p.add_argument("--recipe", default=None, help="recipe for w8a8 and the shift impls instead of w8a8-static")
+    p.add_argument("--calib", default="generated",
+                   help="calibration text file, or 'generated' (the default: text the model writes itself)")
+    p.add_argument("--calib-samples", type=int, default=4)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--fp-embeddings", action="store_true",
+                   help="keep the embedding table and lm_head in floating point (default: int8 on the engine)")
+    p.add_argument("--random", choices=["llama7b", "tiny"], default=None,
+                   help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes)")
+    p.add_argument("--random-llama7b", dest="random", action="store_const", const="llama7b",
+                   help="same as --random llama7b")
+    p.add_argument("--in-process", action="store_true",
+                   help="build and measure every model in this process (no per-impl peak memory)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the results")
+    p.add_argument("--save-json", default=None, metavar="FILE", help="also write the records to FILE")
+    p.add_argument("--json", action="store_true", help="print the list of records as JSON (progress on stderr)")
+
+
+def parse_points(args) -> None:
+    try:
+        args.prefill_points = [tuple(int(v) for v in p.lower().split("x")) for p in args.prefill.split(",") if p]
+        args.decode_batches = [int(b) for b in args.decode_batch.split(",") if b]
+    except ValueError:
+        raise ValueError(f"--prefill must look like 1x512,8x128 and --decode-batch like 1,8; got {args.prefill!r}, "
+                         f"{args.decode_batch!r}")
+    if any(len(p) != 2 or min(p) < 1 for p in args.prefill_points) or any(b < 1 for b in args.decode_batches):
+        raise ValueError(f"--prefill must look like 1x512,8x128 (positive numbers); got {args.prefill!r}")
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1:
+        raise ValueError("--repeats, --new-tokens and --prompt-len must be >= 1 and --warmup >= 0")
+    default = CUDA_IMPLS if args.device == "cuda" else CPU_IMPLS
+    args.impls = [i for i in (args.impl.split(",") if args.impl else default) if i]
+    known = set(CPU_IMPLS + CUDA_IMPLS + EXTRA_IMPLS + list(FLOAT_IMPLS))
+    unknown = [i for i in args.impls if i not in known]
+    if unknown:
+        raise ValueError(f"unknown impl(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to torch")
+
+
+def main(args) -> int:
+    parse_points(args)
+    records = run(args)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(records, indent=1))
+    if args.plot and records:
+        plot(records, args.plot)
+    if args.json:
+        print(json.dumps(records))
+        return 0 if records else 1
+    if not records:
+        print("no results (every impl failed)", file=sys.stderr)
+        return 1
+    print(f"{records[0]['model']} on {records[0]['device']}; median of {args.repeats} runs after {args.warmup} "
+          f"warm-up; decode: {args.new_tokens} new tokens after a {args.prompt_len}-token prompt\n")
+    print(table(records))
+    print("\n| target | measured | |\n|---|---:|---|")
+    for name, value, verdict in targets(records, args.device):
+        print(f"| {name} | {value} | {verdict} |")
+    if args.plot:
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _child_main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m osengine.cli.bench")
+    add_arguments(p)
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    parse_points(args)
+    if args.serve:
+        serve(args.serve.split(","), args)
+        return
+    sys.exit(main(args))
+
+
+if __name__ == "__main__":
+    _child_main()

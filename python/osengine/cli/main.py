@@ -1,0 +1,251 @@
+"""Command line: osengine quantize | eval | check | export | bench | plugins | recipes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+
+def _options(pairs):
+    """--option key=value (values parsed as YAML scalars: 0.8 -> float, runtime -> str, true -> bool)."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--option {p!r} must look like key=value")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from ..api import quantize
+    from ..calibrate.report import markdown_table, write_report
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = quantize(args.model, recipe=args.recipe, strategy=args.strategy, calibration=args.calib,
+                     keep_fp=args.keep_fp or (), strategy_options=_options(args.option),
+                     weight_rounding=args.weight_rounding, n_samples=args.samples,
+                     seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
+                     device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json)
+    report = model.osengine_report
+    files = write_report(report, args.report or args.out, args.plot_sites) if (args.report or args.out) else {}
+    summary = {"model": args.model, "recipe": report["recipe"]["name"], "strategy": report["strategy"],
+               "architecture": report["architecture"], "out": args.out,
+               "calibration_seconds": round(report["calibration_seconds"], 2),
+               "peak_rss_mib": round(report["peak_rss_mib"], 1), **files}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(markdown_table(report))
+        print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from ..api import evaluate, load_model
+    from ..evaluation import run_lm_eval
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    if not args.ppl and not args.lm_eval:
+        raise ValueError("eval needs --ppl TEXTFILE (or 'generated') and/or --lm-eval TASKS")
+    result = {"model": args.model}
+    if args.ppl:
+        result.update(evaluate(args.model, args.ppl, seq_len=args.seq_len, windows=args.windows,
+                               device=args.device, engine=args.engine, progress=not args.json))
+        result["engine"] = bool(args.engine)
+    if args.lm_eval:
+        model, tokenizer = load_model(args.model, device=args.device or "cpu")
+        result["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval.split(","), limit=args.limit)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        if "perplexity" in result:
+            print(f"perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} "
+                  f"tokens of {result['text']})")
+        for task, metrics in result.get("lm_eval", {}).items():
+            print(task, metrics)
+    return 0
+
+
+def cmd_check(args) -> int:
+    import torch
+
+    from ..api import verify_engine
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    result = {"model": args.model, **verify_engine(args.model, prompt=args.prompt, new_tokens=args.new_tokens,
+                                                   backend=args.backend)}
+    same = result["logits_identical"] and result["tokens_identical"]
+    if args.json:
+        print(json.dumps(result))
+    elif same:
+        print(f"{args.model}: the engine ({args.backend}) and the integer-exact simulation agree bit for bit: "
+              f"identical logits at {result['positions']} positions, identical {args.new_tokens} greedy tokens")
+    else:
+        first = result["first_token_difference"]
+        print(f"{args.model}: the engine ({args.backend}) and the integer-exact simulation DIFFER: logits max abs "
+              f"difference {result['logits_max_abs_diff']:.3g}; greedy tokens "
+              f"{'identical' if first is None else f'differ from new token {first}'}")
+    return 0 if same else 1
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from ..io.export import export
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    summary = export(args.model, args.format, args.out, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        a = summary["input_activations"]
+        print(f"{summary['out']}: {summary['format']} W8A8, {summary['quantized_linears']} int8 linears "
+              f"(weights per {summary['weights']['strategy']}, activations "
+              f"{'dynamic per token' if a['dynamic'] else 'static per tensor'} "
+              f"{'symmetric' if a['symmetric'] else 'asymmetric'}), {summary['ignored_linears']} kept in floating "
+              f"point")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
+def cmd_plugins(args) -> int:
+    from ..plugins.registry import architectures, strategies
+
+    rows, errors = [], []
+    for reg in (strategies, architectures):
+        for info in sorted(reg.infos(), key=lambda i: i.name):
+            extra = ", ".join(info.obj.model_types) if reg is architectures else ""
+            rows.append({"kind": reg.kind, "name": info.name, "source": info.source,
+                         "description": info.obj.description + (f" [model types: {extra}]" if extra else "")})
+        errors += [{"kind": reg.kind, "name": n, "source": s, "traceback": tb} for n, s, tb in reg.errors]
+    if args.json:
+        print(json.dumps({"plugins": rows, "broken": errors}))
+        return 0
+    for r in rows:
+        print(f"{r['kind']:<13} {r['name']:<14} {r['source']}\n{'':<28} {r['description']}")
+    for e in errors:
+        print(f"BROKEN {e['kind']} {e['name']} from {e['source']}:\n{e['traceback']}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from ..quant.recipes import load_recipe, preset_names
+
+    for name in preset_names():
+        r = load_recipe(name)
+        w, a = r.weights, r.activations
+        print(f"{name:<12} weights {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
+              f"{'/' + str(w.group_size) if w.group_size else ''}{' gptq' if w.rounding == 'gptq' else ''}; "
+              f"activations {a.bits}b "
+              f"{'sym' if a.symmetric else 'asym'}{' full-range' if a.full_range else ''} "
+              f"{a.granularity}{'/' + str(a.group_size) if a.group_size else ''} "
+              f"{'dynamic' if a.dynamic else 'static ' + a.observer}; bmm {'on' if r.bmm_inputs else 'off'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osengine", description="Outlier Suppression+ quantization of transformer LMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate and fake-quantize a model; save it with --out")
+    q.add_argument("model", help="Hugging Face folder, .gguf file, or registered name (smollm2-135m, minilm-l6)")
+    q.add_argument("--recipe", default="w8a8-static", help="preset name (osengine recipes) or YAML file")
+    q.add_argument("--strategy", default="osplus", help="calibration strategy (osengine plugins)")
+    q.add_argument("--calib", default="generated", help="calibration text file, or 'generated' (default)")
+    q.add_argument("--out", help="checkpoint folder (model.safetensors, osengine.json, config, tokenizer) plus "
+                                 "report.md and activation_ranges.png")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point, e.g. down_proj")
+    q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
+                   help="override the recipe's weights.rounding: gptq rounds weights by GPTQ on the calibration data")
+    q.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, e.g. alpha=0.8")
+    q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--search-batches", type=int, default=1, help="batches on which OS+ scores its t grid")
+    q.add_argument("--device", default=None, help="cpu (default) or cuda")
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--report", help="folder for the report (default: --out)")
+    q.add_argument("--plot-sites", nargs="+", metavar="BLOCK.SITE", help="sites to plot, e.g. 11.down 3.attn")
+    q.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (and optional lm-evaluation-harness tasks)")
+    e.add_argument("model", help="a quantized folder (--out of quantize) or anything quantize accepts")
+    e.add_argument("--ppl", help="text file for perplexity, or 'generated' (text written by the FP model)")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=int, default=16, help="non-overlapping windows (default 16)")
+    e.add_argument("--engine", action="store_true",
+                   help="run a quantized folder on the engine (real int8 / int4 GEMMs) instead of fake quant")
+    e.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (needs osengine[eval])")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", action="store_true", help='print {"perplexity": ..., ...}')
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("check", help="run a quantized folder on the engine and in the integer-exact simulation "
+                                     "and compare them bit for bit (exit status 1 if they differ)")
+    c.add_argument("model", help="a quantized folder (--out of quantize) that the engine runs")
+    c.add_argument("--prompt", default="The history of the city begins", help="text to continue")
+    c.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated by both (default 32)")
+    c.add_argument("--backend", default="auto", choices=["auto", "avx2", "reference"], help="engine CPU backend")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    x = sub.add_parser("export", help="write a quantized folder for other runtimes (compressed-tensors: "
+                                      "transformers, vLLM)")
+    x.add_argument("model", help="a quantized folder (--out of quantize)")
+    x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--threads", type=int, default=None)
+    x.add_argument("--json", action="store_true", help="print a JSON summary")
+    x.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plugins", help="list strategies and architectures and where they came from")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+
+    r = sub.add_parser("recipes", help="list the preset recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    from .bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="end-to-end prefill and decode speed and memory: float model vs the engine")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..calibrate.data import CalibrationError
+    from ..evaluation import EvaluationError
+    from ..io.sources import ModelLoadError
+    from ..plugins.api import PluginError
+    from ..quant.recipes import RecipeError
+
+    try:
+        return args.func(args)
+    except (RecipeError, PluginError, CalibrationError, ModelLoadError, EvaluationError, ValueError,
+            FileExistsError) as e:
+        print(f"osengine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

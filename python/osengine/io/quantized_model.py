@@ -1,0 +1,160 @@
+"""A quantized model as a folder: `save_quantized` writes a fake-quantized model as an osengine checkpoint (format in
+checkpoint.py) with what is needed to rebuild it, `load_quantized` rebuilds it from the folder alone."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..plugins.registry import resolve_architecture
+from ..quant.layers import (FakeQuantLinear, ResidualRestore, install_bmm_quantization, install_residual_restore,
+                            quantize_block, wrap_linears)
+from ..quant.observers import ActQuantizer
+from ..quant.recipes import recipe_from_dict
+from ..quant.spec import qparams_from_range
+from .checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from .sources import is_causal
+
+
+def is_checkpoint(source) -> bool:
+    return Path(str(source)).is_dir() and (Path(str(source)) / MANIFEST_FILE).is_file()
+
+
+def load_quantized_manifest(path) -> dict:
+    """The validated manifest of a quantized folder (CheckpointError if it is not one, or is broken)."""
+    return read_manifest(path)
+
+
+def _deduplicated_state(model: nn.Module) -> Tuple[dict, dict]:
+    """(tensors, tied): the state dict with tensors that share storage (tied embeddings / lm_head) stored once;
+    tied maps each dropped name to the name that is stored."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, tied
+
+
+def layer_manifest(model: nn.Module) -> dict:
+    """Per quantized linear: weight and activation specs, the calibrated activation range and its step / zero
+    point (static), and whether a runtime shift is applied — what the engine and exporters need."""
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, FakeQuantLinear) or m.weight_spec is None or m.act_quant is None:
+            continue
+        spec = m.act_quant.spec
+        entry = {"weight": m.weight_spec.to_dict(), "activation": spec.to_dict(), "bias": m.bias is not None,
+                 "runtime_shift": m.input_shift is not None}
+        if not spec.dynamic and bool(torch.isfinite(m.act_quant.lo)) and bool(torch.isfinite(m.act_quant.hi)):
+            delta, zp = qparams_from_range(m.act_quant.lo.float(), m.act_quant.hi.float(), spec)
+            entry.update(activation_range=[float(m.act_quant.lo), float(m.act_quant.hi)],
+                         activation_step=float(delta), activation_zero_point=int(zp))
+        layers[name] = entry
+    return layers
+
+
+def migration_tensors(report: Optional[dict]) -> dict:
+    """The OS+ shifts and scales of every site (already folded into the weights; kept as a record)."""
+    out = {}
+    for entry in (report or {}).get("sites", []):
+        prefix = f"osengine.migrations.{entry['block']}.{entry['site']}"
+        if entry.get("shift_values") is not None:
+            out[f"{prefix}.shift"] = entry["shift_values"].float()
+        if entry.get("scale_values") is not None:
+            out[f"{prefix}.scale"] = entry["scale_values"].float()
+    return out
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manifest: dict,
+                   overwrite: bool = False) -> Path:
+    """Write a fake-quantized model as an osengine checkpoint (atomically; see checkpoint.py): model.safetensors
+    (every weight, tied ones once, plus the OS+ shifts and scales), osengine.json (recipe, strategy, per-layer
+    quantization parameters, the structure to rebuild), and the model's config and tokenizer files, so that the
+    folder is self-contained."""
+    tensors, tied = _deduplicated_state(model)
+    tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
+    full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layer_manifest(model)}
+    if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
+        model.config.architectures = [type(model).__name__]
+    with tempfile.TemporaryDirectory() as side:
+        model.config.save_pretrained(side)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(side)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(side)
+        extra = {p.name: p for p in Path(side).iterdir() if p.is_file()}
+        return save_checkpoint(out_dir, tensors, full, extra_files=extra, overwrite=overwrite)
+
+
+def load_quantized(path: Union[str, Path], device: str = "cpu"):
+    """(model, tokenizer, manifest): rebuild the fake-quantized model from a checkpoint folder alone (its config,
+    tokenizer and weights; the base model is not needed), validating every tensor."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tensors, manifest = load_checkpoint(path)
+    if manifest.get("kind") != "fake-quant":
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: kind {manifest.get('kind')!r} is not "
+                              f"'fake-quant'")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: config.json is missing")
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM if is_causal(config) else AutoModel
+    model = cls.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    recipe = recipe_from_dict(manifest["recipe"])
+    arch = resolve_architecture(model)
+    for name in arch.blocks(model):
+        block = model.get_submodule(name)
+        wrap_linears(block)
+        quantize_block(block, name, recipe)
+    for name in manifest.get("residual_restores", []):
+        install_residual_restore(model.get_submodule(name), manifest["residual_channels"][name])
+    for name in manifest.get("linears_with_added_bias", []):
+        lin = model.get_submodule(name)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+    for name in manifest.get("runtime_shifted_linears", []):
+        lin = model.get_submodule(name)
+        lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype)
+    if recipe.bmm_inputs:
+        install_bmm_quantization(model, arch.attention_modules(model), recipe.activations)
+    state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
+    for alias, stored in manifest.get("tied", {}).items():
+        if stored not in state:
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: tied tensor {alias!r} refers to "
+                                  f"{stored!r}, which is not stored")
+        state[alias] = state[stored]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: its tensors do not fit the model its config "
+                              f"describes: {e}") from None
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.mode = "quantize"
+    return model.to(device).eval(), tokenizer, manifest
+
+
+def structure_manifest(model: nn.Module, base: nn.Module = None) -> dict:
+    """What load_quantized must recreate before loading weights: residual restores, added biases, runtime shifts."""
+    restores, channels, biased, shifted = [], {}, [], []
+    for name, m in model.named_modules():
+        if isinstance(m, ResidualRestore):
+            owner = name.rsplit(".", 1)[0]
+            restores.append(owner)
+            channels[owner] = m.scale.numel()
+        if isinstance(m, FakeQuantLinear):
+            if m.bias is not None:
+                biased.append(name)
+            if m.input_shift is not None:
+                shifted.append(name)
+    return {"residual_restores": restores, "residual_channels": channels, "linears_with_added_bias": biased,
+            "runtime_shifted_linears": shifted}

@@ -1,0 +1,346 @@
+"""The plugin contract: what strategy and architecture plugins subclass, declare and call.
+
+    Strategy       decides the shift z and scale s of each migration site, from the site's calibration data (SiteData,
+                   whose `error` is the search objective: the inspected output's error after a candidate transform)
+    Architecture   describes a model family as data: where its blocks are, its migration sites (which linears share
+                   an input, what produces it, what the search inspects), and the facts the engine model and the
+                   exports read (a foldable RMSNorm, a gated MLP, config flags that add biases)
+
+Plugins are found by the registry (osengine.plugins.registry); `osengine.plugin_api` re-exports both for plugin
+authors. The built-in plugins (package osengine_plugins) use nothing else. See docs/plugins.md.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quant.spec import QuantSpec, quantize_dynamic, quantize_weight, quantize_with_range
+
+
+class PluginError(RuntimeError):
+    """A plugin is unknown, duplicated, badly configured, or cannot handle the model it was given."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What architectures describe
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MigrationSite:
+    """One activation X that OS+ transforms: X' = (X - z) / s.
+
+    producer       module (full name in the model) whose output is X; 1/s (and -z/s) is folded into it
+    producer_kind  "layernorm" (weight and bias), "rmsnorm" (weight only) or "linear_rows" (rows of a linear,
+                   e.g. up_proj for LLaMA's down_proj input SiLU(gate) * up)
+    consumers      linears (full names) that read X; W <- W * s (columns), b <- b + W z
+    inspect        how the output that the loss inspects is computed from X (see LinearOutput, GatedOutput,
+                   AttentionOutput)
+    residual       post-LN models: the module that receives X as its second (residual) input; it gets X' * s + z
+    block_input    True when X is the input of the block being calibrated (post-LN: the previous block's last
+                   LayerNorm); the calibration driver then transforms its cached block inputs too
+    """
+    name: str
+    producer: str
+    producer_kind: str
+    consumers: list
+    inspect: "Inspector"
+    residual: Optional[str] = None
+    block_input: bool = False
+
+    def __post_init__(self):
+        if self.producer_kind not in ("layernorm", "rmsnorm", "linear_rows"):
+            raise PluginError(f"MigrationSite {self.name!r}: producer_kind must be layernorm, rmsnorm or "
+                              f"linear_rows, got {self.producer_kind!r}")
+        if not self.consumers:
+            raise PluginError(f"MigrationSite {self.name!r}: consumers is empty")
+
+
+@dataclass
+class Migration:
+    """A strategy's decision for one site. shift None = no shift; scale None = all ones.
+    runtime_shift: the shift is not folded into the producer but subtracted at run time before quantization
+    (the engine's fused shift-add); needed for RMSNorm producers."""
+    shift: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    runtime_shift: bool = False
+    info: dict = field(default_factory=dict)
+
+
+class Inspector(ABC):
+    """Computes the output the scale search looks at, from the site input x [batch, tokens, channels] and
+    the consumers' (weight, bias) pairs. `call` is the captured call of `module` (args, kwargs), if any."""
+    module: Optional[str] = None
+
+    @abstractmethod
+    def __call__(self, model: nn.Module, site: MigrationSite, x: torch.Tensor, weights: list, call) -> torch.Tensor:
+        ...
+
+
+class LinearOutput(Inspector):
+    """X W^T + b of every consumer, concatenated (OPT fc1 pre-activation, LLaMA down_proj)."""
+
+    def __call__(self, model, site, x, weights, call):
+        return torch.cat([F.linear(x, w, b) for w, b in weights], dim=-1)
+
+
+class GatedOutput(Inspector):
+    """act(X Wg^T) * (X Wu^T) for consumers [gate, up] (LLaMA MLP)."""
+
+    def __init__(self, act: Callable = F.silu):
+        self.act = act
+
+    def __call__(self, model, site, x, weights, call):
+        (wg, bg), (wu, bu) = weights
+        return self.act(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class AttentionOutput(Inspector):
+    """Runs the model's own attention module (its mask, RoPE, ALiBi, GQA) with the candidate q/k/v weights and returns
+    the attention output before the output projection `before` (or the module's first output when None)."""
+
+    def __init__(self, module: str, before: Optional[str] = None):
+        self.module, self.before = module, before
+
+    def __call__(self, model, site, x, weights, call):
+        attn = model.get_submodule(self.module)
+        consumers = [model.get_submodule(n) for n in site.consumers]
+        saved = [(c.weight, c.bias) for c in consumers]
+        captured = []
+
+        def stop(_module, args):
+            captured.append(args[0])
+            raise _StopForward
+
+        hook = model.get_submodule(self.before).register_forward_pre_hook(stop) if self.before else None
+        args, kwargs = call
+        if args:
+            args = (x,) + tuple(args[1:])
+        else:
+            kwargs = dict(kwargs, hidden_states=x)
+        try:
+            for c, (w, b) in zip(consumers, weights):
+                c.weight = nn.Parameter(w, requires_grad=False)
+                c.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+            try:
+                out = attn(*args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+            except _StopForward:
+                out = captured[0]
+        finally:
+            for c, (w, b) in zip(consumers, saved):
+                c.weight, c.bias = w, b
+            if hook is not None:
+                hook.remove()
+        return out.float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What strategies see: one site's calibration data and the inspected-output error
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SiteData:
+    """Calibration data of one site, handed to Strategy.migrate.
+
+    inputs         FP inputs X of the consumers, one [batch, tokens, channels] tensor per calibration batch
+                   (they came through the already-quantized earlier blocks)
+    search_inputs  the first few batches, on which `error` evaluates candidates
+    calls          the captured calls of site.inspect.module for the search batches (attention sites)
+    token_masks    per input batch, a [batch, tokens] boolean mask of the real tokens, or None (no padding);
+                   padding tokens count neither in the channel ranges nor in `error`
+    """
+    model: nn.Module
+    site: MigrationSite
+    weight_spec: QuantSpec
+    act_spec: QuantSpec
+    inputs: list
+    search_inputs: list
+    calls: list
+    quantized: list                      # per consumer: False when the recipe keeps it in floating point
+    scale_search_min: float = 1.0        # the architecture's lower end of OS+'s t grid
+    smoothquant_alpha: float = 0.5       # the architecture's default SmoothQuant migration strength
+    shift_foldable: bool = True          # False for RMSNorm / linear-row producers (runtime shift only)
+    token_masks: Optional[list] = None
+    _reference: Optional[list] = None
+
+    @property
+    def channels(self) -> int:
+        return self.inputs[0].shape[-1]
+
+    def _mask(self, i: int) -> Optional[torch.Tensor]:
+        return None if self.token_masks is None or i >= len(self.token_masks) else self.token_masks[i]
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """The real (non-padding) tokens of input batch i, [n, channels]."""
+        x, m = self.inputs[i], self._mask(i)
+        return x.reshape(-1, self.channels) if m is None else x[m.to(x.device)]
+
+    def channel_min(self) -> torch.Tensor:
+        return torch.stack([self.tokens(i).amin(0) for i in range(len(self.inputs))]).amin(0)
+
+    def channel_max(self) -> torch.Tensor:
+        return torch.stack([self.tokens(i).amax(0) for i in range(len(self.inputs))]).amax(0)
+
+    def weights(self) -> list:
+        """The consumers' current (weight, bias), fp32."""
+        out = []
+        for n in self.site.consumers:
+            m = self.model.get_submodule(n)
+            out.append((m.weight.detach().float(), None if m.bias is None else m.bias.detach().float()))
+        return out
+
+    def reference(self) -> list:
+        if self._reference is None:
+            w = self.weights()
+            self._reference = [self.site.inspect(self.model, self.site, x, w, c)
+                               for x, c in zip(self.search_inputs, self.calls)]
+        return self._reference
+
+    def error(self, shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+              clip: Optional[float] = None, quantize: bool = True) -> float:
+        """Mean over tokens of the squared L2 error of the inspected output, after transforming the site with
+        (shift, scale) and fake-quantizing the consumers' weights and input. `clip`: per-tensor activation range
+        (-clip, clip) as in OS+'s search; None uses the recipe's own (dynamic) activation quantizer."""
+        weights = []
+        for (w, b), q in zip(self.weights(), self.quantized):
+            b_new = b
+            if shift is not None:
+                b_new = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b) + w @ shift
+            w_new = w * scale if scale is not None else w
+            if quantize and q:
+                w_new = quantize_weight(w_new, self.weight_spec)
+            weights.append((w_new, b_new))
+        total, tokens = 0.0, 0
+        for i, (x, call, ref) in enumerate(zip(self.search_inputs, self.calls, self.reference())):
+            xs = x.float()
+            if shift is not None:
+                xs = xs - shift
+            if scale is not None:
+                xs = xs / scale
+            if quantize:
+                if clip is not None and self.act_spec.granularity == "per-tensor":
+                    xs = quantize_with_range(xs, -clip, clip, self.act_spec)
+                elif self.act_spec.dynamic:
+                    xs = quantize_dynamic(xs, self.act_spec)
+                else:  # static per-tensor without a given clip: the MinMax range of this batch's real tokens
+                    real = xs if self._mask(i) is None else xs[self._mask(i).to(xs.device)]
+                    xs = quantize_with_range(xs, real.min().item(), real.max().item(), self.act_spec)
+            out = self.site.inspect(self.model, self.site, xs.to(x.dtype), weights, call)
+            err = (out.float() - ref.float()).pow(2).sum(-1)
+            mask = self._mask(i)
+            if mask is not None:
+                err = err[mask.to(err.device)]
+            total += err.sum().item()
+            tokens += err.numel()
+        return total / max(tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plugin base classes
+# ----------------------------------------------------------------------------------------------------------------
+
+class Strategy(ABC):
+    """Calibration strategy. Subclasses set `name` and `description`, take their options as keyword arguments of
+    __init__, and implement `migrate`. Returning None leaves the site untouched (plain MinMax quantization)."""
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def migrate(self, data: SiteData) -> Optional[Migration]:
+        ...
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """An MLP computing down(act(gate(x)) * up(x)), LLaMA's. Names are relative to a block: `module` is the MLP,
+    `gate` / `up` / `down` its linears, `activation` the MLP's attribute holding act. The engine model fuses the
+    activation into down's input quantization when act is SiLU."""
+    module: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    activation: str = "act_fn"
+
+
+class Architecture(ABC):
+    """Model architecture, described mostly as data. Subclasses set `name`, `model_types` (Hugging Face
+    config.model_type values) and `layers` (where the blocks are), and implement `sites`. Optional facts:
+
+    rmsnorm_eps_attribute  the RMSNorm modules' epsilon attribute, when they compute weight * (x * rsqrt(mean(x^2)
+                           + eps)) in fp32 as LLaMA's do: the engine then folds an RMSNorm site producer into the
+                           activation quantization of its readers
+    gated_mlp              a GatedMLP: the engine folds act(gate) * up into down's input quantization
+    bias_flags             config flags that give a whole group of linears a bias (LLaMA's attention_bias, mlp_bias);
+                           an export whose folded model has a bias the config lacks sets them
+    Linears that read one site's input (site.consumers, e.g. q/k/v, gate/up) are what the engine model fuses into
+    one GEMM and what an export marks as one fused projection.
+    """
+    name: str = ""
+    description: str = ""
+    model_types: tuple = ()
+    layers: tuple = ()                 # candidate paths of the ModuleList of blocks, e.g. ("model.layers", "layers")
+    scale_search_min: float = 1.0      # lower end of OS+'s t grid (paper: 1.0 OPT/BLOOM, 0.1 LLaMA)
+    smoothquant_alpha: float = 0.5
+    rmsnorm_eps_attribute: Optional[str] = None
+    gated_mlp: Optional[GatedMLP] = None
+    bias_flags: tuple = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
+
+    def layer_list(self, model: nn.Module) -> tuple:
+        """(path, ModuleList) of the blocks: the first of `layers` that the model has."""
+        if not self.layers:
+            raise PluginError(f"architecture {self.name}: declare `layers` (where the blocks are) or override blocks()")
+        for path in self.layers:
+            try:
+                return path, model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise PluginError(f"architecture {self.name}: none of {list(self.layers)} found in {type(model).__name__}")
+
+    def blocks(self, model: nn.Module) -> list:
+        """Full names of the transformer blocks, in execution order."""
+        path, layers = self.layer_list(model)
+        return [f"{path}.{i}" for i in range(len(layers))]
+
+    def block(self, model: nn.Module, index: int) -> str:
+        """Full name of block `index`."""
+        return f"{self.layer_list(model)[0]}.{index}"
+
+    @abstractmethod
+    def sites(self, model: nn.Module, index: int) -> list:
+        """MigrationSites of block `index`, in execution order."""
+
+    def attention_modules(self, model: nn.Module) -> list:
+        """Attention modules whose BMM inputs a recipe may quantize (through transformers' AttentionInterface).
+        An empty list means the architecture does not support BMM-input quantization."""
+        return []
+
+    def shared_input_groups(self, model: nn.Module) -> list:
+        """Every group of two or more linears (full names) that read one tensor, over all blocks: the consumers of
+        each migration site that has several."""
+        return [list(s.consumers) for i in range(len(self.blocks(model))) for s in self.sites(model, i)
+                if len(s.consumers) > 1]
+
+
+def grid(hi: float, lo: float, steps: int) -> list:
+    """Candidate thresholds from hi down to lo (OS+'s t grid)."""
+    if steps <= 1 or hi <= lo:
+        return [max(hi, lo)]
+    return [hi - (hi - lo) * i / (steps - 1) for i in range(steps)]
+
+
+__all__ = [
+    "Architecture", "AttentionOutput", "GatedMLP", "GatedOutput", "Inspector", "LinearOutput", "Migration",
+    "MigrationSite", "PluginError", "SiteData", "Strategy", "grid",
+]
