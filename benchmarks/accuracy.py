@@ -126,7 +126,8 @@ def run_sst2(config: str, args) -> dict:
 def _child(kind: str, config: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, config, "--threads", str(args.threads), "--samples",
            str(args.samples), "--calib", str(args.calib), "--grid", str(args.grid), "--batch-size",
-           str(args.batch_size), "--sst2-batch", str(args.sst2_batch), "--sst2-samples", str(args.sst2_samples), "--sst2-train", str(args.sst2_train), "--model", args.model]
+           str(args.batch_size), "--sst2-batch", str(args.sst2_batch), "--sst2-samples", str(args.sst2_samples),
+           "--sst2-train", str(args.sst2_train), "--model", args.model]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"config": config, "kind": kind, "error": out.stderr.strip().splitlines()[-1:]}

@@ -69,7 +69,8 @@ def main() -> None:
         s = (amax / t).clamp(min=1.0)
         xs, ws = x / s, w * s
         xq, wq = quantize_range(xs, t), quantize_weight_rows(ws)
-        print(f"| {t:.0f} | {float(s.max()):.1f} | {err(xq @ ws.T):.1f} | {err(xs @ wq.T):.1f} | {err(xq @ wq.T):.1f} |")
+        errors = " | ".join(f"{err(y):.1f}" for y in (xq @ ws.T, xs @ wq.T, xq @ wq.T))
+        print(f"| {t:.0f} | {float(s.max()):.1f} | {errors} |")
 
 
 if __name__ == "__main__":

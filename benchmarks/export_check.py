@@ -53,6 +53,7 @@ class int8_full_range:
 
     def __enter__(self):
         import torch
+
         from osengine.quant import observers as quantizers
 
         self.plain = plain = quantizers.fake_quant

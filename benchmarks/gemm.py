@@ -455,7 +455,8 @@ def run_cuda(args) -> list[dict]:
                 timers = {impl: CudaTimer(calls, args.cuda_graph) for impl, calls in builds.items()}
                 for impl, t in timers.items():
                     if t.note:
-                        print(f"  {label:16s} M={m:<5d} {impl:17s} timed eagerly: {t.note}", file=sys.stderr, flush=True)
+                        print(f"  {label:16s} M={m:<5d} {impl:17s} timed eagerly: {t.note}", file=sys.stderr,
+                              flush=True)
                 timings = measure_timers(timers, args.min_time, args.repeats)
             timing = {impl: "graph" if t.graph is not None else "eager" for impl, t in timers.items()}
             copies = {impl: len(calls) for impl, calls in builds.items()}

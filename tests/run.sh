@@ -3,7 +3,7 @@
 #   1. install the package (C++ engine + osengine._C + front end + built-in plugins), warnings as errors;
 #   2. C++ unit tests through ctest, then again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. install the C++ engine and build + run cpp/examples/01_quantize_and_gemm through find_package(osengine);
-#   4. the Python tests.
+#   4. the linter (ruff, configured in pyproject.toml) and the Python tests.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=${OSENGINE_TEST_DIR:-$root/build/test-run}
@@ -47,6 +47,9 @@ cmake -S "$root/cpp/examples/01_quantize_and_gemm" -B "$work/example" -G Ninja \
 cmake --build "$work/example"
 "$work/example/quantize_and_gemm"
 
-step "Python tests"
+step "Lint (ruff)"
 cd "$root"
+python -m ruff check .
+
+step "Python tests"
 python -m pytest -q tests

@@ -10,9 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 import osengine
 from osengine.io.checkpoint import MANIFEST_FILE, TENSORS_FILE, CheckpointError
+from osengine.quant.layers import set_integer_exact
 from osengine.runtime.linear import EngineLinear
 from osengine.runtime.simulate import simulate_folded_prologues
-from osengine.quant.layers import set_integer_exact
 
 from tiny_models import build, tiny_llama
 
@@ -176,8 +176,8 @@ def test_check_finds_the_engine_and_the_integer_exact_simulation_identical(saved
 
 def test_check_reports_a_difference(saved, capsys, monkeypatch):
     # A simulated SiLU 0.1% off stands in for a kernel that computes something else than the simulation.
-    from osengine.runtime import simulate
     from osengine.cli import main
+    from osengine.runtime import simulate
 
     root, _ = saved
     monkeypatch.setattr(simulate, "engine_silu", lambda x: torch.nn.functional.silu(x) * 1.001)

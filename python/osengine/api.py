@@ -13,8 +13,13 @@ from .calibrate.data import CalibrationError, load_calibration
 from .calibrate.pipeline import calibrate_blockwise
 from .evaluation import perplexity
 from .io.checkpoint import refuse_existing_output
-from .io.quantized_model import (is_checkpoint, load_quantized, load_quantized_manifest, save_quantized,
-                                 structure_manifest)
+from .io.quantized_model import (
+    is_checkpoint,
+    load_quantized,
+    load_quantized_manifest,
+    save_quantized,
+    structure_manifest,
+)
 from .io.sources import REGISTERED_MODELS, ModelLoadError, load_fp_model, resolve_source
 from .plugins.registry import make_strategy, resolve_architecture
 from .quant.layers import set_integer_exact

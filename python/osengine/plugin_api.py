@@ -2,11 +2,33 @@
 (osengine.plugins.registry) and the folding helpers that plugins written against earlier versions import from here.
 See docs/plugins.md."""
 from .calibrate.folding import apply_migration
-from .plugins.api import (Architecture, AttentionOutput, GatedMLP, GatedOutput, Inspector, LinearOutput, Migration,
-                          MigrationSite, PluginError, SiteData, Strategy, grid)
-from .plugins.registry import (ARCHITECTURE_GROUP, PLUGIN_GUIDE, STRATEGY_GROUP, PluginInfo, Registry, architectures,
-                               make_strategy, register_architecture, register_strategy, resolve_architecture,
-                               strategies)
+from .plugins.api import (
+                          Architecture,
+                          AttentionOutput,
+                          GatedMLP,
+                          GatedOutput,
+                          Inspector,
+                          LinearOutput,
+                          Migration,
+                          MigrationSite,
+                          PluginError,
+                          SiteData,
+                          Strategy,
+                          grid,
+)
+from .plugins.registry import (
+                          ARCHITECTURE_GROUP,
+                          PLUGIN_GUIDE,
+                          STRATEGY_GROUP,
+                          PluginInfo,
+                          Registry,
+                          architectures,
+                          make_strategy,
+                          register_architecture,
+                          register_strategy,
+                          resolve_architecture,
+                          strategies,
+)
 from .quant.layers import ResidualRestore, install_residual_restore
 
 __all__ = [

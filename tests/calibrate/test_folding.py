@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from tiny_models import ARCHS, make_model, model_output
-from osengine.quant.layers import wrap_linears
 from osengine.plugin_api import Migration, PluginError, apply_migration, resolve_architecture
+from osengine.quant.layers import wrap_linears
+
+from tiny_models import ARCHS, make_model, model_output
 
 
 def _fold_everything(model, mode):

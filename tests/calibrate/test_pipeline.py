@@ -1,14 +1,14 @@
 """Blockwise calibration end to end on tiny models with injected outliers."""
-import copy
 
 import pytest
 import torch
 
-from tiny_models import ARCHS, make_model, model_output
 from osengine import api
 from osengine.calibrate.data import CalibrationError, load_calibration
 from osengine.plugin_api import PluginError
 from osengine.quant.recipes import RecipeError, load_recipe, preset_names
+
+from tiny_models import make_model, model_output
 
 
 def _error(kind, recipe, strategy, tokens, **kw):
@@ -131,7 +131,6 @@ def test_group_size_must_divide(tokens):
 
 def test_bad_calibration_data(tmp_path):
     model = make_model("llama")
-    tok = None
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
 
@@ -191,7 +190,8 @@ def test_padding_is_left_out_of_calibration(recipe, tokens):
         api.quantize(model, recipe=recipe, strategy="osplus", calibration=_padded(tokens, pad), batch_size=4,
                      progress=False, strategy_options={"max_grid_steps": 10})
         ranges = [(m.lo.item(), m.hi.item()) for m in model.modules() if type(m).__name__ == "ActQuantizer"]
-        sites = [(e["range_before"][0], e["range_before"][1], e["migration"]["t"]) for e in model.osengine_report["sites"]]
+        sites = [(e["range_before"][0], e["range_before"][1], e["migration"]["t"])
+                 for e in model.osengine_report["sites"]]
         results.append((ranges, sites, model.osengine_report["calibration_tokens"]))
     (r0, s0, n0), (r1, s1, n1) = results
     assert n0 == n1 == 32 + 28 + 24 + 20
@@ -299,3 +299,28 @@ def test_clipping_search_end_to_end(kind, tokens):
 
     table = markdown_table(model.osengine_report)
     assert "Clipping searched on the block output" in table and table.count("\n| ") >= len(clipping)
+
+
+def test_a_new_step_slots_into_the_pipeline(tokens):
+    """A step is one function and one entry: it runs on every block at its place, sees the state the steps before it
+    left, and its records land in the report under its key; every step is timed."""
+    from osengine.calibrate.pipeline import BLOCK_STEPS, BlockStep, calibrate_blockwise
+    from osengine.plugins.registry import make_strategy, resolve_architecture
+    from osengine.quant.layers import FakeQuantLinear
+
+    def count_quantized(state):
+        linears = [m for m in state.block.modules() if isinstance(m, FakeQuantLinear)]
+        return [{"block": state.name, "quantized": sum(m.weight_spec is not None for m in linears),
+                 "sites": [s.name for s in state.sites]}]
+
+    names = [s.name for s in BLOCK_STEPS]
+    assert names == ["wrap", "migrate", "gptq", "quantize", "observe", "clip", "propagate"]
+    at = names.index("quantize") + 1
+    steps = BLOCK_STEPS[:at] + (BlockStep("count", count_quantized, report="counts"),) + BLOCK_STEPS[at:]
+    model = make_model("llama")
+    report = calibrate_blockwise(model, resolve_architecture(model), load_recipe("w8a8-static"),
+                                 make_strategy("minmax"), tokens, progress=False, steps=steps)
+    assert report["counts"] == [{"block": f"model.layers.{i}", "quantized": 7, "sites": ["attn", "mlp", "down"]}
+                                for i in range(2)]
+    assert set(report["step_seconds"]) == set(names) | {"count"}
+    assert all(seconds >= 0 for seconds in report["step_seconds"].values())

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine.cli import bench
 from osengine.runtime.convert import convert_to_engine
-from osengine.runtime.linear import EngineLinear
 from osengine.runtime.embedding import EngineEmbedding, quantize_embeddings
 from osengine.runtime.fusion import unfold_gates, unfold_norms
+from osengine.runtime.linear import EngineLinear
 from osengine.runtime.memory import model_memory, set_shift_mode
 
 from tiny_models import tiny_llama
@@ -53,6 +53,7 @@ def bench_args(*extra):
 
 
 # ---- the benchmark ----
+
 
 def test_records_have_the_required_fields_and_types():
     records = bench.run_impls(["fp32"], bench_args()) + bench.run_impls(["w8a8"], bench_args())
@@ -129,6 +130,7 @@ def test_drive_interleaves_the_impls_and_drops_a_failed_runner():
 
 
 # ---- the engine model it measures ----
+
 
 @pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8"])
 def test_engine_greedy_tokens_equal_the_fake_quant_models(recipe):

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from tiny_models import make_model
 from osengine.cli import main
+
+from tiny_models import make_model
 
 WORDS = [f"w{i}" for i in range(120)]
 

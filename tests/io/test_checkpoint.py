@@ -7,8 +7,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from osengine.io.checkpoint import (FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, CheckpointError, load_checkpoint,
-                                 save_checkpoint)
+from osengine.io.checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def tensors():

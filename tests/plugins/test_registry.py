@@ -5,13 +5,13 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
-from tiny_models import make_model, model_output
 from osengine import api
 from osengine.cli import main as cli_main
-from osengine.plugins.api import Architecture, PluginError, Strategy
+from osengine.plugins.api import PluginError, Strategy
 from osengine.plugins.registry import architectures, make_strategy, strategies
+
+from tiny_models import make_model, model_output
 
 THIRD_PARTY = '''
 import torch

@@ -30,6 +30,8 @@ def _output_error(x, w, q):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}b-{'sym' if s.symmetric else 'asym'}-"
                          f"{s.granularity}{s.group_size or ''}-{s.observer}")
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (3, 64), (17, 96), (40, 128)])
 def test_gptq_stays_on_the_grid_and_beats_nearest_rounding(spec, shape):
     torch.manual_seed(shape[0])

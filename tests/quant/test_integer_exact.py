@@ -11,10 +11,10 @@ transformers = pytest.importorskip("transformers")
 import osengine
 from osengine.engine import ops
 from osengine.quant.integer_exact import engine_rms_norm, engine_silu, fma32
-from osengine.runtime.convert import convert_to_engine, engine_linear_from_fake_quant
-from osengine.runtime.simulate import simulate_folded_prologues
 from osengine.quant.layers import FakeQuantLinear, set_integer_exact
 from osengine.quant.spec import QuantSpec
+from osengine.runtime.convert import convert_to_engine, engine_linear_from_fake_quant
+from osengine.runtime.simulate import simulate_folded_prologues
 
 from tiny_models import tiny_llama
 
@@ -32,7 +32,8 @@ def test_fma32_rounds_once():
     got = fma32(a, b, c)
     for x, y, z, r in zip(a.tolist(), b.tolist(), c.tolist(), got.tolist()):
         exact = Fraction(x) * Fraction(y) + Fraction(z)
-        below, above = torch.tensor([r]).nextafter(torch.tensor([-1e30])), torch.tensor([r]).nextafter(torch.tensor([1e30]))
+        below = torch.tensor([r]).nextafter(torch.tensor([-1e30]))
+        above = torch.tensor([r]).nextafter(torch.tensor([1e30]))
         assert abs(Fraction(r) - exact) <= min(abs(Fraction(below.item()) - exact), abs(Fraction(above.item()) - exact))
 
 

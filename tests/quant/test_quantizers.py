@@ -41,7 +41,8 @@ def test_weight_granularities():
     per_tensor = quantize_weight(w, QuantSpec(bits=4, granularity="per-tensor"))
     per_channel = quantize_weight(w, QuantSpec(bits=4, granularity="per-channel"))
     per_group = quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=16))
-    err = lambda q: (q[1:] - w[1:]).pow(2).mean()
+    def err(q):
+        return (q[1:] - w[1:]).pow(2).mean()
     assert err(per_group) < err(per_channel) < err(per_tensor)
     with pytest.raises(ValueError, match="group_size"):
         quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=24))
@@ -56,7 +57,8 @@ def test_mse_weight_observer_clips_only_where_it_helps(granularity, group_size, 
     minmax = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size)
     mse = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group_size, observer="mse")
     q_minmax, q_mse = quantize_weight(w, minmax), quantize_weight(w, mse)
-    rows = lambda q: (q - w).square().sum(dim=1)
+    def rows(q):
+        return (q - w).square().sum(dim=1)
     assert (rows(q_mse) <= rows(q_minmax) + 1e-6).all() or granularity == "per-tensor"
     assert rows(q_mse).sum() < rows(q_minmax).sum()
     if granularity != "per-group":  # (within a group of 16 the outlier may be worth keeping)
@@ -110,8 +112,9 @@ def test_fake_quant_linear_exact_in_fp_and_shift():
 def test_bmm_attention_keeps_the_masks(kind):
     """Routing attention through the BMM fake-quant function must keep transformers' masks (causal for decoders,
     padding for all): with its quantizers off the model computes exactly what it computed before."""
-    from tiny_models import make_model
     from osengine.quant.layers import install_bmm_quantization
+
+    from tiny_models import make_model
 
     model = make_model(kind)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -127,7 +130,7 @@ def test_bmm_attention_keeps_the_masks(kind):
     ref = run()
     layers = model.encoder.layer if kind == "bert" else (
         model.model.decoder.layers if kind == "opt" else model.model.layers)
-    install_bmm_quantization(model, [l.attention.self if kind == "bert" else l.self_attn for l in layers],
+    install_bmm_quantization(model, [b.attention.self if kind == "bert" else b.self_attn for b in layers],
                              QuantSpec())
     for m in model.modules():
         if isinstance(m, ActQuantizer):

@@ -14,10 +14,12 @@ from .data import CalibrationError
 class _Stop(Exception):
     pass
 
+
 def hidden_states(call):
     """The hidden states a captured block call carries."""
     args, kwargs = call
     return args[0] if args else kwargs["hidden_states"]
+
 
 def with_hidden_states(call, h):
     """The captured call with its hidden states replaced by h."""
@@ -26,11 +28,13 @@ def with_hidden_states(call, h):
         return (h,) + tuple(args[1:]), kwargs
     return args, dict(kwargs, hidden_states=h)
 
+
 def run_block(block, call):
     """Run a block on one captured call (args, kwargs); its hidden-state output."""
     args, kwargs = call
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[dict]) -> list:
@@ -53,6 +57,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequ
     if len(calls) != len(batches):
         raise PluginError("the architecture's first block was not called by the model's forward")
     return calls
+
 
 def check_finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():

@@ -12,6 +12,7 @@ from .blocks import run_block
 def block_outputs(block: nn.Module, calls: list) -> list:
     return [run_block(block, c) for c in calls]
 
+
 def _output_error(outputs: list, targets: list, masks: list) -> float:
     """Sum of squared differences over the real tokens of every batch."""
     total = 0.0
@@ -21,6 +22,7 @@ def _output_error(outputs: list, targets: list, masks: list) -> float:
             diff = diff[mask]
         total += float(diff.pow(2).sum())
     return total
+
 
 @torch.no_grad()
 def search_clipping(block: nn.Module, block_name: str, sites: list, calls: list, masks: list) -> list:
@@ -46,7 +48,7 @@ def search_clipping(block: nn.Module, block_name: str, sites: list, calls: list,
     for m, mode in zip(quantizers, saved):
         m.mode = mode
     entries = []
-    for key, members in groups.items():
+    for members in groups.values():
         candidates = members[0][1].clip_candidates()
         scored = []  # (block output error, quantile, lo, hi), MinMax first
         for q, lo, hi in candidates:

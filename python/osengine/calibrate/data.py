@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 class CalibrationError(ValueError):
     """Calibration data is missing, empty, too short or not finite."""
 
+
 def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """n_samples windows of seq_len tokens drawn (without overlap, reproducibly) from the tokenized text."""
     if not text.strip():
@@ -24,6 +25,7 @@ def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(windows, generator=g)[:n_samples].sort().values
     return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in chosen.tolist()])
+
 
 class _GenerationProgress:
     """A `generate` streamer that only advances a progress bar: one step per generated token (all samples)."""
@@ -40,6 +42,7 @@ class _GenerationProgress:
 
     def end(self) -> None:
         self.bar.close()
+
 
 @torch.no_grad()
 def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
@@ -59,6 +62,7 @@ def generated_samples(model, tokenizer, n_samples: int, seq_len: int, seed: int 
                          eos_token_id=None, streamer=_GenerationProgress(seq_len, disable=not progress))
     return out[:, 1:seq_len + 1].cpu()
 
+
 def sentence_samples(sentences: Sequence[str], tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> dict:
     """n_samples items of `sentences` (drawn reproducibly, kept in order), each tokenized on its own the way an
     encoder sees it at inference ([CLS] ... [SEP] for BERT), truncated to seq_len and padded; `attention_mask`
@@ -71,8 +75,10 @@ def sentence_samples(sentences: Sequence[str], tokenizer, n_samples: int, seq_le
         raise CalibrationError("calibration sentences produced no tokens")
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
+
 def _is_encoder(model) -> bool:
     return not (hasattr(model, "can_generate") and model.can_generate())
+
 
 def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int = 512,
                      per_sample: Optional[bool] = None, progress: bool = False):
@@ -118,6 +124,7 @@ def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int
         return text_samples(path.read_text(encoding="utf-8", errors="replace"), tokenizer, n_samples, seq_len)
     raise CalibrationError(f"calibration must be a file path, 'generated', a list of strings or token ids; "
                            f"got {type(source).__name__}")
+
 
 def calibration_batches(token_ids, batch_size: int, device) -> tuple:
     """Model inputs per batch, and per batch the [B, T] boolean mask of real (non-padding) tokens, or None when

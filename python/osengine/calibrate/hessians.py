@@ -44,6 +44,7 @@ def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: l
             h.remove()
     return {n: sums[owner[n]] for n in linears if n in owner}
 
+
 def gptq_block(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list) -> tuple:
     """(GPTQ-rounded weights by linear name, report entries): each entry gives the layer's output error
     sum ||(W - Q) x||^2 over the calibration tokens for round-to-nearest and for GPTQ, relative to sum ||W x||^2."""

@@ -53,6 +53,7 @@ class BlockStep:
     run: Callable[[BlockState], Optional[list]]
     report: Optional[str] = None    # the report key its records are appended to
 
+
 @torch.no_grad()
 def _collect_site_inputs(model, block, sites, calls, n_search):
     """One FP pass of the block: each site's consumer input for every batch, and the inspected module's calls
@@ -69,7 +70,7 @@ def _collect_site_inputs(model, block, sites, calls, n_search):
                 lambda _m, a, k, name=s.name: module_calls[name].append((a, k))
                 if len(module_calls[name]) < n_search else None, with_kwargs=True))
     try:
-        for i, call in enumerate(calls):
+        for _i, call in enumerate(calls):
             run_block(block, call)
     finally:
         for h in handles:

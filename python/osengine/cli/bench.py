@@ -54,6 +54,7 @@ REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "toke
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def random_model(kind: str, dtype=None, device: str = "cpu"):
     """A LLaMA with random weights: 'llama7b' (LLaMA-7B shapes) or 'tiny' (for tests)."""
     import torch
@@ -99,7 +100,7 @@ def _keep_float_parts(model, dtype):
             m.out_dtype = dtype  # its lookups feed the rest of the model in that dtype
         if isinstance(m, (EngineLinear, EngineEmbedding)):
             continue
-        for name, p in list(m.named_parameters(recurse=False)):
+        for _, p in list(m.named_parameters(recurse=False)):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         for name, b in list(m.named_buffers(recurse=False)):
@@ -161,6 +162,7 @@ def build_model(impl: str, args):
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
+
 
 class PeakMemory:
     """Peak memory of this process during a measurement: Linux VmHWM (reset through /proc/self/clear_refs), or on
@@ -274,10 +276,10 @@ def device_name(device: str, threads: int) -> str:
 def set_threads(threads: int) -> None:
     import torch
 
-    import osengine
+    from ..engine import ops
 
     torch.set_num_threads(threads)
-    osengine.set_num_threads(threads)
+    ops.set_num_threads(threads)
 
 
 def measurement_points(args) -> List[tuple]:
@@ -394,7 +396,7 @@ class ChildRunner:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            raise RunnerFailed(f"exit {self.proc.wait()}")
+            raise RunnerFailed(f"exit {self.proc.wait()}") from None
         return self._reply()
 
     def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
@@ -473,6 +475,7 @@ def run_impls(impls: List[str], args) -> List[dict]:
 # Driver: one process per model
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def process_groups(impls: List[str]) -> List[List[str]]:
     """Impls that run on the same model share a process (the shift pair); every other impl gets its own."""
     groups, shift = [], [i for i in impls if i.startswith("w8a8_shift")]
@@ -531,6 +534,7 @@ def run(args) -> List[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _reference_impl(records: List[dict]) -> Optional[str]:
     impls = {r["impl"] for r in records}
@@ -625,6 +629,7 @@ def plot(records: List[dict], path: str) -> None:
 # Command line (osengine bench, benchmarks/e2e.py)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
                    help="Hugging Face folder, .gguf file, registered name (default smollm2-135m), or a quantized "
@@ -666,7 +671,7 @@ def parse_points(args) -> None:
         args.decode_batches = [int(b) for b in args.decode_batch.split(",") if b]
     except ValueError:
         raise ValueError(f"--prefill must look like 1x512,8x128 and --decode-batch like 1,8; got {args.prefill!r}, "
-                         f"{args.decode_batch!r}")
+                         f"{args.decode_batch!r}") from None
     if any(len(p) != 2 or min(p) < 1 for p in args.prefill_points) or any(b < 1 for b in args.decode_batches):
         raise ValueError(f"--prefill must look like 1x512,8x128 (positive numbers); got {args.prefill!r}")
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.prompt_len < 1:

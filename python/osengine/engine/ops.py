@@ -6,7 +6,7 @@ which validates everything and raises ValueError / TypeError naming the bad argu
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,7 +41,8 @@ has_cuda_backend = _C.has_cuda_backend
 
 
 class QuantizedActivations(NamedTuple):
-    """int8 codes [M, K] and the step (``scale``) and ``zero_point`` they were quantized with: x ~= scale * (codes - zp)."""
+    """int8 codes [M, K] and the step (``scale``) and ``zero_point`` they were quantized with:
+    x ~= scale * (codes - zp)."""
 
     codes: Any
     scale: Any
@@ -139,8 +140,8 @@ def quantize(
                            _stream(x), norm, rms_norm_eps, silu_gate)
         return QuantizedActivations(codes, scale, zero_point)
     if zero_point is not None:
-        raise ValueError("osengine.quantize: argument 'zero_point': given without 'scale'; static quantization needs both "
-                         "(dynamic quantization computes them)")
+        raise ValueError("osengine.quantize: argument 'zero_point': given without 'scale'; static quantization needs "
+                         "both (dynamic quantization computes them)")
     groups = k // group_size if group_size and group_size > 0 and k % group_size == 0 else 1
     param_shape = (m, groups) if groups > 1 else (m,)
     out_scale = _empty(x, param_shape, "float32")
@@ -188,7 +189,8 @@ def gemm(
     out = act(a_scale[m] * w_scale[n] * (A W^T - a_zero_point[m] * colsum_w[n]) + bias[n]) + residual[m, n]
 
     `bias` carries the folded OS+ shift W z. Scales: one value, per token [M] / per channel [N], or per group.
-    `activation`: none, relu, gelu, gelu_tanh, silu. `out_dtype`: float32 or bfloat16 (torch inputs; float16 too on the CUDA backend).
+    `activation`: none, relu, gelu, gelu_tanh, silu. `out_dtype`: float32 or bfloat16 (torch inputs; float16 too on
+    the CUDA backend).
     """
     return _gemm(a, weights, "int8", a_scale, w_scale, a_zero_point, bias, residual, activation, out_dtype, out)
 

@@ -1,6 +1,7 @@
 """The osengine checkpoint: a folder with safetensors tensors and a JSON manifest.
 
-    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 1, ..., "tensors": {name: {dtype, shape}}}
+    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 1, ...,
+                               "tensors": {name: {dtype, shape}}}
     DIR/model.safetensors     every tensor the manifest lists
     DIR/<other files>         source model config, tokenizer files, ...
 
@@ -101,8 +102,9 @@ def read_manifest(directory: str | os.PathLike) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {MANIFEST_FILE} is corrupt ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {MANIFEST_FILE} does not describe an osengine "
-                              f"checkpoint (format = {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+                              f"checkpoint (format = {found!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: format_version is missing or not an integer")

@@ -23,8 +23,8 @@ Architecture facts come from the model's architecture plugin. When a quantized m
 not give it (for instance a fine-tuned LLaMA with q/k/v biases), the export sets the plugin's `bias_flags` that make
 room for it (LLaMA: `attention_bias` / `mlp_bias`) and writes zero biases for the projections of that group that have
 none. Linears that read one input (the consumers of a migration site: q/k/v, gate/up), which vLLM runs as one GEMM,
-get one input scale: they read the same tensor, so their calibrated ranges are identical; if they are not, the union range is
-written (and a warning says so).
+get one input scale: they read the same tensor, so their calibrated ranges are identical; if they are not, the union
+range is written (and a warning says so).
 
 Writing is atomic: a temporary sibling folder renamed into place, so a refused or failed export leaves nothing at
 the output path.
@@ -41,8 +41,13 @@ import torch.nn as nn
 
 from ..plugins.api import PluginError
 from ..plugins.registry import resolve_architecture
-from ..quant.layers import (EngineConversionError, FakeQuantLinear, ResidualRestore, static_act_qparams_from_fake_quant,
-                            weight_codes_from_fake_quant)
+from ..quant.layers import (
+    EngineConversionError,
+    FakeQuantLinear,
+    ResidualRestore,
+    static_act_qparams_from_fake_quant,
+    weight_codes_from_fake_quant,
+)
 from ..quant.recipes import recipe_from_dict
 from .checkpoint import refuse_existing_output, write_folder_atomically
 from .quantized_model import load_quantized, load_quantized_manifest

@@ -10,8 +10,14 @@ import torch
 import torch.nn as nn
 
 from ..plugins.registry import resolve_architecture
-from ..quant.layers import (FakeQuantLinear, ResidualRestore, install_bmm_quantization, install_residual_restore,
-                            quantize_block, wrap_linears)
+from ..quant.layers import (
+    FakeQuantLinear,
+    ResidualRestore,
+    install_bmm_quantization,
+    install_residual_restore,
+    quantize_block,
+    wrap_linears,
+)
 from ..quant.observers import ActQuantizer
 from ..quant.recipes import recipe_from_dict
 from ..quant.spec import qparams_from_range

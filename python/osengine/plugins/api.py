@@ -30,6 +30,7 @@ class PluginError(RuntimeError):
 # What architectures describe
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class MigrationSite:
     """One activation X that OS+ transforms: X' = (X - z) / s.
@@ -147,6 +148,7 @@ class AttentionOutput(Inspector):
 # What strategies see: one site's calibration data and the inspected-output error
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SiteData:
     """Calibration data of one site, handed to Strategy.migrate.
@@ -247,6 +249,7 @@ class SiteData:
 # ----------------------------------------------------------------------------------------------------------------
 # Plugin base classes
 # ----------------------------------------------------------------------------------------------------------------
+
 
 class Strategy(ABC):
     """Calibration strategy. Subclasses set `name` and `description`, take their options as keyword arguments of

@@ -39,6 +39,7 @@ class PluginInfo:
     obj: type
     source: str
 
+
 class Registry:
     def __init__(self, kind: str, group: str, base: type):
         self.kind, self.group, self.base = kind, group, base
@@ -67,7 +68,8 @@ class Registry:
         if not any(ep.dist is not None and ep.dist.name == "osengine" for ep, _ in eps):
             eps += _source_checkout_entry_points(self.group)
         # built-in plugins first, so that a third-party plugin cannot take a built-in name
-        builtin = lambda item: item[1].startswith("osengine ") or item[1].startswith("osengine source")
+        def builtin(item):
+            return item[1].startswith("osengine ") or item[1].startswith("osengine source")
         return sorted(eps, key=lambda item: not builtin(item))
 
     def discover(self) -> None:
@@ -107,6 +109,7 @@ class Registry:
                               f"Writing your own: {PLUGIN_GUIDE}")
         return self._plugins[name].obj
 
+
 def _source_checkout_entry_points(group: str) -> list:
     """Running from a source checkout (osengine not installed): read the built-in plugins' entry points from the
     checkout's pyproject.toml, so the same declarations serve both cases."""
@@ -124,13 +127,16 @@ strategies = Registry("strategy", STRATEGY_GROUP, Strategy)
 
 architectures = Registry("architecture", ARCHITECTURE_GROUP, Architecture)
 
+
 def register_strategy(cls: type) -> type:
     """Class decorator: register a strategy without an entry point (scripts, notebooks, tests)."""
     return strategies.register(cls)
 
+
 def register_architecture(cls: type) -> type:
     """Class decorator: register an architecture without an entry point."""
     return architectures.register(cls)
+
 
 def make_strategy(name: str, options: Optional[dict] = None) -> Strategy:
     cls = strategies.get(name)
@@ -138,6 +144,7 @@ def make_strategy(name: str, options: Optional[dict] = None) -> Strategy:
         return cls(**(options or {}))
     except TypeError as e:
         raise PluginError(f"strategy {name!r} rejected its options {options or {}}: {e}") from None
+
 
 def resolve_architecture(model: nn.Module) -> Architecture:
     for info in architectures.infos():

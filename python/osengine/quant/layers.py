@@ -70,6 +70,7 @@ def wrap_linears(block: nn.Module) -> None:
         if type(m) is nn.Linear:
             block.set_submodule(name, FakeQuantLinear(m))
 
+
 def quantize_block(block: nn.Module, block_name: str, recipe: Recipe, weights: Optional[dict] = None) -> list:
     """Quantize the block's linears that the recipe does not keep in floating point; `weights` maps a linear's
     name (in the block) to its already quantized weight (GPTQ), used instead of rounding to nearest."""
@@ -97,6 +98,7 @@ def weight_codes_from_fake_quant(layer) -> tuple:
 
 class EngineConversionError(ValueError):
     """A fake-quantized layer whose quantization the engine (or an export format) cannot execute as is."""
+
 
 def static_act_qparams_from_fake_quant(name: str, layer, value_range: Optional[tuple] = None) -> tuple:
     """(scale [1] float32, zero point [1] int32 for signed codes in [-2^(b-1), 2^(b-1) - 1]) of a calibrated static
@@ -142,12 +144,14 @@ class ResidualRestore(nn.Module):
     def forward(self, x):
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
 
+
 def _restore_residual_hook(module, args, kwargs):
     if len(args) >= 2:
         args = (args[0], module.osengine_residual(args[1])) + tuple(args[2:])
     else:
         kwargs = dict(kwargs, input_tensor=module.osengine_residual(kwargs["input_tensor"]))
     return args, kwargs
+
 
 def install_residual_restore(module: nn.Module, channels: int) -> ResidualRestore:
     if not hasattr(module, "osengine_residual"):
@@ -160,13 +164,16 @@ def install_residual_restore(module: nn.Module, channels: int) -> ResidualRestor
 
 BMM_ATTENTION_NAME = "osengine_fakequant_bmm"
 
+
 class BmmQuantizers(nn.Module):
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.query, self.key, self.value, self.probs = (ActQuantizer(spec) for _ in range(4))
 
+
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
 
 def fakequant_bmm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention with fake-quantized BMM inputs; same contract as transformers' eager_attention_forward."""
@@ -185,6 +192,7 @@ def fakequant_bmm_attention(module, query, key, value, attention_mask, scaling=N
         probs = quant.probs(probs)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
+
 
 def install_bmm_quantization(model: nn.Module, attention_modules: list, spec: QuantSpec) -> None:
     """Quantize BMM inputs: attach quantizers to each attention module and route the model's attention through

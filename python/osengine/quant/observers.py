@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from .spec import QuantSpec, centred_codes, dynamic_qparams, fake_quant, qparams_from_range, quantize_dynamic
 
-
 # Activation "search" observer (token-wise clipping searched by output error, the coarse stage of Outlier Suppression
 # v1): candidate ranges are these quantiles of the per-token minima and maxima seen during calibration (1.0 = MinMax);
 # the calibration driver keeps the candidate that gives the least squared error of the block's output.
 CLIP_SEARCH_QUANTILES = (1.0, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
+
 
 class ActQuantizer(nn.Module):
     """Activation fake-quantizer. Static specs observe calibration batches first (mode "observe"), then quantize with
@@ -127,6 +127,7 @@ def set_observing(module: nn.Module, observing: bool) -> None:
     for m in module.modules():
         if isinstance(m, ActQuantizer):
             m.mode = "observe" if observing and not m.spec.dynamic else "quantize"
+
 
 def set_token_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
     """Tell the activation observers under `module` which tokens of the next batch are real (None: all)."""

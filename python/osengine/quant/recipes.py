@@ -1,7 +1,8 @@
-"""Quantization recipes: YAML files or named presets (python/osengine/quant/presets/*.yaml), validated field by field."""
+"""Quantization recipes: YAML files or named presets (python/osengine/quant/presets/*.yaml), validated field by
+field."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -69,7 +70,8 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     group = raw.get("group_size")
     if gran == "per-group":
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise RecipeError(f"recipe field '{where}.group_size' must be a positive integer for per-group, got {group!r}")
+            raise RecipeError(f"recipe field '{where}.group_size' must be a positive integer for per-group, "
+                              f"got {group!r}")
     elif group is not None:
         raise RecipeError(f"recipe field '{where}.group_size' is only meaningful with granularity per-group")
     if is_weight:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..quant.layers import (EngineConversionError, FakeQuantLinear, static_act_qparams_from_fake_quant,
-                            weight_codes_from_fake_quant)
+from ..quant.layers import (
+    EngineConversionError,
+    FakeQuantLinear,
+    static_act_qparams_from_fake_quant,
+    weight_codes_from_fake_quant,
+)
 from .embedding import quantize_embeddings as quantize_int8_embeddings
 from .fusion import fuse_shared_inputs
 from .linear import EngineLinear
@@ -38,6 +42,7 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
                         act_bits=aspec.bits, act_symmetric=act_symmetric, act_dynamic=aspec.dynamic,
                         act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,
                         input_shift=layer.input_shift, backend=backend)
+
 
 def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = True,
                       quantize_embeddings: bool = False) -> nn.Module:

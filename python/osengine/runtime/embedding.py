@@ -63,6 +63,7 @@ class EngineEmbedding(nn.Module):
         where = "in the tied lm_head's packed weights" if self.source is not None else "int8 table"
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row scales, {where}"
 
+
 def quantize_embeddings(model: nn.Module, backend: str = "auto") -> nn.Module:
     """lm_head on the engine (int8 per-channel weights, activations int8 asymmetric per token, dynamic) and the input
     embedding table in int8 (per-row scales); a tied pair keeps one int8 copy. In place; returns the model."""

@@ -121,6 +121,12 @@ def fuse_shared_inputs(model: nn.Module) -> int:
 # Prologues: the module before a layer folded into its activation quantization
 # ----------------------------------------------------------------------------------------------------------------
 
+# Plain attributes on the modules whose work a reader took over (outside the module tree and the state dict)
+NORM_READER_TAG = "_osengine_norm_reader"           # on a folded norm: the EngineLinear that normalizes
+GATE_READER_TAG = "_osengine_gate_reader"           # on a folded MLP: the down EngineLinear that gates
+GATE_ACTIVATION_TAG = "_osengine_gate_activation"   # on a folded MLP: the name of its activation attribute
+
+
 def _passthrough(self, hidden_states):
     """Forward of a norm folded into the quantization of its only reader: the reader normalizes."""
     return hidden_states
@@ -139,7 +145,7 @@ def fold_norm_into_quantizer(norm: nn.Module, layer: EngineLinear, eps_attribute
     if weight is None or eps is None or weight.device.type != "cpu" or weight.shape != (layer.in_features,):
         return False
     layer.set_prologue(Prologue(rms_norm=(weight, float(eps))))
-    _install(norm, _passthrough, "_osengine_norm_reader", layer)
+    _install(norm, _passthrough, NORM_READER_TAG, layer)
     return True
 
 
@@ -154,10 +160,12 @@ def _is_silu(module) -> bool:
     return type(module).__name__ in ("SiLU", "SiLUActivation")
 
 
-def fold_gate_into_down_proj(mlp: nn.Module, gate_up: FusedGroup, spec: GatedMLP = GatedMLP()) -> bool:
+def fold_gate_into_down_proj(mlp: nn.Module, gate_up: FusedGroup, spec: Optional[GatedMLP] = None) -> bool:
     """Let the MLP's down linear compute silu(gate) * up inside its activation quantization, reading the fused
     gate/up group's whole output [gate | up]: the product is never written out in fp32 (one pass instead of three).
-    CPU backends and a SiLU activation only; returns whether it folded; unfold_gates undoes it."""
+    `spec` names the MLP's linears and activation (default: LLaMA's). CPU backends and a SiLU activation only;
+    returns whether it folded; unfold_gates undoes it."""
+    spec = spec or GatedMLP()
     down = getattr(mlp, spec.down, None)
     gate, up = getattr(mlp, spec.gate, None), getattr(mlp, spec.up, None)
     layer = gate_up.layer
@@ -168,18 +176,21 @@ def fold_gate_into_down_proj(mlp: nn.Module, gate_up: FusedGroup, spec: GatedMLP
             or gate.columns != (0, down.in_features) or up.columns != (down.in_features, 2 * down.in_features)):
         return False
     down.set_prologue(Prologue(silu_gate=True))
-    _install(mlp, _gated_forward(spec.down, layer), "_osengine_gate_reader", down)
+    _install(mlp, _gated_forward(spec.down, layer), GATE_READER_TAG, down)
+    object.__setattr__(mlp, GATE_ACTIVATION_TAG, spec.activation)  # where the simulation puts the engine's SiLU
     return True
 
 
 def unfold_gates(model: nn.Module) -> int:
     """Undo fold_gate_into_down_proj everywhere in `model`."""
-    return _unfold(model, "_osengine_gate_reader")
+    for m in model.modules():
+        m.__dict__.pop(GATE_ACTIVATION_TAG, None)
+    return _unfold(model, GATE_READER_TAG)
 
 
 def unfold_norms(model: nn.Module) -> int:
     """Undo fold_norm_into_quantizer everywhere in `model` (norms compute again, their readers stop normalizing)."""
-    return _unfold(model, "_osengine_norm_reader")
+    return _unfold(model, NORM_READER_TAG)
 
 
 def _install(module: nn.Module, forward, tag: str, reader: EngineLinear) -> None:

@@ -132,7 +132,8 @@ class EngineLinear(nn.Module):
                 t is not None and t.device.type != "cpu" for t in self.buffers()):
             self._fast = False
             return False
-        view = (lambda t: None if t is None else t.detach().numpy())
+        def view(t):
+            return (None if t is None else t.detach().numpy())
         shift = None if self.separate_shift else view(self.input_shift)
         rms_norm = self.prologue.rms_norm
         norm = (None, 1e-6) if rms_norm is None else (view(rms_norm[0].float()), rms_norm[1])

@@ -15,6 +15,7 @@ def _engine_layers(model: nn.Module):
                     seen.add(id(layer))
                     yield layer
 
+
 def model_memory(model: nn.Module) -> dict:
     """Bytes the model holds for inference: parameters and buffers (each storage once: tied tensors are shared),
     the engine's packed weights with their zero-point column sums, and the fused layers' own scales and biases.
@@ -35,6 +36,7 @@ def model_memory(model: nn.Module) -> dict:
         if layer.packed is not None:
             packed += int(layer.packed.nbytes) + 4 * layer.packed.n * layer.packed.num_groups
     return {"tensors": tensors, "packed": packed, "total": tensors + packed}
+
 
 def set_shift_mode(model: nn.Module, mode: str) -> int:
     """"fused" (default: the runtime OS+ shift is subtracted inside the quantize kernel) or "separate" (an elementwise
