@@ -122,14 +122,12 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
     t0 = time.time()
-    ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len,
-                                 progress=progress)
+    ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len, progress=progress)
     t_data = time.time() - t0
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
     report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
-                                       search_batches=search_batches, progress=progress)
-    ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
+                                 search_batches=search_batches, progress=progress)
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
     report.update(calibration_data_seconds=t_data, calibration_tokens=n_tokens,
                   strategy_options=dict(strategy_options or {}), peak_rss_mib=_peak_rss_mib())
@@ -137,16 +135,22 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     model.osengine_report = report
     if out is not None:
-        base = "(in-memory module)" if source is None else (
-            source if source in REGISTERED_MODELS else str(resolve_source(source)))
-        manifest = {"base_model": base, "recipe": recipe.to_dict(),
-                    "strategy": strat.name, "strategy_options": dict(strategy_options or {}),
-                    "architecture": arch.name, **structure_manifest(model),
-                    "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
-                                    type(calibration).__name__, "samples": int(ids_only.shape[0]),
-                                    "seq_len": int(ids_only.shape[1])}}
+        manifest = _quantization_manifest(model, source, recipe, strat, strategy_options, arch, calibration, ids)
         save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
     return model
+
+
+def _quantization_manifest(model, source, recipe, strategy, strategy_options, arch, calibration, ids) -> dict:
+    """What a saved folder records about how it was made (and what load_quantized must rebuild)."""
+    base = "(in-memory module)" if source is None else (
+        source if source in REGISTERED_MODELS else str(resolve_source(source)))
+    ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
+    return {"base_model": base, "recipe": recipe.to_dict(),
+            "strategy": strategy.name, "strategy_options": dict(strategy_options or {}),
+            "architecture": arch.name, **structure_manifest(model),
+            "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
+                            type(calibration).__name__, "samples": int(ids_only.shape[0]),
+                            "seq_len": int(ids_only.shape[1])}}
 
 
 def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, tokenizer=None, seq_len: int = 512,

@@ -99,22 +99,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
         return save_checkpoint(out_dir, tensors, full, extra_files=extra, overwrite=overwrite)
 
 
-def load_quantized(path: Union[str, Path], device: str = "cpu"):
-    """(model, tokenizer, manifest): rebuild the fake-quantized model from a checkpoint folder alone (its config,
-    tokenizer and weights; the base model is not needed), validating every tensor."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    tensors, manifest = load_checkpoint(path)
-    if manifest.get("kind") != "fake-quant":
-        raise CheckpointError(f"osengine checkpoint {str(path)!r}: kind {manifest.get('kind')!r} is not "
-                              f"'fake-quant'")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"osengine checkpoint {str(path)!r}: config.json is missing")
-    config = AutoConfig.from_pretrained(path)
-    cls = AutoModelForCausalLM if is_causal(config) else AutoModel
-    model = cls.from_config(config, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+def _rebuild_structure(model: nn.Module, manifest: dict) -> None:
+    """Give a freshly built model what calibration added before its weights are loaded: fake-quant linears with the
+    recipe's specs, residual restores, added biases, runtime shifts, BMM-input quantizers."""
     recipe = recipe_from_dict(manifest["recipe"])
     arch = resolve_architecture(model)
     for name in arch.blocks(model):
@@ -132,6 +119,25 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
         lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype)
     if recipe.bmm_inputs:
         install_bmm_quantization(model, arch.attention_modules(model), recipe.activations)
+
+
+def load_quantized(path: Union[str, Path], device: str = "cpu"):
+    """(model, tokenizer, manifest): rebuild the fake-quantized model from a checkpoint folder alone (its config,
+    tokenizer and weights; the base model is not needed), validating every tensor."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tensors, manifest = load_checkpoint(path)
+    if manifest.get("kind") != "fake-quant":
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: kind {manifest.get('kind')!r} is not "
+                              f"'fake-quant'")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: config.json is missing")
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM if is_causal(config) else AutoModel
+    model = cls.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    _rebuild_structure(model, manifest)
     state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
     for alias, stored in manifest.get("tied", {}).items():
         if stored not in state:
