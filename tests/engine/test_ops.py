@@ -1,16 +1,20 @@
 """Every optimized op against the scalar reference (bit-exact integers, floats within 1e-6 relative), and the
 reference against an independent numpy oracle."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import osengine
+
 from engine_testing import OPTIMIZED_BACKENDS, activations
 
 SIZES = [1, 3, 17, 64, 4095]
 ACTIVATIONS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
-settings.register_profile("engine", max_examples=int(__import__("os").environ.get("OSENGINE_HYPOTHESIS_EXAMPLES", "30")), deadline=None,
+HYPOTHESIS_EXAMPLES = int(os.environ.get("OSENGINE_HYPOTHESIS_EXAMPLES", "30"))
+settings.register_profile("engine", max_examples=HYPOTHESIS_EXAMPLES, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.load_profile("engine")
 

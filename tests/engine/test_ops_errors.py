@@ -16,7 +16,8 @@ def case():
 
 def test_wrong_dtype(case):
     x, a, w = case
-    with pytest.raises(TypeError, match=r"quantize_dynamic: argument 'x': expected dtype float32 or bfloat16, got int8"):
+    expected = r"quantize_dynamic: argument 'x': expected dtype float32 or bfloat16, got int8"
+    with pytest.raises(TypeError, match=expected):
         osengine.quantize_activations(a)
     with pytest.raises(TypeError, match=r"argument 'a': expected dtype int8, got float32"):
         osengine.gemm(x, w, a_scale=1.0, w_scale=1.0)
@@ -54,7 +55,8 @@ def test_k_not_divisible(case):
         osengine.pack_int4(np.ones((2, 7), np.int8))
     with pytest.raises(ValueError, match=r"argument 'group_size': must divide K = 8, got 3"):
         osengine.pack_weights(np.ones((3, 8), np.int8), group_size=3)
-    with pytest.raises(ValueError, match=r"argument 'group_size': must divide K = 8 \(the last dimension of x\), got 5"):
+    expected = r"argument 'group_size': must divide K = 8 \(the last dimension of x\), got 5"
+    with pytest.raises(ValueError, match=expected):
         osengine.quantize_activations(x, group_size=5)
 
 
@@ -72,7 +74,8 @@ def test_empty_tensors(case):
 def test_non_finite_activations(case, bad):
     x, a, w = case
     x[1, 5] = bad
-    with pytest.raises(ValueError, match=r"argument 'x': contains a non-finite value \(-?(nan|inf)\) at row 1, column 5"):
+    expected = r"argument 'x': contains a non-finite value \(-?(nan|inf)\) at row 1, column 5"
+    with pytest.raises(ValueError, match=expected):
         osengine.quantize_activations(x)
     with pytest.raises(ValueError, match=r"argument 'x': contains a non-finite value"):
         osengine.quantize_activations(x, scale=0.1)
@@ -104,7 +107,9 @@ def test_bad_codes_and_names(case):
     x, a, w = case
     bad_w = np.ones((3, 8), np.int8)
     bad_w[2, 1] = -128
-    with pytest.raises(ValueError, match=r"int8 weight codes must lie in \[-127, 127\] \(symmetric quantization\); found -128 at row 2, column 1"):
+    expected = (r"int8 weight codes must lie in \[-127, 127\] \(symmetric quantization\); "
+                r"found -128 at row 2, column 1")
+    with pytest.raises(ValueError, match=expected):
         osengine.pack_weights(bad_w)
     with pytest.raises(ValueError, match=r"argument 'a_zero_point': values must lie in \[-128, 127\]"):
         osengine.gemm(a, w, a_scale=1.0, w_scale=1.0, a_zero_point=[1000])
