@@ -12,12 +12,15 @@ validation text (`--calib` overrides it); `osengine bench` itself defaults to te
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from osengine.cli.bench import add_arguments, main
 
-WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+# OSENGINE_DATA names the data folder; by default the one beside the checkout (as the other benchmarks)
+DATA = Path(os.environ.get("OSENGINE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from osengine.quant.layers import FakeQuantLinear, set_integer_exact
 from osengine.runtime.convert import convert_to_engine, engine_linear_from_fake_quant
 from osengine.runtime.simulate import simulate_folded_prologues
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("OSENGINE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def rel(a, b):
