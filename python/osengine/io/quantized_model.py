@@ -20,7 +20,7 @@ from ..quant.layers import (
 )
 from ..quant.observers import ActQuantizer
 from ..quant.recipes import recipe_from_dict
-from ..quant.spec import qparams_from_range
+from ..quant.spec import qparams_from_range, symmetric_weight_codes
 from .checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from .sources import is_causal
 
@@ -57,7 +57,8 @@ def layer_manifest(model: nn.Module) -> dict:
             continue
         spec = m.act_quant.spec
         entry = {"weight": m.weight_spec.to_dict(), "activation": spec.to_dict(), "bias": m.bias is not None,
-                 "runtime_shift": m.input_shift is not None}
+                 "runtime_shift": m.input_shift is not None,
+                 "weight_storage": "codes" if m.weight_spec.symmetric else "float"}
         if not spec.dynamic and bool(torch.isfinite(m.act_quant.lo)) and bool(torch.isfinite(m.act_quant.hi)):
             delta, zp = qparams_from_range(m.act_quant.lo.float(), m.act_quant.hi.float(), spec)
             entry.update(activation_range=[float(m.act_quant.lo), float(m.act_quant.hi)],
@@ -78,6 +79,64 @@ def migration_tensors(report: Optional[dict]) -> dict:
     return out
 
 
+def _weight_codes_tensors(tensors: dict, layers: dict) -> None:
+    """Replace the fake-quantized float weight of every layer stored as codes by its integer codes (int8, int4
+    values in int8) and fp32 scales: what the engine and the native runtime run, at a quarter of the size. The
+    fake-quantized weight is codes x scale, which `_weights_from_codes` recomputes on load; a weight that codes x
+    scale does not reproduce bit for bit stays in floating point (weight_storage "float"), so a reload is exact."""
+    for name, entry in layers.items():
+        if entry["weight_storage"] != "codes":
+            continue
+        spec, weight = entry["weight"], tensors[f"{name}.weight"]
+        codes, scale, _ = symmetric_weight_codes(weight.detach().float(), spec["bits"], spec["granularity"],
+                                                 spec.get("group_size") or 0)
+        if not torch.equal(weights_from_codes(codes, scale, spec).to(weight.dtype), weight.detach()):
+            # Not on its own grid to the last bit (a weight set by hand, say): kept in floating point, exactly.
+            entry["weight_storage"] = "float"
+            continue
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.weight_codes"] = codes
+        tensors[f"{name}.weight_scale"] = scale
+
+
+def weights_from_codes(codes: torch.Tensor, scale: torch.Tensor, spec: dict) -> torch.Tensor:
+    """The fake-quantized float weight codes x scale (fp32) of a layer stored as codes."""
+    values = codes.float()
+    if spec["granularity"] == "per-group":
+        grouped = values.reshape(values.shape[0], -1, spec["group_size"]) * scale[..., None]
+        return grouped.reshape_as(values)
+    if spec["granularity"] == "per-channel":
+        return values * scale[:, None]
+    return values * scale
+
+
+def _weights_from_codes(path: Path, manifest: dict, state: dict) -> None:
+    """Put back `L.weight` for each layer stored as codes (format version 2), checking the codes and scales."""
+    for name, entry in manifest.get("layers", {}).items():
+        if entry.get("weight_storage") != "codes":
+            continue
+        codes, scale = state.pop(f"{name}.weight_codes", None), state.pop(f"{name}.weight_scale", None)
+        if codes is None or scale is None:
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: layer {name!r} is stored as codes but "
+                                  f"{name}.weight_codes or {name}.weight_scale is missing")
+        spec = entry["weight"]
+        qmax = 2 ** (spec["bits"] - 1) - 1
+        groups = {"per-channel": (codes.shape[0],), "per-tensor": (1,),
+                  "per-group": (codes.shape[0], codes.shape[-1] // (spec.get("group_size") or 1))}
+        expected = groups.get(spec["granularity"])
+        if codes.dtype != torch.int8 or codes.dim() != 2 or scale.dtype != torch.float32 \
+                or tuple(scale.shape) != expected:
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: layer {name!r} needs int8 codes [out, in] and "
+                                  f"float32 scales {list(expected or [])}, found {codes.dtype} {list(codes.shape)} "
+                                  f"and {scale.dtype} {list(scale.shape)}")
+        if codes.numel() and (int(codes.min()) < -qmax or int(codes.max()) > qmax):  # int8 abs(-128) is -128
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: layer {name!r} has weight codes outside "
+                                  f"[-{qmax}, {qmax}] ({spec['bits']}-bit symmetric)")
+        if not bool(torch.isfinite(scale).all()):
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: layer {name!r} has non-finite weight scales")
+        state[f"{name}.weight"] = weights_from_codes(codes, scale, spec)
+
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manifest: dict,
                    overwrite: bool = False) -> Path:
     """Write a fake-quantized model as an osengine checkpoint (atomically; see checkpoint.py): model.safetensors
@@ -85,8 +144,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
     quantization parameters, the structure to rebuild), and the model's config and tokenizer files, so that the
     folder is self-contained."""
     tensors, tied = _deduplicated_state(model)
+    layers = layer_manifest(model)
+    _weight_codes_tensors(tensors, layers)
     tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
-    full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layer_manifest(model)}
+    full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layers}
     if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
         model.config.architectures = [type(model).__name__]
     with tempfile.TemporaryDirectory() as side:
@@ -139,6 +200,7 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     _rebuild_structure(model, manifest)
     state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
+    _weights_from_codes(path, manifest, state)
     for alias, stored in manifest.get("tied", {}).items():
         if stored not in state:
             raise CheckpointError(f"osengine checkpoint {str(path)!r}: tied tensor {alias!r} refers to "

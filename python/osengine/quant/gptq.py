@@ -81,4 +81,10 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec
         W[:, end:] -= errors @ U[start:end, end:]
     result = torch.empty_like(Q)
     result[:, order] = Q
+    if spec.symmetric:
+        # The values round-to-nearest would store: code x step with the step computed in w's precision, so that
+        # the codes and scales read back from the saved weight (symmetric_weight_codes) reproduce it exactly.
+        step, _, _ = _column_grid(w.detach().float(), spec)
+        codes = torch.round(result / _column_grid(original, spec)[0])
+        return (codes.float() * step).to(w.dtype)
     return result.to(w.dtype)
