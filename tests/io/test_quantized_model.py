@@ -122,3 +122,34 @@ def test_broken_codes_give_clear_errors(tmp_path, damage, message):
     _rewrite(tmp_path / "q", edit)
     with pytest.raises(CheckpointError, match=message):
         osengine.load_model(tmp_path / "q")
+
+
+def test_upgrade_rewrites_a_version_1_folder_in_the_current_format(tmp_path):
+    from osengine.io.quantized_model import upgrade_quantized
+
+    model, calib = _quantize_in_memory(tmp_path)
+
+    def to_version_1(tensors, manifest):
+        for name, entry in manifest["layers"].items():
+            codes, scale = tensors.pop(f"{name}.weight_codes"), tensors.pop(f"{name}.weight_scale")
+            tensors[f"{name}.weight"] = weights_from_codes(codes, scale, entry["weight"])
+            del entry["weight_storage"]
+        tensors["osengine.migrations.0.attn.scale"] = torch.ones(32)
+        manifest["format_version"] = 1
+
+    _rewrite(tmp_path / "q", to_version_1)
+    (tmp_path / "q" / "report.md").write_text("the report")
+    upgrade_quantized(tmp_path / "q", tmp_path / "q2")
+    manifest = json.loads((tmp_path / "q2" / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 2 and manifest["strategy"] == "minmax"
+    assert all(entry["weight_storage"] == "codes" for entry in manifest["layers"].values())
+    assert "osengine.migrations.0.attn.scale" in manifest["tensors"]
+    assert (tmp_path / "q2" / "report.md").read_text() == "the report"
+    reloaded, _ = osengine.load_model(tmp_path / "q2")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=calib).logits, reloaded(input_ids=calib).logits)
+    with pytest.raises(FileExistsError):
+        upgrade_quantized(tmp_path / "q", tmp_path / "q2")
+    from osengine.cli.main import main
+    assert main(["upgrade", str(tmp_path / "q"), "--out", str(tmp_path / "q3")]) == 0
+    assert json.loads((tmp_path / "q3" / MANIFEST_FILE).read_text())["format_version"] == 2

@@ -114,6 +114,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from ..io.checkpoint import FORMAT_VERSION
+    from ..io.quantized_model import upgrade_quantized
+
+    out = upgrade_quantized(args.model, args.out, overwrite=args.overwrite)
+    print(f"{out}: format version {FORMAT_VERSION}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import main
 
@@ -215,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=int, default=None)
     x.add_argument("--json", action="store_true", help="print a JSON summary")
     x.set_defaults(func=cmd_export)
+
+    u = sub.add_parser("upgrade", help="rewrite a quantized folder of an older format version in the current one "
+                                       "(weights as integer codes, as the native runtime reads them)")
+    u.add_argument("model", help="a quantized folder")
+    u.add_argument("--out", required=True, help="output folder (written atomically)")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    u.set_defaults(func=cmd_upgrade)
 
     pl = sub.add_parser("plugins", help="list strategies and architectures and where they came from")
     pl.add_argument("--json", action="store_true")

@@ -21,7 +21,15 @@ from ..quant.layers import (
 from ..quant.observers import ActQuantizer
 from ..quant.recipes import recipe_from_dict
 from ..quant.spec import qparams_from_range, symmetric_weight_codes
-from .checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from .checkpoint import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    refuse_existing_output,
+    save_checkpoint,
+)
 from .sources import is_causal
 
 
@@ -138,7 +146,8 @@ def _weights_from_codes(path: Path, manifest: dict, state: dict) -> None:
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manifest: dict,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, extra_tensors: Optional[dict] = None,
+                   extra_files: Optional[dict] = None) -> Path:
     """Write a fake-quantized model as an osengine checkpoint (atomically; see checkpoint.py): model.safetensors
     (every weight, tied ones once, plus the OS+ shifts and scales), osengine.json (recipe, strategy, per-layer
     quantization parameters, the structure to rebuild), and the model's config and tokenizer files, so that the
@@ -147,6 +156,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
     layers = layer_manifest(model)
     _weight_codes_tensors(tensors, layers)
     tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
+    tensors.update(extra_tensors or {})
     full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layers}
     if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
         model.config.architectures = [type(model).__name__]
@@ -156,7 +166,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
             model.generation_config.save_pretrained(side)
         if tokenizer is not None:
             tokenizer.save_pretrained(side)
-        extra = {p.name: p for p in Path(side).iterdir() if p.is_file()}
+        extra = {**(extra_files or {}), **{p.name: p for p in Path(side).iterdir() if p.is_file()}}
         return save_checkpoint(out_dir, tensors, full, extra_files=extra, overwrite=overwrite)
 
 
@@ -232,3 +242,19 @@ def structure_manifest(model: nn.Module, base: nn.Module = None) -> dict:
                 shifted.append(name)
     return {"residual_restores": restores, "residual_channels": channels, "linears_with_added_bias": biased,
             "runtime_shifted_linears": shifted}
+
+
+def upgrade_quantized(source: Union[str, Path], out: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write the quantized folder `source`, of any format version this osengine reads, into `out` in the current
+    one (format 2: weights as integer codes, which the native runtime reads). The model, its recorded OS+ shifts and
+    scales and the folder's other files (report, plots) are carried over unchanged."""
+    source = Path(source)
+    refuse_existing_output(out, overwrite)
+    model, tokenizer, manifest = load_quantized(source)
+    tensors, _ = load_checkpoint(source)
+    records = {name: t for name, t in tensors.items() if name.startswith("osengine.")}
+    written_here = {"kind", "tied", "layers", "format", "format_version", "tensors"}
+    kept = {k: v for k, v in manifest.items() if k not in written_here}
+    others = {p.name: p for p in source.iterdir()
+              if p.is_file() and p.name not in (MANIFEST_FILE, TENSORS_FILE) and not p.name.startswith(".")}
+    return save_quantized(model, tokenizer, out, kept, overwrite=overwrite, extra_tensors=records, extra_files=others)
