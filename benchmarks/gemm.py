@@ -250,7 +250,7 @@ def cuda_unavailable() -> str | None:
                        ("" if torch.version.cuda else " (a CPU-only build of torch)"))
     if not osengine.ops.has_cuda_backend():
         reasons.append("osengine was built without the CUDA backend (build it with OSENGINE_CUDA=ON, see "
-                       "cpp/src/cuda/README.md)")
+                       "cpp/src/backends/cuda/README.md)")
     return "; ".join(reasons) or None
 
 

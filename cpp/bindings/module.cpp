@@ -30,8 +30,8 @@ void quantize_static(py::handle x, py::handle shift, py::handle smooth_scale, py
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vd = to_view(delta, op, "delta"), vz = to_view(zero_point, op, "zero_point"),
            vo = to_view(out_codes, op, "out_codes", true), vn = to_view(rms_norm_weight, op, "rms_norm_weight");
-  osengine::QuantizeOptions options{bits,    symmetric,    group_size, osengine::parse_backend(backend),
-                                    stream,  vn.view,      rms_norm_eps, silu_gate};
+  osengine::QuantizeOptions options{bits,   symmetric, group_size,   backend,
+                                    stream, vn.view,   rms_norm_eps, silu_gate};
   py::gil_scoped_release release;
   osengine::quantize_static(vx.view, vs.view, vsc.view, vd.view, vz.view, vo.view, options);
 }
@@ -44,8 +44,8 @@ void quantize_dynamic(py::handle x, py::handle shift, py::handle smooth_scale, p
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vo = to_view(out_codes, op, "out_codes", true), vd = to_view(out_delta, op, "out_delta", true),
            vz = to_view(out_zero_point, op, "out_zero_point", true), vn = to_view(rms_norm_weight, op, "rms_norm_weight");
-  osengine::QuantizeOptions options{bits,    symmetric,    group_size, osengine::parse_backend(backend),
-                                    stream,  vn.view,      rms_norm_eps, silu_gate};
+  osengine::QuantizeOptions options{bits,   symmetric, group_size,   backend,
+                                    stream, vn.view,   rms_norm_eps, silu_gate};
   py::gil_scoped_release release;
   osengine::quantize_dynamic(vx.view, vs.view, vsc.view, vo.view, vd.view, vz.view, options);
 }
@@ -136,14 +136,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &osengine::get_num_threads);
   m.def("cpu_has_avx2", &osengine::cpu_has_avx2);
   m.def("has_cuda_backend", &osengine::has_cuda_backend);
+  m.def("registered_backends", &osengine::registered_backends,
+        "Names of the backends this build registers and this machine can run (reference first).");
   m.def("best_cpu_backend", [] { return std::string(osengine::backend_name(osengine::best_cpu_backend())); });
 
   py::class_<osengine::PackedWeights>(m, "PackedWeights")
       .def_static("pack", [](py::handle weights, int bits, std::int64_t group_size, const std::string& backend) {
         HeldView vw = to_view(weights, "pack_weights", "weights");
-        const auto b = osengine::parse_backend(backend);
         py::gil_scoped_release release;
-        return osengine::PackedWeights::pack(vw.view, bits, group_size, b);
+        return osengine::PackedWeights::pack(vw.view, bits, group_size, backend);
       }, py::arg("weights"), py::arg("bits"), py::arg("group_size") = 0, py::arg("backend") = "auto")
       .def_property_readonly("n", &osengine::PackedWeights::n)
       .def_property_readonly("k", &osengine::PackedWeights::k)
@@ -152,7 +153,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_groups", &osengine::PackedWeights::num_groups)
       .def_property_readonly("nbytes", &osengine::PackedWeights::nbytes)
       .def_property_readonly("device_index", &osengine::PackedWeights::device_index)
-      .def_property_readonly("backend", [](const osengine::PackedWeights& w) { return std::string(osengine::backend_name(w.backend())); })
+      .def_property_readonly("backend", [](const osengine::PackedWeights& w) { return w.backend_name(); })
       .def("column_sums", [](const osengine::PackedWeights& w) {
         py::array_t<std::int32_t> out({w.num_groups(), w.n()});
         std::memcpy(out.mutable_data(), w.column_sums().data(), w.column_sums().size() * sizeof(std::int32_t));
@@ -171,6 +172,6 @@ PYBIND11_MODULE(_C, m) {
       .def("__repr__", [](const osengine::PackedWeights& w) {
         return "<osengine PackedWeights int" + std::to_string(w.bits()) + " [" + std::to_string(w.n()) + ", " +
                std::to_string(w.k()) + "] group_size=" + std::to_string(w.group_size()) + " backend=" +
-               osengine::backend_name(w.backend()) + ">";
+               w.backend_name() + ">";
       });
 }

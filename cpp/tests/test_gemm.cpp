@@ -1,7 +1,7 @@
 // Semantics of the GEMMs and their epilogue (reference backend) against straightforward double-precision math.
 #include <cmath>
 
-#include "common/float_math.hpp"
+#include "core/float_math.hpp"
 #include "harness.hpp"
 #include "test_util.hpp"
 

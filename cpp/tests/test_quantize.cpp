@@ -2,7 +2,7 @@
 // groups, bf16 input, every bit width.
 #include <cmath>
 
-#include "common/float_math.hpp"
+#include "core/float_math.hpp"
 #include "harness.hpp"
 #include "test_util.hpp"
 

@@ -19,6 +19,7 @@ from .engine.ops import (
     get_num_threads,
     pack_int4,
     pack_weights,
+    registered_backends,
     set_num_threads,
     unpack_int4,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "pack_int4",
     "pack_weights",
     "quantize_activations",
+    "registered_backends",
     "set_num_threads",
     "unpack_int4",
     "quantize",

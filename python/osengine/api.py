@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .calibrate.data import CalibrationError, load_calibration
 from .calibrate.pipeline import calibrate_blockwise
+from .engine import ops
 from .evaluation import perplexity
 from .io.checkpoint import refuse_existing_output
 from .io.quantized_model import (
@@ -53,10 +54,11 @@ def verify_engine(directory: Union[str, Path], prompt: str = "The history of the
     runtime.simulate.simulate_folded_prologues), greedy-decode `new_tokens` after `prompt` with both, and compare.
     They must agree bit for bit; a difference points at a kernel, a fusion or a plugin that computes something else
     than the simulation. Returns {"logits_identical", "logits_max_abs_diff", "positions", "tokens_identical",
-    "first_token_difference", "new_tokens", "backend"}. CPU backends only ("auto", "avx2", "reference")."""
-    if backend not in ("auto", "avx2", "reference"):
-        raise ValueError(f"verify_engine: backend must be 'auto', 'avx2' or 'reference' (the simulation follows the "
-                         f"CPU kernels' rounding), got {backend!r}")
+    "first_token_difference", "new_tokens", "backend"}. CPU backends only ("auto" or a registered CPU backend)."""
+    cpu_backends = ["auto"] + [name for name in ops.registered_backends() if name != "cuda"]
+    if backend not in cpu_backends:
+        raise ValueError(f"verify_engine: backend must be one of {cpu_backends} (the simulation follows the CPU "
+                         f"kernels' rounding), got {backend!r}")
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"verify_engine: new_tokens must be a positive integer, got {new_tokens!r}")
     engine, tokenizer = load(directory, backend=backend)

@@ -1,6 +1,8 @@
 // Backends and runtime CPU dispatch.
 #pragma once
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace osengine {
 
@@ -11,6 +13,19 @@ namespace osengine {
 enum class Backend { automatic, reference, avx2, cuda };
 
 const char* backend_name(Backend backend);
+
+// A backend choice: a built-in Backend, or any registered backend by name ("auto", "reference", "avx2", "cuda", or a
+// name registered at run time; see registered_backends()).
+class BackendChoice {
+ public:
+  BackendChoice(Backend backend = Backend::automatic) : name_(backend_name(backend)) {}  // NOLINT: implicit on purpose
+  BackendChoice(std::string name) : name_(std::move(name)) {}                            // NOLINT
+  BackendChoice(const char* name) : name_(name) {}                                       // NOLINT
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+};
 Backend parse_backend(const std::string& name);  // "auto", "reference", "avx2", "cuda"
 
 // Whether the running CPU has AVX2 + FMA and this build contains the AVX2 kernels.
@@ -22,6 +37,10 @@ Backend resolve_cpu_backend(Backend requested, const char* op);
 
 // Whether this build contains the CUDA backend (OSENGINE_CUDA). Whether a GPU is present is the caller's question.
 bool has_cuda_backend();
+
+// The names of the backends this build registers and this machine can run ("reference" first; "avx2" with AVX2 +
+// FMA; "cuda" with a GPU; and any variant registered at run time).
+std::vector<std::string> registered_backends();
 
 // Threads used by the CPU kernels (OpenMP). 0 restores the default (all cores).
 void set_num_threads(int num_threads);

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "osengine/backend.hpp"
@@ -9,14 +10,19 @@
 
 namespace osengine {
 
+namespace detail {
+struct Kernels;
+}
+
 class PackedWeights {
  public:
   // weights: int8 codes [N, K] (bits = 8, values in [-127, 127]: symmetric int8 never produces -128, and the AVX2
   // kernel's exactness relies on it) or int4 [N, K/2] packed as in int4.hpp (bits = 4, values in [-8, 7]).
   // group_size: 0 (per-channel / per-tensor scales) or a divisor of K (per-group scales, and the
   // zero-point column sums are kept per group). backend: the layout to pack for (automatic = fastest here).
+  // backend: a built-in Backend or a registered backend's name (registered_backends()).
   static PackedWeights pack(const TensorView& weights, int bits, std::int64_t group_size = 0,
-                            Backend backend = Backend::automatic);
+                            const BackendChoice& backend = Backend::automatic);
 
   std::int64_t n() const { return n_; }
   std::int64_t k() const { return k_; }
@@ -24,6 +30,10 @@ class PackedWeights {
   std::int64_t group_size() const { return group_size_; }
   std::int64_t num_groups() const { return group_size_ > 0 ? k_ / group_size_ : 1; }
   Backend backend() const { return backend_; }
+  // The name of the backend the weights were packed for (a variant registered at run time has its own).
+  const std::string& backend_name() const;
+  // The registered backend (its kernels) the weights were packed for; the GEMM runs on it.
+  const detail::Kernels* kernels() const { return kernels_; }
 
   // sum_k W[n, k] per group: [num_groups, N] int32 (row-major). Used for the activation zero-point correction.
   const std::vector<std::int32_t>& column_sums() const { return column_sums_; }
@@ -53,6 +63,7 @@ class PackedWeights {
   std::int64_t n_ = 0, k_ = 0, padded_n_ = 0, padded_k_ = 0, group_size_ = 0;
   int bits_ = 8;
   Backend backend_ = Backend::reference;
+  const detail::Kernels* kernels_ = nullptr;
   std::vector<std::uint8_t> data_;
   std::vector<std::int32_t> column_sums_;
   std::shared_ptr<void> device_data_, device_column_sums_;

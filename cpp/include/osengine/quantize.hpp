@@ -23,7 +23,7 @@ struct QuantizeOptions {
   int bits = 8;
   bool symmetric = true;
   std::int64_t group_size = 0;
-  Backend backend = Backend::automatic;
+  BackendChoice backend = Backend::automatic;
   // CUDA tensors (backend automatic or cuda; x and every other tensor on one GPU; x may also be float16): the
   // cudaStream_t to queue the work on, as an integer (0 = the default stream). Ignored on the CPU. On CUDA, non-finite
   // inputs are not reported (that would need a synchronization): their codes land inside the code range.

@@ -3,8 +3,8 @@
 
 #include <sstream>
 
-#include "common/checks.hpp"
-#include "kernels.hpp"
+#include "core/checks.hpp"
+#include "backends/kernels.hpp"
 
 namespace osengine {
 
@@ -84,16 +84,10 @@ detail::Checker checker_for(const char* op, const PackedWeights& weights) {
   return detail::Checker(op);
 }
 
-void dispatch(const detail::GemmProblem& p, std::uintptr_t stream) {
-#ifdef OSENGINE_HAVE_CUDA
-  if (p.weights->backend() == Backend::cuda) return detail::gemm_cuda(p, stream);
-#else
-  (void)stream;
-#endif
-#ifdef OSENGINE_HAVE_AVX2_KERNELS
-  if (p.weights->backend() == Backend::avx2) return detail::gemm_avx2(p);
-#endif
-  detail::gemm_reference(p);
+// Runs on the backend the weights were packed for.
+void dispatch(detail::GemmProblem& p, std::uintptr_t stream) {
+  p.stream = stream;
+  p.weights->kernels()->gemm(p);
 }
 
 }  // namespace

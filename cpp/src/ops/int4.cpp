@@ -1,6 +1,6 @@
 #include "osengine/int4.hpp"
 
-#include "common/checks.hpp"
+#include "core/checks.hpp"
 
 namespace osengine {
 

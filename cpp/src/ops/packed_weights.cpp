@@ -3,8 +3,8 @@
 #include <cstring>
 #include <sstream>
 
-#include "common/checks.hpp"
-#include "kernels.hpp"
+#include "core/checks.hpp"
+#include "backends/kernels.hpp"
 #include "osengine/int4.hpp"
 
 namespace osengine {
@@ -26,70 +26,74 @@ void compute_column_sums(const std::int8_t* codes, std::int64_t n, std::int64_t 
 }  // namespace
 
 struct PackedWeightsBuilder {
-  static PackedWeights build(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
-                             std::int64_t group_size, Backend backend, int device_index = -1) {
+  static PackedWeights build(const detail::Kernels& kernels, const std::int8_t* codes, std::int64_t n, std::int64_t k,
+                             int bits, std::int64_t group_size, int device_index) {
     PackedWeights w;
     w.n_ = n;
     w.k_ = k;
     w.bits_ = bits;
     w.group_size_ = group_size;
-    w.backend_ = backend;
+    w.backend_ = kernels.id;
+    w.kernels_ = &kernels;
     w.column_sums_.resize(static_cast<std::size_t>(w.num_groups() * n));
     compute_column_sums(codes, n, k, group_size, w.column_sums_.data());
-    detail::WeightLayout layout;
-#ifdef OSENGINE_HAVE_AVX2_KERNELS
-    if (backend == Backend::avx2)
-      layout = detail::pack_weights_avx2(codes, n, k, bits, group_size);
-    else
-#endif
-      layout = detail::pack_weights_reference(codes, n, k, bits);
+    detail::WeightLayout layout = kernels.pack_weights(codes, n, k, bits, group_size);
     w.padded_n_ = layout.padded_n;
     w.padded_k_ = layout.padded_k;
-#ifdef OSENGINE_HAVE_CUDA
-    if (backend == Backend::cuda) {
-      // The reference layout, in device memory; no host copy is kept.
+    if (kernels.device != Device::cpu) {
+      // Device memory only; no host copy is kept.
       w.device_index_ = device_index;
       w.device_nbytes_ = layout.data.size();
-      w.device_data_ = detail::cuda_upload(layout.data.data(), layout.data.size(), device_index);
-      w.device_column_sums_ = detail::cuda_upload(w.column_sums_.data(), w.column_sums_.size() * sizeof(std::int32_t),
-                                                  device_index);
+      w.device_data_ = kernels.upload(layout.data.data(), layout.data.size(), device_index);
+      w.device_column_sums_ = kernels.upload(w.column_sums_.data(), w.column_sums_.size() * sizeof(std::int32_t),
+                                             device_index);
       return w;
     }
-#else
-    (void)device_index;
-#endif
     w.data_ = std::move(layout.data);
     return w;
   }
 };
 
-PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int64_t group_size, Backend backend) {
+namespace detail {
+PackedWeights pack_weights_with(const Kernels& kernels, const std::int8_t* codes, std::int64_t n, std::int64_t k,
+                                int bits, std::int64_t group_size, int device_index) {
+  return PackedWeightsBuilder::build(kernels, codes, n, k, bits, group_size, device_index);
+}
+}  // namespace detail
+
+const std::string& PackedWeights::backend_name() const {
+  static const std::string none = "none";
+  return kernels_ != nullptr ? kernels_->name : none;
+}
+
+PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int64_t group_size,
+                                  const BackendChoice& choice) {
+  const std::string& backend = choice.name();
   const detail::Checker check("pack_weights");
   if (bits != 8 && bits != 4) check.fail("bits", "must be 8 or 4, got " + std::to_string(bits));
-#ifdef OSENGINE_HAVE_CUDA
   // CUDA: weights given on the GPU are read back once (packing is a load-time step); the layout goes to that GPU
-  // (or to the current one for host weights).
-  if (weights.device == Device::cuda || backend == Backend::cuda) {
-    if (backend != Backend::cuda && backend != Backend::automatic)
-      check.fail_type("weights", std::string("is a CUDA tensor but backend '") + backend_name(backend) +
+  // (or to the current one for host weights). Without the CUDA backend, the checks below refuse both.
+  if ((weights.device == Device::cuda || backend == "cuda") && has_cuda_backend()) {
+    const detail::Kernels& cuda = detail::kernels_for(Backend::cuda, "pack_weights");
+    if (backend != "cuda" && backend != "auto")
+      check.fail_type("weights", std::string("is a CUDA tensor but backend '") + backend +
                                      "' runs on the CPU; use backend 'cuda' or 'auto'");
     TensorView host = weights;
     std::vector<std::uint8_t> staging;
-    int device_index = detail::cuda_current_device();
+    int device_index = cuda.current_device();
     if (weights.device == Device::cuda) {
       const detail::Checker device_check("pack_weights", Device::cuda, weights.device_index);
       device_check.tensor(weights, "weights", {DType::uint8, DType::int8}, 2);
       staging.resize(static_cast<std::size_t>(weights.numel()));
-      detail::cuda_download(weights.data, staging.data(), staging.size(), weights.device_index);
+      cuda.download(weights.data, staging.data(), staging.size(), weights.device_index);
       host = TensorView(staging.data(), weights.dtype, weights.shape);
       device_index = weights.device_index;
     }
     PackedWeights cpu = pack(host, bits, group_size, Backend::reference);
     std::vector<std::int8_t> codes(static_cast<std::size_t>(cpu.n() * cpu.k()));
     cpu.unpack(TensorView(codes.data(), DType::int8, {cpu.n(), cpu.k()}));
-    return PackedWeightsBuilder::build(codes.data(), cpu.n(), cpu.k(), bits, group_size, Backend::cuda, device_index);
+    return PackedWeightsBuilder::build(cuda, codes.data(), cpu.n(), cpu.k(), bits, group_size, device_index);
   }
-#endif
   check.tensor(weights, "weights", bits == 8 ? std::initializer_list<DType>{DType::int8}
                                               : std::initializer_list<DType>{DType::uint8, DType::int8}, 2);
   check.not_empty(weights, "weights");
@@ -103,7 +107,7 @@ PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int6
     check.fail("group_size", msg.str());
   }
   if (group_size > 0 && group_size % 2 != 0) check.fail("group_size", "must be even, got " + std::to_string(group_size));
-  const Backend resolved = resolve_cpu_backend(backend, "pack_weights");
+  const detail::Kernels& kernels = detail::resolve_cpu_kernels(backend, "pack_weights");
 
   std::vector<std::int8_t> codes(static_cast<std::size_t>(n * k));
   if (bits == 8) {
@@ -117,7 +121,7 @@ PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int6
   } else {
     unpack_int4(weights, TensorView(codes.data(), DType::int8, {n, k}));
   }
-  return PackedWeightsBuilder::build(codes.data(), n, k, bits, group_size, resolved);
+  return PackedWeightsBuilder::build(kernels, codes.data(), n, k, bits, group_size, -1);
 }
 
 void PackedWeights::unpack(const TensorView& out) const {
@@ -125,11 +129,11 @@ void PackedWeights::unpack(const TensorView& out) const {
   check.tensor(out, "out", {DType::int8}, 2);
   if (out.size(0) != n_ || out.size(1) != k_)
     check.fail("out", "must have shape [" + std::to_string(n_) + ", " + std::to_string(k_) + "], got " + out.shape_string());
-#ifdef OSENGINE_HAVE_CUDA
-  if (backend_ == Backend::cuda) {
+  if (kernels_ == nullptr) check.fail("weights", "are empty (default-constructed PackedWeights)");
+  if (kernels_->device != Device::cpu) {
     // Device layout = the reference layout: read it back and decode it on the host.
     std::vector<std::uint8_t> layout(device_nbytes_);
-    detail::cuda_download(device_data_.get(), layout.data(), layout.size(), device_index_);
+    kernels_->download(device_data_.get(), layout.data(), layout.size(), device_index_);
     if (bits_ == 8) {
       std::memcpy(out.data, layout.data(), layout.size());
     } else {
@@ -137,11 +141,7 @@ void PackedWeights::unpack(const TensorView& out) const {
     }
     return;
   }
-#endif
-#ifdef OSENGINE_HAVE_AVX2_KERNELS
-  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, nullptr, n_, out.ptr<std::int8_t>());
-#endif
-  detail::unpack_weights_reference(*this, nullptr, n_, out.ptr<std::int8_t>());
+  kernels_->unpack_weights(*this, nullptr, n_, out.ptr<std::int8_t>());
 }
 
 void PackedWeights::unpack_rows(const TensorView& rows, const TensorView& out) const {
@@ -158,19 +158,15 @@ void PackedWeights::unpack_rows(const TensorView& rows, const TensorView& out) c
       check.fail("rows", "must lie in [0, " + std::to_string(n_) + "); found " + std::to_string(index[i]) +
                              " at index " + std::to_string(i));
   if (count == 0) return;
-#ifdef OSENGINE_HAVE_CUDA
-  if (backend_ == Backend::cuda) {
+  if (kernels_ == nullptr) check.fail("weights", "are empty (default-constructed PackedWeights)");
+  if (kernels_->device != Device::cpu) {
     std::vector<std::int8_t> all(static_cast<std::size_t>(n_ * k_));
     unpack(TensorView(all.data(), DType::int8, {n_, k_}));
     for (std::int64_t i = 0; i < count; ++i)
       std::memcpy(out.ptr<std::int8_t>() + i * k_, all.data() + index[i] * k_, static_cast<std::size_t>(k_));
     return;
   }
-#endif
-#ifdef OSENGINE_HAVE_AVX2_KERNELS
-  if (backend_ == Backend::avx2) return detail::unpack_weights_avx2(*this, index, count, out.ptr<std::int8_t>());
-#endif
-  detail::unpack_weights_reference(*this, index, count, out.ptr<std::int8_t>());
+  kernels_->unpack_weights(*this, index, count, out.ptr<std::int8_t>());
 }
 
 void column_sums(const TensorView& weights_int8, std::int64_t group_size, const TensorView& out) {

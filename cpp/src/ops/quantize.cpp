@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "common/checks.hpp"
-#include "common/float_math.hpp"
-#include "kernels.hpp"
+#include "core/checks.hpp"
+#include "core/float_math.hpp"
+#include "backends/kernels.hpp"
 #include "osengine/errors.hpp"
 
 namespace osengine {
@@ -97,25 +97,19 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
 // The op runs where x lives; every other tensor must be there too.
 detail::Checker checker_for(const char* op, const TensorView& x) { return detail::Checker(op, x.device, x.device_index); }
 
-std::int64_t run_quantize(const detail::QuantizeProblem& p, const TensorView& x, const QuantizeOptions& options,
+// Runs where x lives: on the GPU backend for CUDA data, else on the chosen (or best) CPU backend.
+std::int64_t run_quantize(detail::QuantizeProblem& p, const TensorView& x, const QuantizeOptions& options,
                           const char* op) {
-  const Backend backend = options.backend;
-#ifdef OSENGINE_HAVE_CUDA
-  if (x.device == Device::cuda) {
-    if (backend != Backend::automatic && backend != Backend::cuda)
-      throw UnsupportedError(std::string("osengine.") + op + ": backend '" + backend_name(backend) +
+  const std::string& backend = options.backend.name();
+  if (x.device == Device::cuda) {  // validation let it through: this build has the CUDA backend
+    if (backend != "auto" && backend != "cuda")
+      throw UnsupportedError(std::string("osengine.") + op + ": backend '" + backend +
                              "' runs on CPU data, but x is a CUDA tensor; use backend 'cuda' or 'auto'");
-    return detail::quantize_cuda(p, x.device_index, options.stream);
+    p.device_index = x.device_index;
+    p.stream = options.stream;
+    return detail::kernels_for(Backend::cuda, op).quantize(p);
   }
-#else
-  (void)x;
-#endif
-  switch (resolve_cpu_backend(backend, op)) {
-#ifdef OSENGINE_HAVE_AVX2_KERNELS
-    case Backend::avx2: return detail::quantize_avx2(p);
-#endif
-    default: return detail::quantize_reference(p);
-  }
+  return detail::resolve_cpu_kernels(backend, op).quantize(p);
 }
 
 [[noreturn]] void report_nonfinite(const detail::Checker& check, const detail::QuantizeProblem& p, std::int64_t row) {

@@ -30,6 +30,7 @@ __all__ = [
     "cpu_has_avx2",
     "best_cpu_backend",
     "has_cuda_backend",
+    "registered_backends",
 ]
 
 code_range = _C.code_range
@@ -38,6 +39,7 @@ get_num_threads = _C.get_num_threads
 cpu_has_avx2 = _C.cpu_has_avx2
 best_cpu_backend = _C.best_cpu_backend
 has_cuda_backend = _C.has_cuda_backend
+registered_backends = _C.registered_backends
 
 
 class QuantizedActivations(NamedTuple):

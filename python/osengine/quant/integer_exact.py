@@ -1,6 +1,6 @@
 """The engine's CPU arithmetic in torch, float for float: what lets a simulation give the engine's exact bits.
 
-The engine accumulates integer products exactly and rounds in a fixed order (cpp/src/reference/*.cpp, mirrored
+The engine accumulates integer products exactly and rounds in a fixed order (cpp/src/backends/reference/*.cpp, mirrored
 operation by operation by the AVX2 kernels); the floating-point fake quant (dequantize, then F.linear) and torch's own
 RMSNorm and SiLU round differently, by an ulp here and there. That is harmless for accuracy, but a model quantized
 statically with massive activations is chaotic at the ulp level (one flipped code changes the next layer's codes), so
@@ -87,7 +87,7 @@ def _c(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=_F32)
 
 
-# exp_approx's constants (cpp/src/common/float_math.hpp), each rounded to float32 as the C++ compiler does
+# exp_approx's constants (cpp/src/core/float_math.hpp), each rounded to float32 as the C++ compiler does
 _EXP_LO, _EXP_HI, _LOG2E = _c(-87.3), _c(88.7), _c(1.44269504088896341)
 _LN2_HI, _LN2_LO = _c(0.693359375), _c(-2.12194440e-4)
 _EXP_POLY = [_c(1.0) / _c(d) for d in (5040.0, 720.0, 120.0, 24.0, 6.0)] + [_c(0.5), _c(1.0), _c(1.0)]

@@ -1,7 +1,9 @@
-#include "common/checks.hpp"
+#include "core/checks.hpp"
 
 #include <cmath>
 #include <sstream>
+
+#include "osengine/backend.hpp"
 
 namespace osengine::detail {
 
@@ -15,15 +17,9 @@ std::string dtype_list(std::initializer_list<DType> dtypes) {
   return text;
 }
 
-Checker::Checker(const char* op, Device device, int device_index) : op_(op) {
-#ifdef OSENGINE_HAVE_CUDA
-  device_ = device;
-  device_index_ = device_index;
-#else
-  (void)device;
-  (void)device_index;
-#endif
-}
+// Without the CUDA backend every operand must be a CPU tensor, whatever the op's data says.
+Checker::Checker(const char* op, Device device, int device_index)
+    : op_(op), device_(has_cuda_backend() ? device : Device::cpu), device_index_(device_index) {}
 
 void Checker::tensor(const TensorView& t, const std::string& argument, std::initializer_list<DType> dtypes,
                      int ndim) const {
@@ -31,8 +27,8 @@ void Checker::tensor(const TensorView& t, const std::string& argument, std::init
   bool dtype_ok = false;
   for (DType d : dtypes) dtype_ok = dtype_ok || d == t.dtype;
   if (!dtype_ok) fail_type(argument, std::string("expected dtype ") + dtype_list(dtypes) + ", got " + dtype_name(t.dtype));
-#ifdef OSENGINE_HAVE_CUDA
   if (t.device != device_ || (device_ == Device::cuda && t.device_index != device_index_)) {
+    if (!has_cuda_backend()) fail_type(argument, "expected a CPU tensor (the CUDA backend is not built in)");
     if (device_ == Device::cpu)
       fail_type(argument, "expected a CPU tensor like the op's other operands (CPU-packed weights or CPU data), got a "
                           "CUDA tensor");
@@ -41,9 +37,6 @@ void Checker::tensor(const TensorView& t, const std::string& argument, std::init
                             (t.device == Device::cpu ? std::string("CPU tensor")
                                                      : "tensor on cuda:" + std::to_string(t.device_index)));
   }
-#else
-  if (t.device != Device::cpu) fail_type(argument, "expected a CPU tensor (the CUDA backend is not built in)");
-#endif
   if (ndim >= 0 && t.ndim() != ndim)
     fail(argument, "expected " + std::to_string(ndim) + " dimensions, got shape " + t.shape_string());
   if (!t.is_contiguous()) fail_type(argument, "must be contiguous (row-major); got strides that are not");

@@ -1,5 +1,8 @@
-// The AVX2 kernels against the scalar reference, through the public API: identical int8 codes, delta and zero
-// points, identical int32 accumulators and bit-identical fp32 / bf16 GEMM outputs.
+// Every registered CPU backend against the scalar reference, through the public API: identical int8 codes, delta and
+// zero points, identical int32 accumulators and bit-identical fp32 / bf16 GEMM outputs. The backends come from the
+// table (backends/registry.cpp): a new backend is tested by being registered. The file also registers a variant of
+// its own, to show that a registration is picked up, and shows that a wrong kernel registered the same way fails.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -7,8 +10,8 @@
 #include <vector>
 
 #include "harness.hpp"
-#include "common/float_math.hpp"
-#include "kernels.hpp"
+#include "core/float_math.hpp"
+#include "backends/kernels.hpp"
 #include "osengine/osengine.hpp"
 #include "test_util.hpp"
 
@@ -18,14 +21,42 @@ using osengine_test::random_floats;
 
 namespace {
 
-bool have_avx2() { return cpu_has_avx2(); }
+// The backends checked against the reference: every registered CPU backend that runs here, but the reference.
+std::vector<std::string> backends_under_test() {
+  std::vector<std::string> names;
+  for (const detail::Kernels& k : detail::registered_kernels())
+    if (k.device == Device::cpu && k.available() && k.name != "reference") names.push_back(k.name);
+  return names;
+}
+
+// A test of one backend (by name), run for each of backends_under_test().
+#define BACKEND_TEST(name)                                             \
+  static void name(const std::string& backend);                       \
+  TEST(name##_every_backend) {                                         \
+    for (const std::string& backend : backends_under_test()) name(backend); \
+  }                                                                    \
+  static void name(const std::string& backend)
+
+// A backend registered by this test, as a new backend registers itself in backends/registry.cpp: it must show up in
+// backends_under_test() and go through every check above. It is the reference's kernels under another name (the
+// point is the registration, not new arithmetic).
+const char* const kVariant = "reference-variant";
+detail::Kernels variant_kernels() {
+  detail::Kernels k = *detail::find_kernels("reference");
+  k.name = kVariant;
+  return k;
+}
+const bool kVariantRegistered = [] {
+  detail::register_backend(variant_kernels());
+  return true;
+}();
 
 TensorView tv(void* p, DType dt, std::vector<std::int64_t> shape) { return TensorView(p, dt, std::move(shape)); }
 
 std::vector<std::uint8_t> nibbles(const std::vector<std::int8_t>& codes) { return osengine_test::pack_nibbles(codes); }
 
 PackedWeights pack_for(const std::vector<std::int8_t>& codes, std::vector<std::uint8_t>& packed4, std::int64_t n,
-                       std::int64_t k, int bits, std::int64_t group, Backend backend) {
+                       std::int64_t k, int bits, std::int64_t group, const std::string& backend) {
   if (bits == 8) return PackedWeights::pack(tv(const_cast<std::int8_t*>(codes.data()), DType::int8, {n, k}), 8, group, backend);
   packed4 = nibbles(codes);
   return PackedWeights::pack(tv(packed4.data(), DType::uint8, {n, k / 2}), 4, group, backend);
@@ -72,7 +103,7 @@ std::string describe(const GemmCase& c) {
   return s.str();
 }
 
-void run_gemm_case(const GemmCase& c) {
+void run_gemm_case(const GemmCase& c, const std::string& backend) {
   const std::int64_t m = c.m, n = c.n, k = c.k;
   const std::int64_t groups = c.group > 0 ? k / c.group : 1;
   const int alo = c.a_int4 ? -8 : -128, ahi = c.a_int4 ? 7 : 127;
@@ -84,9 +115,9 @@ void run_gemm_case(const GemmCase& c) {
     for (std::size_t i = 0; i < w.size(); ++i) w[i] = static_cast<std::int8_t>((i / static_cast<std::size_t>(k)) % 2 ? whi : wlo);
   }
   std::vector<std::uint8_t> w4_ref, w4_avx;
-  const PackedWeights ref = pack_for(w, w4_ref, n, k, c.wbits, c.group, Backend::reference);
-  const PackedWeights avx = pack_for(w, w4_avx, n, k, c.wbits, c.group, Backend::avx2);
-  CHECK(avx.backend() == Backend::avx2);
+  const PackedWeights ref = pack_for(w, w4_ref, n, k, c.wbits, c.group, "reference");
+  const PackedWeights avx = pack_for(w, w4_avx, n, k, c.wbits, c.group, backend);
+  CHECK_EQ(avx.backend_name(), backend);
 
   std::vector<std::uint8_t> a4;
   TensorView av;
@@ -102,7 +133,7 @@ void run_gemm_case(const GemmCase& c) {
   std::vector<std::int32_t> acc_ref(static_cast<std::size_t>(m * n)), acc_avx(static_cast<std::size_t>(m * n), -1);
   gemm_accumulate(av, fmt, ref, tv(acc_ref.data(), DType::int32, {m, n}));
   gemm_accumulate(av, fmt, avx, tv(acc_avx.data(), DType::int32, {m, n}));
-  check_same_bytes(acc_ref, acc_avx, "accumulators " + describe(c));
+  check_same_bytes(acc_ref, acc_avx, "accumulators " + backend + " " + describe(c));
   if (c.extreme) {
     // Every product is +-128 * 127 (or -8 * +-8 / -8 * 7): check against the closed form too.
     for (std::int64_t row = 0; row < m; ++row)
@@ -174,14 +205,14 @@ void run_gemm_case(const GemmCase& c) {
     gemm(args, ref);
     args.out = tv(o_avx.data(), DType::float32, {m, n});
     gemm(args, avx);
-    check_same_bytes(o_ref, o_avx, "fp32 out " + describe(c));
+    check_same_bytes(o_ref, o_avx, "fp32 out " + backend + " " + describe(c));
   } else {
     std::vector<std::uint16_t> o_ref(static_cast<std::size_t>(m * n)), o_avx(static_cast<std::size_t>(m * n), 1);
     args.out = tv(o_ref.data(), DType::bfloat16, {m, n});
     gemm(args, ref);
     args.out = tv(o_avx.data(), DType::bfloat16, {m, n});
     gemm(args, avx);
-    check_same_bytes(o_ref, o_avx, "bf16 out " + describe(c));
+    check_same_bytes(o_ref, o_avx, "bf16 out " + backend + " " + describe(c));
   }
 }
 
@@ -191,16 +222,15 @@ const Activation kActs[] = {Activation::none, Activation::relu, Activation::gelu
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
-TEST(pack_unpack_round_trip) {
-  if (!have_avx2()) return;
+BACKEND_TEST(pack_unpack_round_trip) {
   for (int bits : {8, 4})
     for (std::int64_t n : {1, 3, 16, 17, 64})
       for (std::int64_t k : {2, 4, 6, 18, 64, 130}) {
         std::vector<std::int8_t> w = random_codes(static_cast<std::size_t>(n * k), static_cast<std::uint32_t>(n * k + bits),
                                                   bits == 8 ? -127 : -8, bits == 8 ? 127 : 7);
         std::vector<std::uint8_t> p4;
-        const PackedWeights pw = pack_for(w, p4, n, k, bits, 0, Backend::avx2);
-        CHECK_EQ(pw.padded_n() % 16, 0);
+        const PackedWeights pw = pack_for(w, p4, n, k, bits, 0, backend);
+        CHECK(pw.padded_n() >= n);
         CHECK(pw.padded_k() >= k);
         std::vector<std::int8_t> back(static_cast<std::size_t>(n * k), 99);
         pw.unpack(tv(back.data(), DType::int8, {n, k}));
@@ -217,15 +247,14 @@ TEST(pack_unpack_round_trip) {
   for (std::int64_t k : {1, 3, 17, 4095}) {
     std::vector<std::int8_t> w = random_codes(static_cast<std::size_t>(5 * k), 11, -127, 127);
     std::vector<std::uint8_t> p4;
-    const PackedWeights pw = pack_for(w, p4, 5, k, 8, 0, Backend::avx2);
+    const PackedWeights pw = pack_for(w, p4, 5, k, 8, 0, backend);
     std::vector<std::int8_t> back(static_cast<std::size_t>(5 * k));
     pw.unpack(tv(back.data(), DType::int8, {5, k}));
     check_same_bytes(w, back, "round trip odd k");
   }
 }
 
-TEST(gemm_accumulators_shapes) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_accumulators_shapes) {
   // One dimension large at a time, the others small; odd K for W8A8; every weight / activation format.
   const std::int64_t small[] = {1, 3, 17, 64};
   std::uint32_t seed = 100;
@@ -234,12 +263,12 @@ TEST(gemm_accumulators_shapes) {
       for (std::int64_t k : {1, 3, 17, 64, 66}) {
         GemmCase c;
         c.m = m, c.n = n, c.k = k, c.seed = seed++;
-        run_gemm_case(c);
+        run_gemm_case(c, backend);
         if (k % 2 == 0) {
           c.wbits = 4;
-          run_gemm_case(c);
+          run_gemm_case(c, backend);
           c.a_int4 = true;
-          run_gemm_case(c);
+          run_gemm_case(c, backend);
         }
       }
   for (int which = 0; which < 3; ++which)
@@ -251,24 +280,23 @@ TEST(gemm_accumulators_shapes) {
       c.wbits = fmt == 0 ? 8 : 4;
       c.a_int4 = fmt == 2;
       c.seed = seed++;
-      run_gemm_case(c);
+      run_gemm_case(c, backend);
     }
   // A mid-size case that exercises full 6-row tiles, several M blocks and both threads.
   for (int fmt = 0; fmt < 3; ++fmt) {
     GemmCase c;
     c.m = 100, c.n = 97, c.k = 1000, c.wbits = fmt == 0 ? 8 : 4, c.a_int4 = fmt == 2, c.seed = seed++;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
   }
 }
 
-TEST(gemm_no_saturation_extremes) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_no_saturation_extremes) {
   // a = -128 on every k against w = -127 / +127: each vpmaddwd pair is +-32512, sums are exact.
   for (std::int64_t k : {2, 64, 4095, 65536}) {
     GemmCase c;
     c.m = k == 65536 ? 2 : 7, c.n = 18, c.k = k, c.extreme = true, c.seed = 5;
     if (k == 65536) c.n = 4;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
   }
   // With the largest zero point: a - zp = -255 on every k, |acc - zp * colsum| up to 2.12e9 (K = 65536).
   for (int zp : {127, -128})
@@ -276,20 +304,19 @@ TEST(gemm_no_saturation_extremes) {
       GemmCase c;
       c.m = 3, c.n = 4, c.k = 65536, c.extreme = true, c.zp = true, c.zp_value = zp, c.group = group;
       c.a_scale_kind = group ? 2 : 1, c.seed = 8;
-      run_gemm_case(c);
+      run_gemm_case(c, backend);
     }
   for (std::int64_t k : {2, 64, 4094}) {
     GemmCase c;
     c.m = 7, c.n = 18, c.k = k, c.wbits = 4, c.a_int4 = true, c.extreme = true, c.seed = 6;
     c.zp = true, c.zp_value = 7;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
     c.a_int4 = false;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
   }
 }
 
-TEST(gemm_epilogue_variants) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_epilogue_variants) {
   std::uint32_t seed = 1000;
   for (Activation act : kActs)
     for (DType out : {DType::float32, DType::bfloat16})
@@ -303,27 +330,25 @@ TEST(gemm_epilogue_variants) {
           c.w_scale_kind = static_cast<int>((seed / 2) % 2);
           c.bias = seed % 3 != 0;
           c.seed = seed++;
-          run_gemm_case(c);
+          run_gemm_case(c, backend);
           c.wbits = 4;
           c.a_int4 = seed % 2 == 0;
           c.seed = seed++;
-          run_gemm_case(c);
+          run_gemm_case(c, backend);
         }
 }
 
-TEST(gemm_nonfinite_residual) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_nonfinite_residual) {
   for (DType out : {DType::float32, DType::bfloat16})
     for (DType rd : {DType::float32, DType::bfloat16}) {
       GemmCase c;
       c.m = 8, c.n = 40, c.k = 64, c.out = out, c.residual = true, c.residual_dtype = rd, c.nonfinite_residual = true;
       c.act = Activation::gelu, c.seed = 4242;
-      run_gemm_case(c);
+      run_gemm_case(c, backend);
     }
 }
 
-TEST(gemm_groups) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_groups) {
   std::uint32_t seed = 2000;
   for (std::int64_t group : {2, 6, 32, 64, 128})
     for (int fmt = 0; fmt < 3; ++fmt)
@@ -340,27 +365,26 @@ TEST(gemm_groups) {
         c.out = seed % 2 ? DType::bfloat16 : DType::float32;
         c.residual = seed % 3 == 0;
         c.seed = seed++;
-        run_gemm_case(c);
+        run_gemm_case(c, backend);
       }
   // Groups with one large dimension, and M = 1 (decode).
   for (std::int64_t m : {1, 64}) {
     GemmCase c;
     c.m = m, c.n = m == 1 ? 4095 : 40, c.k = m == 1 ? 256 : 4096, c.group = 128, c.zp = true;
     c.a_scale_kind = 2, c.w_scale_kind = 2, c.act = Activation::silu, c.seed = seed++;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
     c.wbits = 4;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
   }
 }
 
-TEST(gemm_threads_consistent) {
-  if (!have_avx2()) return;
+BACKEND_TEST(gemm_threads_consistent) {
   const int saved = get_num_threads();
   for (int threads : {1, 2, 3}) {
     set_num_threads(threads);
     GemmCase c;
     c.m = 50, c.n = 70, c.k = 512, c.group = 64, c.zp = true, c.act = Activation::gelu, c.seed = 77;
-    run_gemm_case(c);
+    run_gemm_case(c, backend);
   }
   set_num_threads(saved);
 }
@@ -377,7 +401,7 @@ struct QuantCase {
   std::uint32_t seed = 1;
 };
 
-void run_quant_case(const QuantCase& c) {
+void run_quant_case(const QuantCase& c, const std::string& backend) {
   const std::int64_t m = c.m, k = c.k;
   std::vector<float> x = random_floats(static_cast<std::size_t>(m * k), c.seed, 3.0f);
   // Outliers, exact zeros, ties of round-half-even and a row of zeros.
@@ -419,7 +443,7 @@ void run_quant_case(const QuantCase& c) {
     opt.backend = Backend::reference;
     quantize_dynamic(xv, sv, mv, tv(q_ref.data(), DType::int8, {m, k}), tv(d_ref.data(), DType::float32, pshape),
                      tv(z_ref.data(), DType::int32, pshape), opt);
-    opt.backend = Backend::avx2;
+    opt.backend = backend;
     quantize_dynamic(xv, sv, mv, tv(q_avx.data(), DType::int8, {m, k}), tv(d_avx.data(), DType::float32, pshape),
                      tv(z_avx.data(), DType::int32, pshape), opt);
     check_same_bytes(d_ref, d_avx, what.str() + " delta");
@@ -440,7 +464,7 @@ void run_quant_case(const QuantCase& c) {
     const TensorView zv = c.symmetric && c.seed % 2 ? TensorView() : tv(zp.data(), DType::int32, {np});
     opt.backend = Backend::reference;
     quantize_static(xv, sv, mv, dv, zv, tv(q_ref.data(), DType::int8, {m, k}), opt);
-    opt.backend = Backend::avx2;
+    opt.backend = backend;
     quantize_static(xv, sv, mv, dv, zv, tv(q_avx.data(), DType::int8, {m, k}), opt);
   }
   check_same_bytes(q_ref, q_avx, what.str() + " codes");
@@ -448,8 +472,7 @@ void run_quant_case(const QuantCase& c) {
 
 }  // namespace
 
-TEST(quantize_matches_reference) {
-  if (!have_avx2()) return;
+BACKEND_TEST(quantize_matches_reference) {
   std::uint32_t seed = 3000;
   for (std::int64_t m : {1, 3, 17})
     for (std::int64_t k : {1, 8, 17, 64, 96})
@@ -465,7 +488,7 @@ TEST(quantize_matches_reference) {
         c.group = (k % 32 == 0 && seed % 2 == 0) ? 32 : 0;
         c.per_group_params = seed % 5 < 3;
         c.seed = seed++;
-        run_quant_case(c);
+        run_quant_case(c, backend);
       }
   for (int bits : {2, 3, 4, 5, 8})
     for (int sym = 0; sym < 2; ++sym)
@@ -473,14 +496,13 @@ TEST(quantize_matches_reference) {
         QuantCase c;
         c.m = 64, c.k = 4095, c.bits = bits, c.symmetric = sym, c.dynamic = dyn, c.shift = true, c.smooth = true;
         c.seed = seed++;
-        run_quant_case(c);
+        run_quant_case(c, backend);
         c.m = 4095, c.k = 64, c.group = 32, c.bf16 = true, c.per_group_params = true;
-        run_quant_case(c);
+        run_quant_case(c, backend);
       }
 }
 
-TEST(quantize_nonfinite_row) {
-  if (!have_avx2()) return;
+BACKEND_TEST(quantize_nonfinite_row) {
   const std::int64_t m = 40, k = 37;
   for (int where : {0, 5, 36}) {
     std::vector<float> x = random_floats(static_cast<std::size_t>(m * k), 9, 1.0f);
@@ -494,7 +516,7 @@ TEST(quantize_nonfinite_row) {
     p.m = m, p.k = k, p.group_size = k, p.qmin = -127, p.qmax = 127, p.dynamic = true;
     p.out_delta = delta.data(), p.out_zero_point = zp.data(), p.codes = codes.data();
     CHECK_EQ(detail::quantize_reference(p), 23);
-    CHECK_EQ(detail::quantize_avx2(p), 23);
+    CHECK_EQ(detail::find_kernels(backend)->quantize(p), 23);
     // Overflow of (x - shift) / smooth_scale with finite x.
     std::vector<float> x2 = random_floats(static_cast<std::size_t>(m * k), 10, 1.0f);
     std::vector<float> smooth(static_cast<std::size_t>(k), 1.0f);
@@ -503,7 +525,7 @@ TEST(quantize_nonfinite_row) {
     p.x = x2.data();
     p.smooth_scale = smooth.data();
     CHECK_EQ(detail::quantize_reference(p), 7);
-    CHECK_EQ(detail::quantize_avx2(p), 7);
+    CHECK_EQ(detail::find_kernels(backend)->quantize(p), 7);
     p.smooth_scale = nullptr;
   }
   // Through the public API: the same error.
@@ -513,11 +535,53 @@ TEST(quantize_nonfinite_row) {
   std::vector<float> delta(static_cast<std::size_t>(m));
   std::vector<std::int32_t> zp(static_cast<std::size_t>(m));
   QuantizeOptions opt;
-  opt.backend = Backend::avx2;
+  opt.backend = backend;
   CHECK_THROWS(quantize_dynamic(tv(x.data(), DType::float32, {m, k}), TensorView(), TensorView(),
                                 tv(codes.data(), DType::int8, {m, k}), tv(delta.data(), DType::float32, {m}),
                                 tv(zp.data(), DType::int32, {m}), opt),
                std::exception, "row 3");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+TEST(registered_variant_is_under_test) {
+  CHECK(kVariantRegistered);
+  const auto names = backends_under_test();
+  CHECK(std::find(names.begin(), names.end(), kVariant) != names.end());
+  const auto listed = registered_backends();
+  CHECK(std::find(listed.begin(), listed.end(), kVariant) != listed.end());
+  CHECK_EQ(listed.front(), std::string("reference"));
+  if (cpu_has_avx2()) CHECK(std::find(names.begin(), names.end(), "avx2") != names.end());
+}
+
+namespace {
+void off_by_one_gemm(const detail::GemmProblem& p) {
+  detail::gemm_reference(p);
+  if (p.out_accumulators) p.out_accumulators[p.m * p.n - 1] += 1;
+}
+std::int64_t flipped_code_quantize(const detail::QuantizeProblem& p) {
+  const std::int64_t row = detail::quantize_reference(p);
+  p.codes[p.m * p.k - 1] = static_cast<std::int8_t>(p.codes[p.m * p.k - 1] == 0 ? 1 : 0);
+  return row;
+}
+}  // namespace
+
+// A wrong kernel registered the same way is caught by the same checks (then the variant is restored).
+TEST(a_wrong_registered_kernel_is_caught) {
+  detail::Kernels broken = variant_kernels();
+  broken.gemm = off_by_one_gemm;
+  detail::register_backend(broken);
+  GemmCase c;
+  c.m = 3, c.n = 17, c.k = 64;
+  CHECK_THROWS(run_gemm_case(c, kVariant), osengine_test::Failure, "accumulators reference-variant");
+  broken = variant_kernels();
+  broken.quantize = flipped_code_quantize;
+  detail::register_backend(broken);
+  QuantCase q;
+  q.m = 3, q.k = 17;
+  CHECK_THROWS(run_quant_case(q, kVariant), osengine_test::Failure, "codes");
+  detail::register_backend(variant_kernels());
+  run_gemm_case(c, kVariant);
+  run_quant_case(q, kVariant);
 }
 
 OSENGINE_TEST_MAIN

@@ -5,8 +5,8 @@
 
 #include <algorithm>
 
-#include "cuda/cuda_kernels.hpp"
-#include "cuda/device_math.cuh"
+#include "backends/cuda/cuda_kernels.hpp"
+#include "backends/cuda/device_math.cuh"
 
 namespace osengine::detail::cuda {
 
@@ -60,14 +60,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemm_simt_kernel(SimtPara
   for (std::int64_t g = 0; g < p.groups; ++g) {
     const std::int32_t acc = dot(p, row, col, g * p.group, (g + 1) * p.group, lane);
     const std::int64_t a_index = row * e.a_scale_stride_m + g * e.a_scale_stride_g;
-    const std::int32_t zero_point = e.a_zero_point ? e.a_zero_point[a_index] : 0;
-    const std::int32_t corrected = acc - zero_point * p.column_sums[g * p.n + col];
-    const float scale = __fmul_rn(e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
-    y = __fmaf_rn(static_cast<float>(corrected), scale, y);
+    y = epilogue_group(y, acc, e.a_zero_point ? e.a_zero_point[a_index] : 0, p.column_sums[g * p.n + col],
+                       e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
   }
   if (lane != 0) return;
-  y = apply_activation_d(e.activation, y);
-  if (e.residual) y = __fadd_rn(y, load_float(e.residual, e.residual_dtype, row * p.n + col));
+  const bool has_residual = e.residual != nullptr;
+  y = epilogue_finish(e.activation, y, has_residual,
+                      has_residual ? load_float(e.residual, e.residual_dtype, row * p.n + col) : 0.0f);
   store_float(e.out, e.out_dtype, row * p.n + col, y);
 }
 

@@ -1,6 +1,6 @@
 // W4A4 on sm_80: int4 x int4 tensor cores (mma.sync m16n8k64), int32 accumulators. Both operands are the public
 // packed format (two codes per byte, element 2i in the low nibble), which is CUTLASS's int4b_t storage order.
-#include "cuda/gemm_sm80_common.cuh"
+#include "backends/cuda/gemm_sm80_common.cuh"
 
 namespace osengine::detail::cuda {
 

@@ -5,8 +5,8 @@
 
 #include <algorithm>
 
-#include "cuda/cuda_kernels.hpp"
-#include "cuda/device_math.cuh"
+#include "backends/cuda/cuda_kernels.hpp"
+#include "backends/cuda/device_math.cuh"
 
 namespace osengine::detail::cuda {
 

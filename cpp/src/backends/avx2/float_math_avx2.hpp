@@ -1,4 +1,4 @@
-// AVX2 mirrors of common/float_math.hpp: every function performs the same IEEE fp32 operations in the same
+// AVX2 mirrors of core/float_math.hpp: every function performs the same IEEE fp32 operations in the same
 // order as its scalar twin (explicit fma where the scalar code calls std::fma, true divisions, round-to-nearest-
 // even for nearbyint), so each lane gives exactly the scalar result. Only include from files compiled with
 // -mavx2 -mfma.
@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "common/float_math.hpp"
+#include "core/float_math.hpp"
 
 namespace osengine::detail::avx2 {
 

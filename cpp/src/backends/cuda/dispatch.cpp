@@ -7,8 +7,8 @@
 #include <mutex>
 #include <string>
 
-#include "cuda/cuda_kernels.hpp"
-#include "kernels.hpp"
+#include "backends/cuda/cuda_kernels.hpp"
+#include "backends/kernels.hpp"
 #include "osengine/errors.hpp"
 
 namespace osengine::detail {
@@ -138,7 +138,8 @@ int run_tensor_core(TensorCoreKernel kernel, const GemmProblem& p, std::int64_t 
 
 }  // namespace
 
-void gemm_cuda(const GemmProblem& p, std::uintptr_t stream_handle) {
+void gemm_cuda(const GemmProblem& p) {
+  const std::uintptr_t stream_handle = p.stream;
   const char* op = p.out_accumulators ? "gemm_accumulate" : "gemm";
   const PackedWeights& w = *p.weights;
   const DeviceGuard guard(op, w.device_index());
@@ -187,11 +188,16 @@ void gemm_cuda(const GemmProblem& p, std::uintptr_t stream_handle) {
              cuda::gemm_simt(p.a, p.a_format, p.m, p.n, p.k, dw, e, p.out_accumulators, stream));
 }
 
-std::int64_t quantize_cuda(const QuantizeProblem& p, int device_index, std::uintptr_t stream_handle) {
+std::int64_t quantize_cuda(const QuantizeProblem& p) {
   const char* op = p.dynamic ? "quantize_dynamic" : "quantize_static";
-  const DeviceGuard guard(op, device_index);
-  check_cuda(op, "the quantize kernel", cuda::quantize(p, reinterpret_cast<cudaStream_t>(stream_handle)));
+  const DeviceGuard guard(op, p.device_index);
+  check_cuda(op, "the quantize kernel", cuda::quantize(p, reinterpret_cast<cudaStream_t>(p.stream)));
   return -1;
+}
+
+bool cuda_device_present() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
 int cuda_current_device() {

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "cuda/cuda_kernels.hpp"
+#include "backends/cuda/cuda_kernels.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/device/gemm.h"

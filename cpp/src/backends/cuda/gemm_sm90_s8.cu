@@ -4,7 +4,7 @@
 // cluster for prefill. Not yet measured on a GPU: see benchmarks/gemm.py --device cuda.
 #include <cuda_runtime.h>
 
-#include "cuda/cuda_kernels.hpp"
+#include "backends/cuda/cuda_kernels.hpp"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"

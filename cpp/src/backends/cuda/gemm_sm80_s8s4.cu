@@ -4,7 +4,7 @@
 // int8 mma.sync is native there): Hopper has no int4 MMA, so int4 weights buy memory bandwidth, not math.
 #include <cuda_runtime.h>
 
-#include "cuda/cuda_kernels.hpp"
+#include "backends/cuda/cuda_kernels.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/device/gemm_universal.h"

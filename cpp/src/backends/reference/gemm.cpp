@@ -3,8 +3,8 @@
 #include <cmath>
 #include <cstring>
 
-#include "common/float_math.hpp"
-#include "kernels.hpp"
+#include "backends/epilogue.hpp"
+#include "backends/kernels.hpp"
 
 namespace osengine::detail {
 
@@ -28,18 +28,8 @@ inline std::int8_t activation_at(const GemmProblem& p, std::int64_t m, std::int6
 
 }  // namespace
 
-float apply_activation(Activation activation, float x) {
-  switch (activation) {
-    case Activation::none: return x;
-    case Activation::relu: return std::fmax(x, 0.0f);
-    case Activation::gelu: return gelu_approx(x);
-    case Activation::gelu_tanh: return gelu_tanh_approx(x);
-    case Activation::silu: return silu_approx(x);
-  }
-  return x;
-}
-
-WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits) {
+WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
+                                    std::int64_t /*group_size: the layout has no groups*/) {
   WeightLayout layout;
   layout.padded_n = n;
   layout.padded_k = k;
@@ -84,17 +74,14 @@ void gemm_reference(const GemmProblem& p) {
         for (std::int64_t k = g * group; k < (g + 1) * group; ++k)
           acc += std::int32_t{activation_at(p, m, k)} * std::int32_t{weight_at(w, n, k)};
         const std::int64_t a_index = m * p.a_scale_stride_m + g * p.a_scale_stride_g;
-        const std::int32_t zero_point = p.a_zero_point ? p.a_zero_point[a_index] : 0;
-        const std::int32_t corrected = acc - zero_point * colsum[g * p.n + n];
-        const float scale = p.a_scale[a_index] * p.w_scale[n * p.w_scale_stride_n + g * p.w_scale_stride_g];
-        y = std::fma(static_cast<float>(corrected), scale, y);
+        y = epilogue_group(y, acc, p.a_zero_point ? p.a_zero_point[a_index] : 0, colsum[g * p.n + n],
+                           p.a_scale[a_index], p.w_scale[n * p.w_scale_stride_n + g * p.w_scale_stride_g]);
       }
-      y = apply_activation(p.activation, y);
-      if (p.residual) {
-        y = y + (p.residual_dtype == DType::bfloat16
-                     ? bf16_to_float(static_cast<const std::uint16_t*>(p.residual)[m * p.n + n])
-                     : static_cast<const float*>(p.residual)[m * p.n + n]);
-      }
+      const float residual = !p.residual ? 0.0f
+                             : p.residual_dtype == DType::bfloat16
+                                 ? bf16_to_float(static_cast<const std::uint16_t*>(p.residual)[m * p.n + n])
+                                 : static_cast<const float*>(p.residual)[m * p.n + n];
+      y = epilogue_finish(p.activation, y, p.residual != nullptr, residual);
       if (p.out_dtype == DType::bfloat16)
         static_cast<std::uint16_t*>(p.out)[m * p.n + n] = float_to_bf16(y);
       else

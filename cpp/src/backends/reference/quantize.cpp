@@ -2,8 +2,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/float_math.hpp"
-#include "kernels.hpp"
+#include "core/float_math.hpp"
+#include "backends/kernels.hpp"
 
 namespace osengine::detail {
 

@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "kernels.hpp"
+#include "backends/kernels.hpp"
 
 namespace osengine::detail::cuda {
 

@@ -1,12 +1,12 @@
 // The shift-add epilogue over int32 accumulators written by a tensor-core GEMM: zero-point correction with the weight
 // column sums, per-token x per-channel (or per-group) scales, bias (the folded OS+ shift), activation, residual, and
-// the store in float32 / bfloat16 / float16. Elementwise and memory-bound; the arithmetic is the reference's.
+// the store in float32 / bfloat16 / float16. Elementwise and memory-bound; the arithmetic is backends/epilogue.hpp's.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
-#include "cuda/cuda_kernels.hpp"
-#include "cuda/device_math.cuh"
+#include "backends/cuda/cuda_kernels.hpp"
+#include "backends/cuda/device_math.cuh"
 
 namespace osengine::detail::cuda {
 
@@ -31,16 +31,14 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueParams p) {
     const std::int64_t row = i / p.n, col = i % p.n;
     float y = g == 0 ? (e.bias ? e.bias[col] : 0.0f) : p.y[i];
     const std::int64_t a_index = row * e.a_scale_stride_m + g * e.a_scale_stride_g;
-    const std::int32_t zero_point = e.a_zero_point ? e.a_zero_point[a_index] : 0;
-    const std::int32_t corrected = p.acc[i] - zero_point * p.column_sums[g * p.n + col];
-    const float scale = __fmul_rn(e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
-    y = __fmaf_rn(static_cast<float>(corrected), scale, y);
+    y = epilogue_group(y, p.acc[i], e.a_zero_point ? e.a_zero_point[a_index] : 0, p.column_sums[g * p.n + col],
+                       e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
     if (g + 1 < p.groups) {
       p.y[i] = y;
       continue;
     }
-    y = apply_activation_d(e.activation, y);
-    if (e.residual) y = __fadd_rn(y, load_float(e.residual, e.residual_dtype, i));
+    const bool has_residual = e.residual != nullptr;
+    y = epilogue_finish(e.activation, y, has_residual, has_residual ? load_float(e.residual, e.residual_dtype, i) : 0.0f);
     store_float(e.out, e.out_dtype, i, y);
   }
 }

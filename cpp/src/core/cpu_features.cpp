@@ -1,5 +1,7 @@
 #include <string>
+#include <vector>
 
+#include "backends/kernels.hpp"
 #include "osengine/backend.hpp"
 #include "osengine/errors.hpp"
 
@@ -25,23 +27,17 @@ Backend parse_backend(const std::string& name) {
 }
 
 bool cpu_has_avx2() {
-#if defined(OSENGINE_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-#else
-  return false;
-#endif
+  const detail::Kernels* avx2 = detail::find_kernels("avx2");
+  return avx2 != nullptr && avx2->available();
 }
 
-bool has_cuda_backend() {
-#ifdef OSENGINE_HAVE_CUDA
-  return true;
-#else
-  return false;
-#endif
+bool has_cuda_backend() { return detail::find_kernels("cuda") != nullptr; }
+
+std::vector<std::string> registered_backends() {
+  std::vector<std::string> names;
+  for (const detail::Kernels& kernels : detail::registered_kernels())
+    if (kernels.available()) names.push_back(kernels.name);
+  return names;
 }
 
 Backend best_cpu_backend() { return cpu_has_avx2() ? Backend::avx2 : Backend::reference; }
@@ -56,13 +52,11 @@ Backend resolve_cpu_backend(Backend requested, const char* op) {
                                ": backend 'avx2' needs a CPU with AVX2 and FMA and a build with the AVX2 kernels");
       return Backend::avx2;
     case Backend::cuda:
-#ifdef OSENGINE_HAVE_CUDA
-      throw UnsupportedError(std::string("osengine.") + op +
-                             ": backend 'cuda' is not built for CPU data; pass CUDA tensors (or pack the weights with "
-                             "backend 'cuda') to run on the GPU");
-#else
+      if (has_cuda_backend())
+        throw UnsupportedError(std::string("osengine.") + op +
+                               ": backend 'cuda' is not built for CPU data; pass CUDA tensors (or pack the weights "
+                               "with backend 'cuda') to run on the GPU");
       throw UnsupportedError(std::string("osengine.") + op + ": backend 'cuda' is not built into this osengine");
-#endif
   }
   return Backend::reference;
 }

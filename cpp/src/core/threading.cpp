@@ -1,4 +1,4 @@
-#include "common/threading.hpp"
+#include "core/threading.hpp"
 
 #include <algorithm>
 #include <atomic>

@@ -1,7 +1,7 @@
 // W8A8 on sm_80: int8 x int8 tensor cores (mma.sync m16n8k32), int32 accumulators.
 // Tile configurations by M bucket: a narrow tile for decode / small batches (more CTAs along N), the CUTLASS
 // 128x128x64 workhorse for prefill. Not yet measured on a GPU: see benchmarks/gemm.py --device cuda.
-#include "cuda/gemm_sm80_common.cuh"
+#include "backends/cuda/gemm_sm80_common.cuh"
 
 namespace osengine::detail::cuda {
 

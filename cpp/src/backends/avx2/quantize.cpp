@@ -14,9 +14,9 @@
 #include <cmath>
 #include <vector>
 
-#include "common/threading.hpp"
-#include "cpu/float_math_avx2.hpp"
-#include "kernels.hpp"
+#include "core/threading.hpp"
+#include "backends/avx2/float_math_avx2.hpp"
+#include "backends/kernels.hpp"
 
 namespace osengine::detail {
 
