@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "Run the tests"):
 #   1. install the package (C++ engine + osengine._C + front end + built-in plugins), warnings as errors;
-#   2. C++ unit tests through ctest, then again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   2. C++ unit tests (the engine and the native runtime) through ctest, then again under AddressSanitizer +
+#      UndefinedBehaviorSanitizer;
 #   3. install the C++ engine and build + run cpp/examples/01_quantize_and_gemm through find_package(osengine);
 #   4. the linter (ruff, configured in pyproject.toml) and the Python tests.
 set -euo pipefail
@@ -25,17 +26,22 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
     cuda_define=(--config-settings=cmake.define.OSENGINE_CUDA=OFF)
   fi
 fi
-python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON ${cuda_define[@]+"${cuda_define[@]}"}
+# The native runtime needs the header-only nlohmann/json: the package build gets it as a build requirement; the C++
+# test builds below find it through this install (or a system copy), and are configured with OSENGINE_RUNTIME=ON so
+# that a runtime that does not build fails the run.
+python -m pip install -q "nlohmann-json>=3.10"
+python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON \
+  --config-settings=cmake.define.OSENGINE_RUNTIME=ON ${cuda_define[@]+"${cuda_define[@]}"}
 
 step "C++ tests (Release, -Werror; with nvcc also compiles the CUDA backend, OSENGINE_CUDA=AUTO)"
 cmake -S "$root" -B "$work/release" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOSENGINE_BUILD_TESTS=ON \
-  -DOSENGINE_WERROR=ON -DCMAKE_INSTALL_PREFIX="$work/prefix" >/dev/null
+  -DOSENGINE_WERROR=ON -DOSENGINE_RUNTIME=ON -DCMAKE_INSTALL_PREFIX="$work/prefix" >/dev/null
 cmake --build "$work/release" -j "$jobs"
 ctest --test-dir "$work/release" --output-on-failure -j "$jobs"
 
 step "C++ tests under ASan + UBSan"
 cmake -S "$root" -B "$work/asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOSENGINE_BUILD_TESTS=ON \
-  -DOSENGINE_WERROR=ON -DOSENGINE_SANITIZE=ON -DOSENGINE_CUDA=OFF >/dev/null
+  -DOSENGINE_WERROR=ON -DOSENGINE_SANITIZE=ON -DOSENGINE_CUDA=OFF -DOSENGINE_RUNTIME=ON >/dev/null
 cmake --build "$work/asan" -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir "$work/asan" --output-on-failure -j "$jobs"

@@ -7,6 +7,9 @@
 #include <cstring>
 
 #include "dlpack_view.hpp"
+#ifdef OSENGINE_HAVE_RUNTIME
+#include "runtime.hpp"
+#endif
 #include "osengine/osengine.hpp"
 
 namespace py = pybind11;
@@ -136,6 +139,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &osengine::get_num_threads);
   m.def("cpu_has_avx2", &osengine::cpu_has_avx2);
   m.def("has_cuda_backend", &osengine::has_cuda_backend);
+#ifdef OSENGINE_HAVE_RUNTIME
+  osengine::python::bind_runtime(m);
+  m.def("has_native_runtime", [] { return true; }, "Whether this build contains the native runtime (_C.runtime).");
+#else
+  m.def("has_native_runtime", [] { return false; }, "Whether this build contains the native runtime (_C.runtime).");
+#endif
   m.def("registered_backends", &osengine::registered_backends,
         "Names of the backends this build registers and this machine can run (reference first).");
   m.def("best_cpu_backend", [] { return std::string(osengine::backend_name(osengine::best_cpu_backend())); });

@@ -78,11 +78,12 @@ def test_function_signatures_match(name):
     assert stub_arguments(stub_functions()[name]) == bound_arguments(getattr(C, name))
 
 
-def test_packed_weights_members_match():
-    stub = stub_class("PackedWeights")
-    methods = {n.name: n for n in stub.body if isinstance(n, ast.FunctionDef)}
+@pytest.mark.parametrize("name", sorted(n.name for n in stub_tree().body if isinstance(n, ast.ClassDef)))
+def test_class_members_match(name):
+    stub = stub_class(name)
+    methods = {n.name: n for n in stub.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
     properties = {n for n, f in methods.items() if any(getattr(d, "id", None) == "property" for d in f.decorator_list)}
-    compiled = {n: v for n, v in vars(C.PackedWeights).items() if not n.startswith("_")}
+    compiled = {n: v for n, v in vars(getattr(C, name)).items() if not n.startswith("_")}
     assert set(methods) == set(compiled)
     assert properties == {n for n, v in compiled.items() if isinstance(v, property)}
     for n, v in compiled.items():

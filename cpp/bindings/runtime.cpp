@@ -1,0 +1,121 @@
+// osengine._C.Runtime*: the native runtime (osengine::runtime) for Python: load a quantized folder, decode tokens,
+// read logits, generate. Decoding releases the GIL, so contexts on one model can run in parallel threads.
+#include "runtime.hpp"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "osengine/errors.hpp"
+#include "osengine/runtime/context.hpp"
+#include "osengine/runtime/errors.hpp"
+#include "osengine/runtime/model.hpp"
+
+namespace py = pybind11;
+namespace rt = osengine::runtime;
+
+namespace osengine::python {
+
+namespace {
+
+py::dict model_info(const rt::Model& model) {
+  const rt::ModelInfo& i = model.info();
+  py::dict d;
+  d["architecture"] = i.architecture;
+  d["n_layer"] = i.n_layer;
+  d["n_embd"] = i.n_embd;
+  d["n_head"] = i.n_head;
+  d["n_head_kv"] = i.n_head_kv;
+  d["head_dim"] = i.head_dim;
+  d["n_ff"] = i.n_ff;
+  d["n_vocab"] = i.n_vocab;
+  d["n_ctx_train"] = i.n_ctx_train;
+  d["rms_norm_eps"] = i.rms_norm_eps;
+  d["rope_theta"] = i.rope_theta;
+  d["tied_embeddings"] = i.tied_embeddings;
+  d["bos_token_id"] = i.bos_token_id;
+  d["eos_token_id"] = i.eos_token_id;
+  d["recipe"] = i.recipe;
+  return d;
+}
+
+std::vector<std::int32_t> token_ids(py::handle tokens) {
+  const auto array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(tokens);
+  if (!array || array.ndim() != 1)
+    throw osengine::ArgumentError("runtime.Context.decode", "tokens", "must be a 1-D sequence of token ids");
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(array.size()));
+  for (py::ssize_t i = 0; i < array.size(); ++i) {
+    const std::int64_t v = array.at(i);
+    if (v < INT32_MIN || v > INT32_MAX)
+      throw osengine::ArgumentError("runtime.Context.decode", "tokens", "token id " + std::to_string(v) +
+                                                                        " does not fit int32");
+    ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(v);
+  }
+  return ids;
+}
+
+}  // namespace
+
+void bind_runtime(py::module_& m) {
+  py::register_exception<rt::LoadError>(m, "RuntimeLoadError", PyExc_ValueError);
+
+  py::class_<rt::Model, std::shared_ptr<rt::Model>>(m, "RuntimeModel")
+      .def_static("load", [](const std::string& directory) {
+        std::shared_ptr<const rt::Model> model;
+        {
+          py::gil_scoped_release release;
+          model = rt::Model::load(directory);
+        }
+        return std::const_pointer_cast<rt::Model>(model);
+      }, py::arg("directory"))
+      .def_property_readonly("info", &model_info)
+      .def_property_readonly("nbytes", &rt::Model::nbytes);
+
+  py::class_<rt::Context>(m, "RuntimeContext")
+      .def(py::init([](std::shared_ptr<rt::Model> model, int n_ctx, int n_batch, int n_threads) {
+             rt::ContextOptions options;
+             options.n_ctx = n_ctx;
+             options.n_batch = n_batch;
+             options.n_threads = n_threads;
+             return std::make_unique<rt::Context>(std::move(model), options);
+           }),
+           py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_batch") = 512, py::arg("n_threads") = 0)
+      .def("decode", [](rt::Context& context, py::handle tokens, bool all_logits) {
+        const std::vector<std::int32_t> ids = token_ids(tokens);
+        {
+          py::gil_scoped_release release;
+          context.decode(ids, all_logits);
+        }
+        const auto n_vocab = static_cast<py::ssize_t>(context.model().info().n_vocab);
+        const auto rows = static_cast<py::ssize_t>(all_logits ? ids.size() : 1);
+        py::array_t<float> out({rows, n_vocab});
+        for (py::ssize_t r = 0; r < rows; ++r)
+          std::memcpy(out.mutable_data(r, 0), context.logits(all_logits ? static_cast<int>(r) : -1),
+                      static_cast<std::size_t>(n_vocab) * sizeof(float));
+        return out;
+      }, py::arg("tokens"), py::arg("all_logits") = false,
+         "Decode tokens after the cached ones; returns the logits [1, n_vocab] of the last token (every token's with "
+         "all_logits)")
+      .def_property_readonly("n_past", &rt::Context::n_past)
+      .def("kv_clear", &rt::Context::kv_clear)
+      .def("kv_truncate", &rt::Context::kv_truncate, py::arg("pos"));
+
+  m.def("runtime_generate", [](rt::Context& context, py::handle prompt, int max_new_tokens, float temperature, int top_k,
+                         float top_p, std::uint64_t seed) {
+    const std::vector<std::int32_t> ids = token_ids(prompt);
+    rt::Sampler::Options options;
+    options.temperature = temperature;
+    options.top_k = top_k;
+    options.top_p = top_p;
+    options.seed = seed;
+    rt::Sampler sampler(options);
+    py::gil_scoped_release release;
+    return rt::generate(context, ids, max_new_tokens, sampler);
+  }, py::arg("context"), py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature") = 0.0f,
+     py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0,
+     "Decode the prompt, then up to max_new_tokens tokens (greedy at temperature 0); stops at the end-of-sequence "
+     "token. Returns the new tokens.");
+}
+
+}  // namespace osengine::python

@@ -1,0 +1,85 @@
+// A Context runs a Model: it owns the KV cache, the scratch buffers (sized once, when it is created: decoding
+// allocates nothing) and the logits. One caller thread at a time per Context; several Contexts may share one Model.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "osengine/runtime/model.hpp"
+
+namespace osengine::runtime {
+
+struct ContextOptions {
+  int n_ctx = 2048;    // positions the KV cache holds
+  int n_batch = 512;   // tokens decoded per forward pass (longer inputs are split)
+  int n_threads = 0;   // threads of the CPU kernels (0: all cores)
+};
+
+class Context {
+ public:
+  explicit Context(std::shared_ptr<const Model> model, const ContextOptions& options = {});
+
+  // Run `n` tokens at positions n_past() .. n_past() + n - 1 and append them to the KV cache. The logits of the
+  // last token (of every token with all_logits) are then available. ArgumentError for ids outside the vocabulary or
+  // a full context (nothing is changed then).
+  void decode(const std::int32_t* tokens, std::size_t n, bool all_logits = false);
+  void decode(const std::vector<std::int32_t>& tokens, bool all_logits = false) {
+    decode(tokens.data(), tokens.size(), all_logits);
+  }
+  // [n_vocab] logits of the i-th token of the last decode call (-1: its last token; others need all_logits).
+  const float* logits(int i = -1) const;
+  int n_past() const { return n_past_; }
+  const Model& model() const { return *model_; }
+  const ContextOptions& options() const { return options_; }
+  // Forget the KV cache (kv_clear) or every position from `pos` on (kv_truncate: decode goes on from there).
+  void kv_clear() { n_past_ = 0; }
+  void kv_truncate(int pos);
+
+ private:
+  // Runs tokens[0 .. m) at positions n_past_ ..; writes the logits of rows first_logits_row .. m - 1 to logits_out.
+  void forward(const std::int32_t* tokens, int m, int first_logits_row, float* logits_out);
+
+  std::shared_ptr<const Model> model_;
+  ContextOptions options_;
+  int n_past_ = 0;
+  // KV cache: per layer [n_head_kv][n_ctx][head_dim]
+  std::vector<std::vector<float>> k_cache_, v_cache_;
+  // scratch, sized for n_batch tokens
+  std::vector<float> x_, y_, normed_, fused_out_, q_, k_, v_, attn_, hidden_, up_, scores_, logits_;
+  std::vector<std::int8_t> codes_;
+  std::vector<std::uint8_t> int4_codes_;
+  std::vector<float> a_scale_;
+  std::vector<std::int32_t> a_zero_point_;
+  int logits_rows_ = 0;
+  bool all_logits_ = false;
+};
+
+// Token selection from logits: greedy (temperature 0), or sampling with temperature, top-k and top-p from a seeded
+// generator (the same seed gives the same tokens).
+class Sampler {
+ public:
+  struct Options {
+    float temperature = 0.0f;  // 0: greedy
+    int top_k = 0;             // 0: all tokens
+    float top_p = 1.0f;        // 1: no nucleus cut
+    std::uint64_t seed = 0;
+  };
+  Sampler() : Sampler(Options{}) {}
+  explicit Sampler(const Options& options);
+  std::int32_t sample(const float* logits, int n_vocab);
+
+ private:
+  Options options_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, std::int32_t>> candidates_;
+};
+
+// Decode `prompt`, then up to `max_new_tokens` tokens, each passed to on_token (return false to stop). Stops at the
+// model's end-of-sequence token (included in the result). Returns the new tokens.
+std::vector<std::int32_t> generate(Context& context, const std::vector<std::int32_t>& prompt, int max_new_tokens,
+                                   Sampler& sampler, const std::function<bool(std::int32_t)>& on_token = {});
+
+}  // namespace osengine::runtime

@@ -1,0 +1,431 @@
+// The LLaMA-family forward pass (llama, mistral, qwen2) over a KV cache, on the engine's ops.
+//
+// Per block, as the Python engine runs it (osengine.runtime.fusion): q/k/v read one input and, when they share one
+// activation quantizer, are one GEMM whose quantization applies the block's RMSNorm; gate/up likewise, and down_proj's
+// quantization computes silu(gate) * up from their output. The residual adds ride the GEMM epilogue. Work is split by
+// rows, heads or output channels only (no reduction is split), so any thread count gives the same logits.
+#include "osengine/runtime/context.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+
+#include "osengine/backend.hpp"
+#include "osengine/errors.hpp"
+#include "osengine/gemm.hpp"
+#include "osengine/int4.hpp"
+#include "osengine/quantize.hpp"
+#include "float_kernels.hpp"
+
+namespace osengine::runtime {
+namespace {
+
+constexpr const char* kOp = "runtime::Context";
+
+// A row-major [rows, cols] float matrix slice: element (r, c) at data[r * stride + c].
+struct Rows {
+  float* data;
+  std::int64_t stride;
+};
+
+// LLaMA's RMSNorm in fp32: weight * (x * 1 / sqrt(mean(x^2) + eps)).
+void rms_norm(const float* x, const float* weight, float eps, std::int64_t d, float* out) {
+  float sum = 0.0f;
+  for (std::int64_t i = 0; i < d; ++i) sum += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+  for (std::int64_t i = 0; i < d; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// y[m, n] (row stride ldy) = x[m, k] W^T + b (+ residual[m, n] with row stride ldy when given), fp32.
+void float_linear(const FloatLinear& f, const float* x, int m, float* y, std::int64_t ldy, const float* residual) {
+  const std::int64_t k = f.in_features, n = f.out_features;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float* w = f.weight.data() + j * k;
+    for (int r = 0; r < m; ++r) {
+      float acc = detail::float_kernels().dot(x + r * k, w, k);
+      if (!f.bias.empty()) acc += f.bias[static_cast<std::size_t>(j)];
+      if (residual != nullptr) acc += residual[r * ldy + j];
+      y[r * ldy + j] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+Context::Context(std::shared_ptr<const Model> model, const ContextOptions& options)
+    : model_(std::move(model)), options_(options) {
+  if (!model_) throw ArgumentError(kOp, "model", "is null");
+  if (options_.n_ctx <= 0) throw ArgumentError(kOp, "n_ctx", "must be positive, got " + std::to_string(options_.n_ctx));
+  if (options_.n_batch <= 0)
+    throw ArgumentError(kOp, "n_batch", "must be positive, got " + std::to_string(options_.n_batch));
+  if (options_.n_threads < 0)
+    throw ArgumentError(kOp, "n_threads", "must be >= 0, got " + std::to_string(options_.n_threads));
+  const ModelInfo& info = model_->info();
+  const auto nb = static_cast<std::size_t>(options_.n_batch);
+  const auto d = static_cast<std::size_t>(info.n_embd);
+  const auto q_out = static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(info.head_dim);
+  const auto kv_out = static_cast<std::size_t>(info.n_head_kv) * static_cast<std::size_t>(info.head_dim);
+  const auto ff = static_cast<std::size_t>(info.n_ff);
+  const std::size_t cache = static_cast<std::size_t>(options_.n_ctx) * kv_out;
+  k_cache_.assign(static_cast<std::size_t>(info.n_layer), std::vector<float>(cache));
+  v_cache_.assign(static_cast<std::size_t>(info.n_layer), std::vector<float>(cache));
+  std::size_t widest_gemm = std::max({q_out + 2 * kv_out, 2 * ff, d});
+  std::size_t widest_input = std::max({d, q_out, 2 * ff});
+  x_.resize(nb * d);
+  y_.resize(nb * d);
+  normed_.resize(nb * std::max(d, ff));
+  up_.resize(nb * ff);
+  fused_out_.resize(nb * widest_gemm);
+  q_.resize(nb * q_out);
+  k_.resize(nb * kv_out);
+  v_.resize(nb * kv_out);
+  attn_.resize(nb * q_out);
+  hidden_.resize(nb * ff);
+  scores_.resize(static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(options_.n_ctx));
+  codes_.resize(nb * widest_input);
+  int4_codes_.resize(nb * widest_input / 2 + 1);
+  a_scale_.resize(nb * widest_input);
+  a_zero_point_.resize(nb * widest_input);
+  logits_.resize(static_cast<std::size_t>(info.n_vocab));
+}
+
+void Context::kv_truncate(int pos) {
+  if (pos < 0 || pos > n_past_)
+    throw ArgumentError(kOp, "pos", "must lie in [0, n_past = " + std::to_string(n_past_) + "], got " +
+                                        std::to_string(pos));
+  n_past_ = pos;
+}
+
+const float* Context::logits(int i) const {
+  if (logits_rows_ == 0) throw ArgumentError(kOp, "logits", "no tokens were decoded yet");
+  if (i < 0) i += logits_rows_;
+  if (!all_logits_ && i == logits_rows_ - 1) return logits_.data();
+  if (!all_logits_ || i < 0 || i >= logits_rows_)
+    throw ArgumentError(kOp, "i", "the logits of token " + std::to_string(i) +
+                                      " were not kept (decode with all_logits = true)");
+  return logits_.data() + static_cast<std::size_t>(i) * static_cast<std::size_t>(model_->info().n_vocab);
+}
+
+void Context::decode(const std::int32_t* tokens, std::size_t n, bool all_logits) {
+  const ModelInfo& info = model_->info();
+  if (n == 0) throw ArgumentError(kOp, "tokens", "is empty");
+  if (tokens == nullptr) throw ArgumentError(kOp, "tokens", "is null");
+  for (std::size_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= info.n_vocab)
+      throw ArgumentError(kOp, "tokens", "token " + std::to_string(i) + " is " + std::to_string(tokens[i]) +
+                                             ", outside the vocabulary [0, " + std::to_string(info.n_vocab) + ")");
+  if (static_cast<std::size_t>(n_past_) + n > static_cast<std::size_t>(options_.n_ctx))
+    throw ArgumentError(kOp, "tokens", std::to_string(n) + " tokens after " + std::to_string(n_past_) +
+                                           " do not fit the context of n_ctx = " + std::to_string(options_.n_ctx));
+  const int previous_threads = get_num_threads();
+  if (options_.n_threads > 0) set_num_threads(options_.n_threads);
+  const auto n_vocab = static_cast<std::size_t>(info.n_vocab);
+  logits_.resize(all_logits ? n * n_vocab : n_vocab);
+  all_logits_ = all_logits;
+  logits_rows_ = static_cast<int>(n);
+  try {
+    for (std::size_t start = 0; start < n; start += static_cast<std::size_t>(options_.n_batch)) {
+      const int m = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(options_.n_batch), n - start));
+      const bool last_chunk = start + static_cast<std::size_t>(m) == n;
+      // every chunk's logits with all_logits (each at its rows); otherwise only the last token's
+      forward(tokens + start, m, all_logits ? 0 : (last_chunk ? m - 1 : m),
+              logits_.data() + (all_logits ? start * n_vocab : 0));
+    }
+  } catch (...) {
+    if (options_.n_threads > 0) set_num_threads(previous_threads);
+    throw;
+  }
+  if (options_.n_threads > 0) set_num_threads(previous_threads);
+}
+
+void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, float* logits_out) {
+  const ModelInfo& info = model_->info();
+  const std::int64_t d = info.n_embd, hd = info.head_dim, ff = info.n_ff;
+  const std::int64_t q_out = std::int64_t{info.n_head} * hd;
+  const int n_ctx = options_.n_ctx;
+  const int pos0 = n_past_;
+
+  for (int r = 0; r < m; ++r)
+    std::memcpy(x_.data() + r * d, model_->token_embeddings().data() + std::int64_t{tokens[r]} * d,
+                static_cast<std::size_t>(d) * sizeof(float));
+
+  // Runs quantized GEMM `q` on input [m, k] (or [m, 2k] = [gate | up] with silu_gate), into out (row stride ldo),
+  // adding residual (row stride ldo) when given.
+  auto run_quantized = [&](const QuantizedLinear& q, const float* input, const float* norm_weight, bool silu_gate,
+                           float* out, std::int64_t ldo, const float* residual) {
+    const std::int64_t k = q.in_features, n = q.out_features;
+    const auto& act = q.activation;
+    QuantizeOptions options;
+    options.bits = act.bits;
+    options.symmetric = act.symmetric;
+    options.group_size = act.group_size;
+    options.silu_gate = silu_gate;
+    if (norm_weight != nullptr) {
+      options.rms_norm_weight = view(norm_weight, {k});
+      options.rms_norm_eps = info.rms_norm_eps;
+    }
+    const TensorView x = view(input, {m, silu_gate ? 2 * k : k});
+    const TensorView codes = view(codes_.data(), {m, k});
+    const TensorView shift = q.input_shift.empty() ? TensorView{} : view(q.input_shift.data(), {k});
+    const std::int64_t groups = act.group_size > 0 ? k / act.group_size : 1;
+    TensorView a_scale, a_zero_point;
+    std::int32_t static_zero_point = act.zero_point;
+    float static_step = act.step;
+    if (act.dynamic) {
+      std::vector<std::int64_t> shape = groups > 1 ? std::vector<std::int64_t>{m, groups} : std::vector<std::int64_t>{m};
+      a_scale = view(a_scale_.data(), shape);
+      a_zero_point = view(a_zero_point_.data(), shape);
+      quantize_dynamic(x, shift, TensorView{}, codes, a_scale, a_zero_point, options);
+    } else {
+      a_scale = view(&static_step, {1});
+      a_zero_point = view(&static_zero_point, {1});
+      quantize_static(x, shift, TensorView{}, a_scale, act.symmetric ? TensorView{} : a_zero_point, codes, options);
+    }
+    GemmArgs args;
+    if (act.bits <= 4) {
+      pack_int4(codes, view(int4_codes_.data(), {m, k / 2}));
+      args.a = view(int4_codes_.data(), {m, k / 2});
+      args.a_format = ActivationFormat::int4_packed;
+    } else {
+      args.a = codes;
+    }
+    args.a_scale = a_scale;
+    if (!act.symmetric) args.a_zero_point = a_zero_point;
+    const std::int64_t w_groups = q.weights.group_size() > 0 ? k / q.weights.group_size() : 1;
+    args.w_scale = w_groups > 1 ? view(q.weight_scale.data(), {n, w_groups}) : view(q.weight_scale.data(), {n});
+    if (!q.bias.empty()) args.bias = view(q.bias.data(), {n});
+    args.out = TensorView(out, DType::float32, {m, n}, {ldo, 1});
+    if (residual != nullptr) args.residual = TensorView(const_cast<float*>(residual), DType::float32, {m, n}, {ldo, 1});
+    gemm(args, q.weights);
+  };
+
+  // The output rows of one projection: its columns of a fused GEMM, or its own buffer.
+  auto projection_rows = [&](const Block& block, const Projection& p, float* own) -> Rows {
+    if (p.quantized) {
+      const QuantizedLinear& q = block.fused[static_cast<std::size_t>(p.fused_index)];
+      return {fused_out_.data() + p.lo, q.out_features};
+    }
+    (void)block;
+    return {own, p.float_linear.out_features};
+  };
+
+  // Compute the projections of one input (q/k/v or gate/up) into fused_out_ (quantized) or `own` buffers (float).
+  // `norm` is the RMSNorm in front of them. Fused groups whose outputs do not fit one buffer run one after another
+  // into consecutive columns of fused_out_ (each projection of a group has its own fused index then).
+  auto run_group = [&](const Block& block, const std::vector<const Projection*>& members,
+                       const std::vector<float*>& own, const std::vector<float>& norm) {
+    const bool one_gemm = members.front()->quantized &&
+                          std::all_of(members.begin(), members.end(), [&](const Projection* p) {
+                            return p->quantized && p->fused_index == members.front()->fused_index;
+                          });
+    if (one_gemm) {
+      const QuantizedLinear& q = block.fused[static_cast<std::size_t>(members.front()->fused_index)];
+      run_quantized(q, x_.data(), norm.data(), false, fused_out_.data(), q.out_features, nullptr);
+      return std::vector<Rows>{};
+    }
+    for (int r = 0; r < m; ++r) rms_norm(x_.data() + r * d, norm.data(), info.rms_norm_eps, d, normed_.data() + r * d);
+    std::vector<Rows> rows;
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      const Projection& p = *members[i];
+      if (p.quantized) {
+        const QuantizedLinear& q = block.fused[static_cast<std::size_t>(p.fused_index)];
+        run_quantized(q, normed_.data(), nullptr, false, own[i], q.out_features, nullptr);
+        rows.push_back({own[i], q.out_features});
+      } else {
+        float_linear(p.float_linear, normed_.data(), m, own[i], p.float_linear.out_features, nullptr);
+        rows.push_back({own[i], p.float_linear.out_features});
+      }
+    }
+    return rows;
+  };
+
+  const auto dot = detail::float_kernels().dot;
+  const auto axpy = detail::float_kernels().axpy;
+  const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int group = info.n_head / info.n_head_kv;
+  const std::int64_t half = hd / 2;
+
+  for (int layer = 0; layer < info.n_layer; ++layer) {
+    const Block& block = model_->blocks()[static_cast<std::size_t>(layer)];
+    // ---- attention ----
+    auto own = run_group(block, {&block.q, &block.k, &block.v}, {q_.data(), k_.data(), v_.data()}, block.attn_norm);
+    const Rows q_rows = own.empty() ? projection_rows(block, block.q, q_.data()) : own[0];
+    const Rows k_rows = own.empty() ? projection_rows(block, block.k, k_.data()) : own[1];
+    const Rows v_rows = own.empty() ? projection_rows(block, block.v, v_.data()) : own[2];
+    float* k_cache = k_cache_[static_cast<std::size_t>(layer)].data();
+    float* v_cache = v_cache_[static_cast<std::size_t>(layer)].data();
+    // RoPE (rotate-half form) on q and k; k and v go to the cache at their positions.
+    for (int r = 0; r < m; ++r) {
+      const float pos = static_cast<float>(pos0 + r);
+      for (std::int64_t i = 0; i < half; ++i) {
+        const float inv_freq =
+            1.0f / std::pow(info.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+        const float angle = pos * inv_freq;
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int h = 0; h < info.n_head; ++h) {
+          float* qh = q_rows.data + r * q_rows.stride + h * hd;
+          const float a = qh[i], b = qh[i + half];
+          qh[i] = a * c - b * s;
+          qh[i + half] = b * c + a * s;
+        }
+        for (int g = 0; g < info.n_head_kv; ++g) {
+          const float* kh = k_rows.data + r * k_rows.stride + g * hd;
+          float* dst = k_cache + (std::int64_t{g} * n_ctx + pos0 + r) * hd;
+          const float a = kh[i], b = kh[i + half];
+          dst[i] = a * c - b * s;
+          dst[i + half] = b * c + a * s;
+        }
+      }
+      for (int g = 0; g < info.n_head_kv; ++g)
+        std::memcpy(v_cache + (std::int64_t{g} * n_ctx + pos0 + r) * hd, v_rows.data + r * v_rows.stride + g * hd,
+                    static_cast<std::size_t>(hd) * sizeof(float));
+    }
+    // Causal attention; threads split the heads (each has its own row of scores).
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < info.n_head; ++h)
+    for (int r = 0; r < m; ++r) {
+      const int g = h / group;
+      const int n_keys = pos0 + r + 1;
+      const float* qh = q_rows.data + r * q_rows.stride + h * hd;
+      float* scores = scores_.data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(n_ctx);
+      float max_score = -INFINITY;
+      for (int j = 0; j < n_keys; ++j) {
+        const float* kj = k_cache + (std::int64_t{g} * n_ctx + j) * hd;
+        scores[j] = dot(qh, kj, hd) * attn_scale;
+        max_score = std::max(max_score, scores[j]);
+      }
+      float total = 0.0f;
+      for (int j = 0; j < n_keys; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        total += scores[j];
+      }
+      float* out = attn_.data() + r * q_out + h * hd;
+      std::fill(out, out + hd, 0.0f);
+      for (int j = 0; j < n_keys; ++j) {
+        const float p = scores[j] / total;
+        const float* vj = v_cache + (std::int64_t{g} * n_ctx + j) * hd;
+        axpy(p, vj, out, hd);
+      }
+    }
+    // o_proj with the residual add: y = x + attn W_o^T
+    if (block.o.quantized)
+      run_quantized(block.fused[static_cast<std::size_t>(block.o.fused_index)], attn_.data(), nullptr, false,
+                    y_.data(), d, x_.data());
+    else
+      float_linear(block.o.float_linear, attn_.data(), m, y_.data(), d, x_.data());
+    std::swap(x_, y_);
+
+    // ---- MLP ----
+    const bool gate_fused = block.gate.quantized && block.up.quantized && block.gate.fused_index == block.up.fused_index;
+    auto own_mlp = run_group(block, {&block.gate, &block.up}, {hidden_.data(), up_.data()}, block.mlp_norm);
+    if (gate_fused && block.down.quantized) {
+      // down_proj's quantization computes silu(gate) * up from the fused [gate | up] output
+      run_quantized(block.fused[static_cast<std::size_t>(block.down.fused_index)], fused_out_.data(), nullptr, true,
+                    y_.data(), d, x_.data());
+    } else {
+      const Rows gate_rows = own_mlp.empty() ? projection_rows(block, block.gate, hidden_.data()) : own_mlp[0];
+      const Rows up_rows = own_mlp.empty() ? projection_rows(block, block.up, up_.data()) : own_mlp[1];
+      for (int r = 0; r < m; ++r)
+        for (std::int64_t i = 0; i < ff; ++i)
+          normed_[static_cast<std::size_t>(r * ff + i)] =
+              silu(gate_rows.data[r * gate_rows.stride + i]) * up_rows.data[r * up_rows.stride + i];
+      if (block.down.quantized)
+        run_quantized(block.fused[static_cast<std::size_t>(block.down.fused_index)], normed_.data(), nullptr, false,
+                      y_.data(), d, x_.data());
+      else
+        float_linear(block.down.float_linear, normed_.data(), m, y_.data(), d, x_.data());
+    }
+    std::swap(x_, y_);
+  }
+  n_past_ = pos0 + m;
+
+  // final norm and lm_head for rows first_logits_row .. m - 1
+  const int first = first_logits_row;
+  const int rows = m - first;
+  if (rows <= 0) return;
+  for (int r = first; r < m; ++r)
+    rms_norm(x_.data() + r * d, model_->final_norm().data(), info.rms_norm_eps, d, normed_.data() + (r - first) * d);
+  const std::vector<float>& head = model_->lm_head();
+  const std::int64_t n_vocab = info.n_vocab;
+  float* out = logits_out;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t j = 0; j < n_vocab; ++j) {
+    const float* w = head.data() + j * d;
+    for (int r = 0; r < rows; ++r) {
+      out[r * n_vocab + j] = dot(normed_.data() + r * d, w, d);
+    }
+  }
+}
+
+Sampler::Sampler(const Options& options) : options_(options), rng_(options.seed) {
+  if (!(options_.temperature >= 0.0f)) throw ArgumentError("Sampler", "temperature", "must be >= 0");
+  if (options_.top_k < 0) throw ArgumentError("Sampler", "top_k", "must be >= 0");
+  if (!(options_.top_p > 0.0f && options_.top_p <= 1.0f)) throw ArgumentError("Sampler", "top_p", "must lie in (0, 1]");
+}
+
+std::int32_t Sampler::sample(const float* logits, int n_vocab) {
+  if (logits == nullptr || n_vocab <= 0) throw ArgumentError("Sampler", "logits", "is empty");
+  if (options_.temperature == 0.0f) {
+    int best = 0;  // the first maximum, as argmax
+    for (int i = 1; i < n_vocab; ++i)
+      if (logits[i] > logits[best]) best = i;
+    return best;
+  }
+  candidates_.resize(static_cast<std::size_t>(n_vocab));
+  for (int i = 0; i < n_vocab; ++i) candidates_[static_cast<std::size_t>(i)] = {logits[i] / options_.temperature, i};
+  std::size_t keep = candidates_.size();
+  if (options_.top_k > 0 && static_cast<std::size_t>(options_.top_k) < keep) keep = static_cast<std::size_t>(options_.top_k);
+  auto by_score = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<std::ptrdiff_t>(keep), candidates_.end(), by_score);
+  candidates_.resize(keep);
+  const float top = candidates_.front().first;
+  double total = 0.0;
+  for (auto& c : candidates_) {
+    c.first = std::exp(c.first - top);
+    total += c.first;
+  }
+  if (options_.top_p < 1.0f) {
+    double cumulative = 0.0;
+    std::size_t cut = candidates_.size();
+    for (std::size_t i = 0; i < candidates_.size(); ++i) {
+      cumulative += candidates_[i].first / total;
+      if (cumulative >= options_.top_p) {
+        cut = i + 1;
+        break;
+      }
+    }
+    candidates_.resize(cut);
+    total = 0.0;
+    for (const auto& c : candidates_) total += c.first;
+  }
+  double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  for (const auto& c : candidates_) {
+    u -= c.first;
+    if (u <= 0.0) return c.second;
+  }
+  return candidates_.back().second;
+}
+
+std::vector<std::int32_t> generate(Context& context, const std::vector<std::int32_t>& prompt, int max_new_tokens,
+                                   Sampler& sampler, const std::function<bool(std::int32_t)>& on_token) {
+  if (max_new_tokens < 0) throw ArgumentError("generate", "max_new_tokens", "must be >= 0");
+  std::vector<std::int32_t> out;
+  if (max_new_tokens == 0) return out;
+  const ModelInfo& info = context.model().info();
+  context.decode(prompt);
+  for (int step = 0; step < max_new_tokens; ++step) {
+    const std::int32_t token = sampler.sample(context.logits(), info.n_vocab);
+    out.push_back(token);
+    const bool go_on = !on_token || on_token(token);
+    if (!go_on || token == info.eos_token_id || step + 1 == max_new_tokens) break;
+    context.decode(&token, 1);
+  }
+  return out;
+}
+
+}  // namespace osengine::runtime

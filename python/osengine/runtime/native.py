@@ -1,0 +1,91 @@
+"""The native runtime (osengine::runtime, C++): a quantized folder (format version 2, as `osengine quantize --out`
+writes it) loaded and run without transformers or torch. The forward pass of the LLaMA family (llama, mistral,
+qwen2) runs on the engine's ops with the Python engine's fusions (q/k/v and gate/up as one GEMM each, the RMSNorm
+and the SiLU gate inside the activation quantization, the residual in the GEMM epilogue) over a preallocated KV
+cache; layers the recipe keeps in floating point run in fp32.
+
+    model = load_native("smollm2-w8a8")
+    context = model.context(n_ctx=2048)
+    logits = context.decode(token_ids)                  # [1, n_vocab], the last token's
+    new_tokens = context.generate(prompt_ids, max_new_tokens=64)
+
+Token ids in and out (a tokenizer, e.g. the folder's Hugging Face one, turns text into ids). Decoding releases the
+GIL: contexts on one model can run in parallel threads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .. import _C
+
+
+class NativeRuntimeUnavailable(RuntimeError):
+    """This osengine was built without the native runtime."""
+
+
+def _require_runtime() -> None:
+    if not _C.has_native_runtime():
+        raise NativeRuntimeUnavailable(
+            "this osengine was built without the native runtime (nlohmann/json was not found at build time: "
+            "pip install nlohmann-json, or apt-get install nlohmann-json3-dev, then reinstall osengine)")
+
+
+class NativeContext:
+    """A KV cache and scratch buffers for one sequence on a NativeModel (one caller thread at a time)."""
+
+    def __init__(self, model: "NativeModel", n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0):
+        self.model = model
+        self._context = _C.RuntimeContext(model._model, n_ctx, n_batch, n_threads)
+
+    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` after the cached ones; the float32 logits [1, n_vocab] of the last token ([n, n_vocab] of
+        every token with all_logits)."""
+        return self._context.decode(np.asarray(tokens, dtype=np.int64).reshape(-1), all_logits)
+
+    @property
+    def n_past(self) -> int:
+        return self._context.n_past
+
+    def kv_clear(self) -> None:
+        self._context.kv_clear()
+
+    def kv_truncate(self, pos: int) -> None:
+        """Forget every position from `pos` on; decoding goes on from there."""
+        self._context.kv_truncate(pos)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0) -> list:
+        """Decode `prompt` after the cached tokens, then up to `max_new_tokens` tokens (greedy at temperature 0,
+        else sampled with top_k / top_p from `seed`); stops after the end-of-sequence token. Returns the new ids."""
+        return _C.runtime_generate(self._context, np.asarray(prompt, dtype=np.int64).reshape(-1), max_new_tokens,
+                                   temperature, top_k, top_p, seed)
+
+
+class NativeModel:
+    """A quantized folder loaded by the native runtime: weights packed once, immutable, shareable by contexts."""
+
+    def __init__(self, directory: str | os.PathLike):
+        _require_runtime()
+        self._model = _C.RuntimeModel.load(os.fspath(directory))
+        self.info = self._model.info
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the loaded weights (packed GEMM layouts and floating-point tensors)."""
+        return self._model.nbytes
+
+    def context(self, n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0) -> NativeContext:
+        return NativeContext(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+
+
+def load_native(directory: str | os.PathLike) -> NativeModel:
+    """Load a quantized folder into the native runtime. A folder it cannot run (missing, truncated or corrupt files,
+    a newer or older format version, an architecture or scheme it does not run) raises LoadError, a ValueError that
+    names the folder and the problem."""
+    return NativeModel(directory)
+
+
+LoadError = _C.RuntimeLoadError if hasattr(_C, "RuntimeLoadError") else ValueError
