@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "backends/avx2/avx2.hpp"
 #include "backends/avx2/float_math_avx2.hpp"
 #include "backends/epilogue.hpp"
 #include "backends/kernels.hpp"

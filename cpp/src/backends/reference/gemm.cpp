@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "backends/epilogue.hpp"
-#include "backends/kernels.hpp"
+#include "backends/reference/reference.hpp"
 
 namespace osengine::detail {
 
