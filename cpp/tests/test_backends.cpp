@@ -12,6 +12,7 @@
 #include "harness.hpp"
 #include "core/float_math.hpp"
 #include "backends/kernels.hpp"
+#include "backends/reference/reference.hpp"
 #include "osengine/osengine.hpp"
 #include "test_util.hpp"
 

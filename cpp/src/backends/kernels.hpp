@@ -116,30 +116,6 @@ const Kernels& resolve_cpu_kernels(const std::string& name, const char* op);
 PackedWeights pack_weights_with(const Kernels& kernels, const std::int8_t* codes, std::int64_t n, std::int64_t k,
                                 int bits, std::int64_t group_size, int device_index = -1);
 
-// The built-in backends' kernels (registered by registry.cpp where the build has them).
-std::int64_t quantize_reference(const QuantizeProblem& problem);
-void gemm_reference(const GemmProblem& problem);
-WeightLayout pack_weights_reference(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
-                                    std::int64_t group_size);
-void unpack_weights_reference(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
-                              std::int8_t* codes);
-
-std::int64_t quantize_avx2(const QuantizeProblem& problem);
-void gemm_avx2(const GemmProblem& problem);     // W8 or W4 by the weights' bits
-void gemm_w8_avx2(const GemmProblem& problem);  // avx2/gemm_w8.cpp
-void gemm_w4_avx2(const GemmProblem& problem);  // avx2/gemm_w4.cpp
-WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
-                               std::int64_t group_size);
-void unpack_weights_avx2(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
-                         std::int8_t* codes);
-
-// CUDA (backends/cuda/dispatch.cpp). Problems hold device pointers; the work is queued on the problem's stream and
-// nothing synchronizes. CUDA runtime failures throw UnsupportedError.
-void gemm_cuda(const GemmProblem& problem);
-std::int64_t quantize_cuda(const QuantizeProblem& problem);
-bool cuda_device_present();
-int cuda_current_device();
-std::shared_ptr<void> cuda_upload(const void* host, std::size_t bytes, int device_index);
-void cuda_download(const void* device, void* host, std::size_t bytes, int device_index);
+// Each backend declares its own kernels in its folder (backends/<name>/<name>.hpp); registry.cpp builds its table.
 
 }  // namespace osengine::detail

@@ -1,8 +1,12 @@
 // The backend table: which backends this build contains, registered in one place. The only file that tests a
-// backend's build option; a new backend adds its folder, one entry here and its sources in cpp/src/CMakeLists.txt.
+// backend's build option; a new backend adds its folder (its kernels and backends/<name>/<name>.hpp declaring them),
+// its header and one entry here, and its sources in cpp/src/CMakeLists.txt.
 #include <string>
 
+#include "backends/avx2/avx2.hpp"
+#include "backends/cuda/cuda.hpp"
 #include "backends/kernels.hpp"
+#include "backends/reference/reference.hpp"
 #include "osengine/errors.hpp"
 
 namespace osengine::detail {

@@ -1,5 +1,5 @@
 // The AVX2 backend's GEMM entry: the W4 scheme for int4 weights, the W8 scheme otherwise.
-#include "backends/kernels.hpp"
+#include "backends/avx2/avx2.hpp"
 
 namespace osengine::detail {
 

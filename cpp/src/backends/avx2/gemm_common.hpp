@@ -15,7 +15,9 @@
 #include <cstring>
 #include <vector>
 
+#include "backends/avx2/avx2.hpp"
 #include "backends/avx2/float_math_avx2.hpp"
+#include "backends/epilogue.hpp"
 #include "backends/kernels.hpp"
 #include "core/threading.hpp"
 
@@ -114,9 +116,7 @@ inline void finish_row(const GemmProblem& p, std::int64_t m, std::int64_t n0, st
       }
     } else {
       alignas(32) float tmp[kNR] = {};
-      for (std::int64_t c = 0; c < nvalid; ++c)
-        tmp[c] = p.residual_dtype == DType::bfloat16 ? bf16_to_float(static_cast<const std::uint16_t*>(p.residual)[base + c])
-                                                     : static_cast<const float*>(p.residual)[base + c];
+      for (std::int64_t c = 0; c < nvalid; ++c) tmp[c] = load_float(p.residual, p.residual_dtype, base + c);
       y0 = _mm256_add_ps(y0, _mm256_load_ps(tmp));
       y1 = _mm256_add_ps(y1, _mm256_load_ps(tmp + 8));
     }

@@ -1,4 +1,4 @@
-// AVX2 activation quantization: bit-identical to quantize_reference.cpp.
+// AVX2 activation quantization: bit-identical to backends/reference/quantize.cpp.
 //
 // Per row: y = (x - shift) / smooth_scale is computed once into a per-thread row buffer (8 lanes at a time, the
 // same two IEEE operations as the reference), checking finiteness on the way. Dynamic mode then reduces
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/threading.hpp"
+#include "backends/avx2/avx2.hpp"
 #include "backends/avx2/float_math_avx2.hpp"
 #include "backends/kernels.hpp"
 

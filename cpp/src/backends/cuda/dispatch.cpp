@@ -7,6 +7,7 @@
 #include <mutex>
 #include <string>
 
+#include "backends/cuda/cuda.hpp"
 #include "backends/cuda/cuda_kernels.hpp"
 #include "backends/kernels.hpp"
 #include "osengine/errors.hpp"

@@ -29,17 +29,13 @@ __global__ void __launch_bounds__(kThreads) epilogue_kernel(EpilogueParams p) {
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
     const std::int64_t row = i / p.n, col = i % p.n;
-    float y = g == 0 ? (e.bias ? e.bias[col] : 0.0f) : p.y[i];
-    const std::int64_t a_index = row * e.a_scale_stride_m + g * e.a_scale_stride_g;
-    y = epilogue_group(y, p.acc[i], e.a_zero_point ? e.a_zero_point[a_index] : 0, p.column_sums[g * p.n + col],
-                       e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
+    float y = g == 0 ? epilogue_start(e, col) : p.y[i];
+    y = epilogue_group_at(e, y, p.acc[i], p.column_sums[g * p.n + col], row, col, g);
     if (g + 1 < p.groups) {
       p.y[i] = y;
       continue;
     }
-    const bool has_residual = e.residual != nullptr;
-    y = epilogue_finish(e.activation, y, has_residual, has_residual ? load_float(e.residual, e.residual_dtype, i) : 0.0f);
-    store_float(e.out, e.out_dtype, i, y);
+    epilogue_store(e, y, i);
   }
 }
 

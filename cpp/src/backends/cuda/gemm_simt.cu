@@ -56,18 +56,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gemm_simt_kernel(SimtPara
     return;
   }
   const Epilogue& e = p.e;
-  float y = e.bias ? e.bias[col] : 0.0f;
+  float y = epilogue_start(e, col);
   for (std::int64_t g = 0; g < p.groups; ++g) {
     const std::int32_t acc = dot(p, row, col, g * p.group, (g + 1) * p.group, lane);
-    const std::int64_t a_index = row * e.a_scale_stride_m + g * e.a_scale_stride_g;
-    y = epilogue_group(y, acc, e.a_zero_point ? e.a_zero_point[a_index] : 0, p.column_sums[g * p.n + col],
-                       e.a_scale[a_index], e.w_scale[col * e.w_scale_stride_n + g * e.w_scale_stride_g]);
+    y = epilogue_group_at(e, y, acc, p.column_sums[g * p.n + col], row, col, g);
   }
-  if (lane != 0) return;
-  const bool has_residual = e.residual != nullptr;
-  y = epilogue_finish(e.activation, y, has_residual,
-                      has_residual ? load_float(e.residual, e.residual_dtype, row * p.n + col) : 0.0f);
-  store_float(e.out, e.out_dtype, row * p.n + col, y);
+  if (lane == 0) epilogue_store(e, y, row * p.n + col);
 }
 
 }  // namespace

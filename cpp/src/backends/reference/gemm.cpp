@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "backends/epilogue.hpp"
-#include "backends/kernels.hpp"
+#include "backends/reference/reference.hpp"
 
 namespace osengine::detail {
 
@@ -67,25 +67,16 @@ void gemm_reference(const GemmProblem& p) {
         p.out_accumulators[m * p.n + n] = acc;
         continue;
       }
-      // y = bias; then for each group: y = fma(float(acc_g - zp * colsum_g), a_scale * w_scale, y)
-      float y = p.bias ? p.bias[n] : 0.0f;
+      // y = bias; then for each group: y = fma(float(acc_g - zp * colsum_g), a_scale * w_scale, y); then the
+      // activation, the residual and the store (backends/epilogue.hpp)
+      float y = epilogue_start(p, n);
       for (std::int64_t g = 0; g < groups; ++g) {
         std::int32_t acc = 0;
         for (std::int64_t k = g * group; k < (g + 1) * group; ++k)
           acc += std::int32_t{activation_at(p, m, k)} * std::int32_t{weight_at(w, n, k)};
-        const std::int64_t a_index = m * p.a_scale_stride_m + g * p.a_scale_stride_g;
-        y = epilogue_group(y, acc, p.a_zero_point ? p.a_zero_point[a_index] : 0, colsum[g * p.n + n],
-                           p.a_scale[a_index], p.w_scale[n * p.w_scale_stride_n + g * p.w_scale_stride_g]);
+        y = epilogue_group_at(p, y, acc, colsum[g * p.n + n], m, n, g);
       }
-      const float residual = !p.residual ? 0.0f
-                             : p.residual_dtype == DType::bfloat16
-                                 ? bf16_to_float(static_cast<const std::uint16_t*>(p.residual)[m * p.n + n])
-                                 : static_cast<const float*>(p.residual)[m * p.n + n];
-      y = epilogue_finish(p.activation, y, p.residual != nullptr, residual);
-      if (p.out_dtype == DType::bfloat16)
-        static_cast<std::uint16_t*>(p.out)[m * p.n + n] = float_to_bf16(y);
-      else
-        static_cast<float*>(p.out)[m * p.n + n] = y;
+      epilogue_store(p, y, m * p.n + n);
     }
   }
 }

@@ -3,7 +3,7 @@
 #include <cmath>
 
 #include "core/float_math.hpp"
-#include "backends/kernels.hpp"
+#include "backends/reference/reference.hpp"
 
 namespace osengine::detail {
 
