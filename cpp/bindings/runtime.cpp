@@ -1,5 +1,5 @@
 // osengine._C.Runtime*: the native runtime (osengine::runtime) for Python: load a quantized folder, decode tokens,
-// read logits, generate. Decoding releases the GIL, so contexts on one model can run in parallel threads.
+// read logits, generate; its tokenizer (RuntimeTokenizer: a tokenizer.json, text <-> ids). Decoding releases the GIL, so contexts on one model can run in parallel threads.
 #include "runtime.hpp"
 
 #include <pybind11/numpy.h>
@@ -11,6 +11,7 @@
 #include "osengine/runtime/context.hpp"
 #include "osengine/runtime/errors.hpp"
 #include "osengine/runtime/model.hpp"
+#include "osengine/runtime/tokenizer.hpp"
 
 namespace py = pybind11;
 namespace rt = osengine::runtime;
@@ -100,6 +101,32 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("n_past", &rt::Context::n_past)
       .def("kv_clear", &rt::Context::kv_clear)
       .def("kv_truncate", &rt::Context::kv_truncate, py::arg("pos"));
+
+  py::class_<rt::Tokenizer>(m, "RuntimeTokenizer")
+      .def_static("from_file", &rt::Tokenizer::from_file, py::arg("path"))
+      .def_static("from_json_string", &rt::Tokenizer::from_json_string, py::arg("json"),
+                  py::arg("origin") = "tokenizer.json string")
+      .def("encode", [](const rt::Tokenizer& t, const std::string& text, bool add_special_tokens) {
+        py::gil_scoped_release release;
+        return t.encode(text, add_special_tokens);
+      }, py::arg("text"), py::arg("add_special_tokens") = true,
+         "Token ids of `text` (str, or bytes: invalid UTF-8 becomes U+FFFD); with add_special_tokens the "
+         "post-processor's special tokens")
+      .def("decode", [](const rt::Tokenizer& t, const std::vector<std::int32_t>& ids, bool skip_special_tokens) {
+        std::string text;
+        {
+          py::gil_scoped_release release;
+          text = t.decode(ids, skip_special_tokens);
+        }
+        return py::str(text);
+      }, py::arg("ids"), py::arg("skip_special_tokens") = false)
+      .def("token_to_piece", [](const rt::Tokenizer& t, std::int32_t id) { return py::bytes(t.token_to_piece(id)); },
+           py::arg("id"), "The bytes of one token (possibly part of a UTF-8 character), for streaming")
+      .def("token_id", &rt::Tokenizer::token_id, py::arg("token"))
+      .def("id_to_token", &rt::Tokenizer::id_to_token, py::arg("id"))
+      .def("is_special", &rt::Tokenizer::is_special, py::arg("id"))
+      .def_property_readonly("vocab_size", &rt::Tokenizer::vocab_size)
+      .def_property_readonly("bos_token_id", &rt::Tokenizer::bos_token_id);
 
   m.def("runtime_generate", [](rt::Context& context, py::handle prompt, int max_new_tokens, float temperature, int top_k,
                          float top_p, std::uint64_t seed) {

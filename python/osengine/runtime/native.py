@@ -9,8 +9,14 @@ cache; layers the recipe keeps in floating point run in fp32.
     logits = context.decode(token_ids)                  # [1, n_vocab], the last token's
     new_tokens = context.generate(prompt_ids, max_new_tokens=64)
 
-Token ids in and out (a tokenizer, e.g. the folder's Hugging Face one, turns text into ids). Decoding releases the
-GIL: contexts on one model can run in parallel threads.
+Token ids in and out; NativeTokenizer turns text into ids and back in C++ from a Hugging Face tokenizer.json, with
+the ids of the transformers fast tokenizer (the BPE families the runtime runs; docs/runtime.md, "Tokenizer"):
+
+    tokenizer = load_native_tokenizer("path/to/tokenizer.json")   # or the folder holding it
+    ids = tokenizer.encode("Hello")                                 # with the BOS where the file's template adds one
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+
+Decoding releases the GIL: contexts on one model can run in parallel threads.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ class NativeRuntimeUnavailable(RuntimeError):
 def _require_runtime() -> None:
     if not _C.has_native_runtime():
         raise NativeRuntimeUnavailable(
-            "this osengine was built without the native runtime (nlohmann/json was not found at build time: "
-            "pip install nlohmann-json, or apt-get install nlohmann-json3-dev, then reinstall osengine)")
+            "this osengine was built without the native runtime (nlohmann/json or PCRE2 was not found at build time: "
+            "apt-get install nlohmann-json3-dev libpcre2-dev pkg-config, then reinstall osengine)")
 
 
 class NativeContext:
@@ -86,6 +92,46 @@ def load_native(directory: str | os.PathLike) -> NativeModel:
     a newer or older format version, an architecture or scheme it does not run) raises LoadError, a ValueError that
     names the folder and the problem."""
     return NativeModel(directory)
+
+
+class NativeTokenizer:
+    """A tokenizer.json read by the native runtime: encode / decode in C++, the ids of transformers' fast tokenizer.
+    A file it cannot read, or a component it does not support (named in the message), raises LoadError."""
+
+    def __init__(self, path: str | os.PathLike):
+        _require_runtime()
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        self._tokenizer = _C.RuntimeTokenizer.from_file(path)
+
+    def encode(self, text: str | bytes, add_special_tokens: bool = True) -> list:
+        """Token ids of `text` (bytes that are not valid UTF-8 are read as bytes.decode("utf-8", "replace"))."""
+        return self._tokenizer.encode(text, add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids` (transformers' decode with clean_up_tokenization_spaces=False)."""
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens)
+
+    def token_to_piece(self, id: int) -> bytes:
+        """The bytes of one token, for streaming: possibly part of a UTF-8 character (keep incomplete bytes until
+        the next pieces complete them)."""
+        return self._tokenizer.token_to_piece(id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.vocab_size
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The BOS the file's post-processor adds, None when it adds none (then see the model's config)."""
+        bos = self._tokenizer.bos_token_id
+        return None if bos < 0 else bos
+
+
+def load_native_tokenizer(path: str | os.PathLike) -> NativeTokenizer:
+    """A tokenizer.json (or a folder holding one) loaded by the native runtime's tokenizer."""
+    return NativeTokenizer(path)
 
 
 LoadError = _C.RuntimeLoadError if hasattr(_C, "RuntimeLoadError") else ValueError
