@@ -28,8 +28,17 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 # The native runtime needs the header-only nlohmann/json: the package build gets it as a build requirement; the C++
 # test builds below find it through this install (or a system copy), and are configured with OSENGINE_RUNTIME=ON so
-# that a runtime that does not build fails the run.
+# that a runtime that does not build (or misses a dependency) fails the run.
 python -m pip install -q "nlohmann-json>=3.10"
+# The runtime's tokenizer needs PCRE2 through pkg-config (no PyPI package has the headers): from the system packages.
+if { [ ! -f /usr/include/pcre2.h ] || [ ! -f /usr/include/nlohmann/json.hpp ] || ! command -v pkg-config >/dev/null; } &&
+   command -v apt-get >/dev/null 2>&1; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  ${sudo[@]+"${sudo[@]}"} apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq nlohmann-json3-dev libpcre2-dev \
+    pkg-config >/dev/null
+fi
 python -m pip install -q "$root[frontend,test]" --config-settings=cmake.define.OSENGINE_WERROR=ON \
   --config-settings=cmake.define.OSENGINE_RUNTIME=ON ${cuda_define[@]+"${cuda_define[@]}"}
 
