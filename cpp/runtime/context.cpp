@@ -210,7 +210,6 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       const QuantizedLinear& q = block.fused[static_cast<std::size_t>(p.fused_index)];
       return {fused_out_.data() + p.lo, q.out_features};
     }
-    (void)block;
     return {own, p.float_linear.out_features};
   };
 

@@ -6,7 +6,6 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "osengine/errors.hpp"
 #include "osengine/int4.hpp"
@@ -20,6 +19,7 @@ using nlohmann::json;
 using detail::SafetensorsFile;
 using detail::StorageType;
 using detail::TensorEntry;
+using detail::shape_text;
 
 constexpr int kNewestFormatVersion = 2;
 
@@ -71,14 +71,6 @@ class Loader {
       std::memcpy(&out[i], &bits, 4);
     }
     return out;
-  }
-
-  static std::string shape_text(const std::vector<std::int64_t>& shape) {
-    std::ostringstream s;
-    s << "[";
-    for (std::size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-    s << "]";
-    return s.str();
   }
 
   const std::string& dir() const { return dir_; }

@@ -32,6 +32,8 @@ constexpr TypeInfo kTypes[] = {
   throw LoadError("safetensors file '" + label + "': " + what);
 }
 
+}  // namespace
+
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   std::ostringstream s;
   s << "[";
@@ -39,8 +41,6 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   s << "]";
   return s.str();
 }
-
-}  // namespace
 
 const char* storage_type_name(StorageType type) {
   for (const auto& t : kTypes)

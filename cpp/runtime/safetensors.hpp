@@ -23,6 +23,8 @@ namespace osengine::runtime::detail {
 // The safetensors dtypes osengine reads, and their element sizes.
 enum class StorageType : std::uint8_t { f32, f16, bf16, i8, u8, i32, i64, f64, boolean };
 const char* storage_type_name(StorageType type);
+// "[3, 4]": a shape as the error messages write it.
+std::string shape_text(const std::vector<std::int64_t>& shape);
 std::size_t storage_type_size(StorageType type);
 
 struct TensorEntry {

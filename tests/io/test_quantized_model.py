@@ -83,17 +83,18 @@ def _rewrite(folder, edit_tensors, edit_manifest=None):
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
+def _to_version_1(tensors, manifest):
+    """A format-2 folder's tensors and manifest as format 1 wrote them: every weight in floating point."""
+    for name, entry in manifest["layers"].items():
+        codes, scale = tensors.pop(f"{name}.weight_codes"), tensors.pop(f"{name}.weight_scale")
+        tensors[f"{name}.weight"] = weights_from_codes(codes, scale, entry["weight"])
+        del entry["weight_storage"]
+    manifest["format_version"] = 1
+
+
 def test_version_1_folders_still_load(tmp_path):
     model, calib = _quantize_in_memory(tmp_path)
-
-    def to_version_1(tensors, manifest):
-        for name, entry in manifest["layers"].items():
-            codes, scale = tensors.pop(f"{name}.weight_codes"), tensors.pop(f"{name}.weight_scale")
-            tensors[f"{name}.weight"] = weights_from_codes(codes, scale, entry["weight"])
-            del entry["weight_storage"]
-        manifest["format_version"] = 1
-
-    _rewrite(tmp_path / "q", to_version_1)
+    _rewrite(tmp_path / "q", _to_version_1)
     reloaded, _ = osengine.load_model(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(model(input_ids=calib).logits, reloaded(input_ids=calib).logits)
@@ -129,15 +130,11 @@ def test_upgrade_rewrites_a_version_1_folder_in_the_current_format(tmp_path):
 
     model, calib = _quantize_in_memory(tmp_path)
 
-    def to_version_1(tensors, manifest):
-        for name, entry in manifest["layers"].items():
-            codes, scale = tensors.pop(f"{name}.weight_codes"), tensors.pop(f"{name}.weight_scale")
-            tensors[f"{name}.weight"] = weights_from_codes(codes, scale, entry["weight"])
-            del entry["weight_storage"]
+    def to_version_1_with_a_record(tensors, manifest):
+        _to_version_1(tensors, manifest)
         tensors["osengine.migrations.0.attn.scale"] = torch.ones(32)
-        manifest["format_version"] = 1
 
-    _rewrite(tmp_path / "q", to_version_1)
+    _rewrite(tmp_path / "q", to_version_1_with_a_record)
     (tmp_path / "q" / "report.md").write_text("the report")
     upgrade_quantized(tmp_path / "q", tmp_path / "q2")
     manifest = json.loads((tmp_path / "q2" / MANIFEST_FILE).read_text())
