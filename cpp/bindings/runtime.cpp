@@ -38,6 +38,7 @@ py::dict model_info(const rt::Model& model) {
   d["bos_token_id"] = i.bos_token_id;
   d["eos_token_id"] = i.eos_token_id;
   d["recipe"] = i.recipe;
+  d["quantize_embeddings"] = model.options().quantize_embeddings;
   return d;
 }
 
@@ -62,31 +63,35 @@ void bind_runtime(py::module_& m) {
   py::register_exception<rt::LoadError>(m, "RuntimeLoadError", PyExc_ValueError);
 
   py::class_<rt::Model, std::shared_ptr<rt::Model>>(m, "RuntimeModel")
-      .def_static("load", [](const std::string& directory) {
+      .def_static("load", [](const std::string& directory, bool quantize_embeddings) {
+        rt::ModelOptions options;
+        options.quantize_embeddings = quantize_embeddings;
         std::shared_ptr<const rt::Model> model;
         {
           py::gil_scoped_release release;
-          model = rt::Model::load(directory);
+          model = rt::Model::load(directory, options);
         }
         return std::const_pointer_cast<rt::Model>(model);
-      }, py::arg("directory"))
+      }, py::arg("directory"), py::kw_only(), py::arg("quantize_embeddings") = false)
       .def_property_readonly("info", &model_info)
       .def_property_readonly("nbytes", &rt::Model::nbytes);
 
   py::class_<rt::Context>(m, "RuntimeContext")
-      .def(py::init([](std::shared_ptr<rt::Model> model, int n_ctx, int n_batch, int n_threads) {
+      .def(py::init([](std::shared_ptr<rt::Model> model, int n_ctx, int n_batch, int n_threads, int n_seq) {
              rt::ContextOptions options;
              options.n_ctx = n_ctx;
              options.n_batch = n_batch;
              options.n_threads = n_threads;
+             options.n_seq = n_seq;
              return std::make_unique<rt::Context>(std::move(model), options);
            }),
-           py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_batch") = 512, py::arg("n_threads") = 0)
-      .def("decode", [](rt::Context& context, py::handle tokens, bool all_logits) {
+           py::arg("model"), py::arg("n_ctx") = 2048, py::arg("n_batch") = 512, py::arg("n_threads") = 0,
+           py::arg("n_seq") = 1)
+      .def("decode", [](rt::Context& context, py::handle tokens, bool all_logits, int seq) {
         const std::vector<std::int32_t> ids = token_ids(tokens);
         {
           py::gil_scoped_release release;
-          context.decode(ids, all_logits);
+          context.decode(ids, all_logits, seq);
         }
         const auto n_vocab = static_cast<py::ssize_t>(context.model().info().n_vocab);
         const auto rows = static_cast<py::ssize_t>(all_logits ? ids.size() : 1);
@@ -95,12 +100,32 @@ void bind_runtime(py::module_& m) {
           std::memcpy(out.mutable_data(r, 0), context.logits(all_logits ? static_cast<int>(r) : -1),
                       static_cast<std::size_t>(n_vocab) * sizeof(float));
         return out;
-      }, py::arg("tokens"), py::arg("all_logits") = false,
-         "Decode tokens after the cached ones; returns the logits [1, n_vocab] of the last token (every token's with "
-         "all_logits)")
-      .def_property_readonly("n_past", &rt::Context::n_past)
-      .def("kv_clear", &rt::Context::kv_clear)
-      .def("kv_truncate", &rt::Context::kv_truncate, py::arg("pos"));
+      }, py::arg("tokens"), py::arg("all_logits") = false, py::arg("seq") = 0,
+         "Decode tokens of sequence `seq` after its cached ones; returns the logits [1, n_vocab] of the last token "
+         "(every token's with all_logits)")
+      .def("decode_batch", [](rt::Context& context, py::handle tokens, const std::vector<int>& seqs) {
+        const std::vector<std::int32_t> ids = token_ids(tokens);
+        if (ids.size() != seqs.size())
+          throw ArgumentError("RuntimeContext.decode_batch", "seqs",
+                              "must name one sequence per token (" + std::to_string(ids.size()) + " tokens, " +
+                                  std::to_string(seqs.size()) + " sequences)");
+        {
+          py::gil_scoped_release release;
+          context.decode_batch(ids.data(), seqs.data(), ids.size());
+        }
+        const auto n_vocab = static_cast<py::ssize_t>(context.model().info().n_vocab);
+        const auto rows = static_cast<py::ssize_t>(ids.size());
+        py::array_t<float> out({rows, n_vocab});
+        for (py::ssize_t r = 0; r < rows; ++r)
+          std::memcpy(out.mutable_data(r, 0), context.logits(static_cast<int>(r)),
+                      static_cast<std::size_t>(n_vocab) * sizeof(float));
+        return out;
+      }, py::arg("tokens"), py::arg("seqs"),
+         "One token for each of several different sequences in one pass; returns their logits [n, n_vocab]")
+      .def_property_readonly("n_past", [](const rt::Context& context) { return context.n_past(0); })
+      .def("n_past_of", &rt::Context::n_past, py::arg("seq"))
+      .def("kv_clear", &rt::Context::kv_clear, py::arg("seq") = -1)
+      .def("kv_truncate", &rt::Context::kv_truncate, py::arg("pos"), py::arg("seq") = 0);
 
   py::class_<rt::Tokenizer>(m, "RuntimeTokenizer")
       .def_static("from_file", &rt::Tokenizer::from_file, py::arg("path"))

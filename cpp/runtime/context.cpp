@@ -43,7 +43,7 @@ float silu(float x) { return x / (1.0f + std::exp(-x)); }
 // y[m, n] (row stride ldy) = x[m, k] W^T + b (+ residual[m, n] with row stride ldy when given), fp32.
 void float_linear(const FloatLinear& f, const float* x, int m, float* y, std::int64_t ldy, const float* residual) {
   const std::int64_t k = f.in_features, n = f.out_features;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(get_num_threads())
   for (std::int64_t j = 0; j < n; ++j) {
     const float* w = f.weight.data() + j * k;
     for (int r = 0; r < m; ++r) {
@@ -65,15 +65,30 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
     throw ArgumentError(kOp, "n_batch", "must be positive, got " + std::to_string(options_.n_batch));
   if (options_.n_threads < 0)
     throw ArgumentError(kOp, "n_threads", "must be >= 0, got " + std::to_string(options_.n_threads));
+  if (options_.n_seq <= 0) throw ArgumentError(kOp, "n_seq", "must be positive, got " + std::to_string(options_.n_seq));
   const ModelInfo& info = model_->info();
   const auto nb = static_cast<std::size_t>(options_.n_batch);
   const auto d = static_cast<std::size_t>(info.n_embd);
   const auto q_out = static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(info.head_dim);
   const auto kv_out = static_cast<std::size_t>(info.n_head_kv) * static_cast<std::size_t>(info.head_dim);
   const auto ff = static_cast<std::size_t>(info.n_ff);
-  const std::size_t cache = static_cast<std::size_t>(options_.n_ctx) * kv_out;
-  k_cache_.assign(static_cast<std::size_t>(info.n_layer), std::vector<float>(cache));
-  v_cache_.assign(static_cast<std::size_t>(info.n_layer), std::vector<float>(cache));
+  const std::size_t cache = static_cast<std::size_t>(options_.n_seq) * static_cast<std::size_t>(options_.n_ctx) * kv_out;
+  k_cache_.resize(static_cast<std::size_t>(info.n_layer));
+  v_cache_.resize(static_cast<std::size_t>(info.n_layer));
+  for (std::size_t l = 0; l < k_cache_.size(); ++l) {
+    k_cache_[l].allocate(cache);
+    v_cache_[l].allocate(cache);
+  }
+  n_past_.assign(static_cast<std::size_t>(options_.n_seq), 0);
+  row_seq_.resize(nb);
+  row_pos_.resize(nb);
+  const std::size_t half = static_cast<std::size_t>(info.head_dim / 2);
+  rope_inv_freq_.resize(half);
+  for (std::size_t i = 0; i < half; ++i)
+    rope_inv_freq_[i] =
+        1.0f / std::pow(info.rope_theta, static_cast<float>(2 * i) / static_cast<float>(info.head_dim));
+  rope_cos_.resize(nb * half);
+  rope_sin_.resize(nb * half);
   std::size_t widest_gemm = std::max({q_out + 2 * kv_out, 2 * ff, d});
   std::size_t widest_input = std::max({d, q_out, 2 * ff});
   x_.resize(nb * d);
@@ -87,18 +102,40 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   attn_.resize(nb * q_out);
   hidden_.resize(nb * ff);
   scores_.resize(static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(options_.n_ctx));
+  logits_.resize(static_cast<std::size_t>(info.n_vocab) * std::min<std::size_t>(nb, static_cast<std::size_t>(options_.n_seq)));
   codes_.resize(nb * widest_input);
   int4_codes_.resize(nb * widest_input / 2 + 1);
   a_scale_.resize(nb * widest_input);
   a_zero_point_.resize(nb * widest_input);
-  logits_.resize(static_cast<std::size_t>(info.n_vocab));
 }
 
-void Context::kv_truncate(int pos) {
-  if (pos < 0 || pos > n_past_)
-    throw ArgumentError(kOp, "pos", "must lie in [0, n_past = " + std::to_string(n_past_) + "], got " +
+void Context::check_seq(int seq, const char* argument) const {
+  if (seq < 0 || seq >= options_.n_seq)
+    throw ArgumentError(kOp, argument, "must lie in [0, n_seq = " + std::to_string(options_.n_seq) + "), got " +
+                                           std::to_string(seq));
+}
+
+int Context::n_past(int seq) const {
+  check_seq(seq, "seq");
+  return n_past_[static_cast<std::size_t>(seq)];
+}
+
+void Context::kv_clear(int seq) {
+  if (seq == -1) {
+    std::fill(n_past_.begin(), n_past_.end(), 0);
+    return;
+  }
+  check_seq(seq, "seq");
+  n_past_[static_cast<std::size_t>(seq)] = 0;
+}
+
+void Context::kv_truncate(int pos, int seq) {
+  check_seq(seq, "seq");
+  int& n_past = n_past_[static_cast<std::size_t>(seq)];
+  if (pos < 0 || pos > n_past)
+    throw ArgumentError(kOp, "pos", "must lie in [0, n_past = " + std::to_string(n_past) + "], got " +
                                         std::to_string(pos));
-  n_past_ = pos;
+  n_past = pos;
 }
 
 const float* Context::logits(int i) const {
@@ -111,7 +148,7 @@ const float* Context::logits(int i) const {
   return logits_.data() + static_cast<std::size_t>(i) * static_cast<std::size_t>(model_->info().n_vocab);
 }
 
-void Context::decode(const std::int32_t* tokens, std::size_t n, bool all_logits) {
+void Context::check_tokens(const std::int32_t* tokens, std::size_t n) const {
   const ModelInfo& info = model_->info();
   if (n == 0) throw ArgumentError(kOp, "tokens", "is empty");
   if (tokens == nullptr) throw ArgumentError(kOp, "tokens", "is null");
@@ -119,28 +156,67 @@ void Context::decode(const std::int32_t* tokens, std::size_t n, bool all_logits)
     if (tokens[i] < 0 || tokens[i] >= info.n_vocab)
       throw ArgumentError(kOp, "tokens", "token " + std::to_string(i) + " is " + std::to_string(tokens[i]) +
                                              ", outside the vocabulary [0, " + std::to_string(info.n_vocab) + ")");
-  if (static_cast<std::size_t>(n_past_) + n > static_cast<std::size_t>(options_.n_ctx))
-    throw ArgumentError(kOp, "tokens", std::to_string(n) + " tokens after " + std::to_string(n_past_) +
+}
+
+// Room for `rows` rows of logits (grows only for all_logits over more rows than the context was sized for).
+float* Context::logits_for(std::size_t rows) {
+  const std::size_t need = rows * static_cast<std::size_t>(model_->info().n_vocab);
+  if (logits_.size() < need) logits_.resize(need);
+  return logits_.data();
+}
+
+void Context::decode(const std::int32_t* tokens, std::size_t n, bool all_logits, int seq) {
+  check_tokens(tokens, n);
+  check_seq(seq, "seq");
+  const int pos0 = n_past_[static_cast<std::size_t>(seq)];
+  if (static_cast<std::size_t>(pos0) + n > static_cast<std::size_t>(options_.n_ctx))
+    throw ArgumentError(kOp, "tokens", std::to_string(n) + " tokens after " + std::to_string(pos0) +
                                            " do not fit the context of n_ctx = " + std::to_string(options_.n_ctx));
-  const int previous_threads = get_num_threads();
-  if (options_.n_threads > 0) set_num_threads(options_.n_threads);
-  const auto n_vocab = static_cast<std::size_t>(info.n_vocab);
-  logits_.resize(all_logits ? n * n_vocab : n_vocab);
+  const ThreadCountScope threads(options_.n_threads);
+  const auto n_vocab = static_cast<std::size_t>(model_->info().n_vocab);
+  float* logits = logits_for(all_logits ? n : 1);
   all_logits_ = all_logits;
   logits_rows_ = static_cast<int>(n);
-  try {
-    for (std::size_t start = 0; start < n; start += static_cast<std::size_t>(options_.n_batch)) {
-      const int m = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(options_.n_batch), n - start));
-      const bool last_chunk = start + static_cast<std::size_t>(m) == n;
-      // every chunk's logits with all_logits (each at its rows); otherwise only the last token's
-      forward(tokens + start, m, all_logits ? 0 : (last_chunk ? m - 1 : m),
-              logits_.data() + (all_logits ? start * n_vocab : 0));
+  for (std::size_t start = 0; start < n; start += static_cast<std::size_t>(options_.n_batch)) {
+    const int m = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(options_.n_batch), n - start));
+    const bool last_chunk = start + static_cast<std::size_t>(m) == n;
+    for (int r = 0; r < m; ++r) {
+      row_seq_[static_cast<std::size_t>(r)] = seq;
+      row_pos_[static_cast<std::size_t>(r)] = pos0 + static_cast<int>(start) + r;
     }
-  } catch (...) {
-    if (options_.n_threads > 0) set_num_threads(previous_threads);
-    throw;
+    // every chunk's logits with all_logits (each at its rows); otherwise only the last token's
+    forward(tokens + start, m, all_logits ? 0 : (last_chunk ? m - 1 : m), logits + (all_logits ? start * n_vocab : 0));
+    n_past_[static_cast<std::size_t>(seq)] = pos0 + static_cast<int>(start) + m;
   }
-  if (options_.n_threads > 0) set_num_threads(previous_threads);
+}
+
+void Context::decode_batch(const std::int32_t* tokens, const int* seqs, std::size_t n) {
+  check_tokens(tokens, n);
+  if (seqs == nullptr) throw ArgumentError(kOp, "seqs", "is null");
+  for (std::size_t i = 0; i < n; ++i) {
+    check_seq(seqs[i], "seqs");
+    for (std::size_t j = 0; j < i; ++j)
+      if (seqs[j] == seqs[i])
+        throw ArgumentError(kOp, "seqs", "names sequence " + std::to_string(seqs[i]) +
+                                             " twice (one token per sequence; decode() takes several)");
+    if (n_past_[static_cast<std::size_t>(seqs[i])] >= options_.n_ctx)
+      throw ArgumentError(kOp, "seqs", "sequence " + std::to_string(seqs[i]) + " is full (n_ctx = " +
+                                           std::to_string(options_.n_ctx) + ")");
+  }
+  const ThreadCountScope threads(options_.n_threads);
+  const auto n_vocab = static_cast<std::size_t>(model_->info().n_vocab);
+  float* logits = logits_for(n);
+  all_logits_ = true;
+  logits_rows_ = static_cast<int>(n);
+  for (std::size_t start = 0; start < n; start += static_cast<std::size_t>(options_.n_batch)) {
+    const int m = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(options_.n_batch), n - start));
+    for (int r = 0; r < m; ++r) {
+      row_seq_[static_cast<std::size_t>(r)] = seqs[start + static_cast<std::size_t>(r)];
+      row_pos_[static_cast<std::size_t>(r)] = n_past_[static_cast<std::size_t>(seqs[start + static_cast<std::size_t>(r)])];
+    }
+    forward(tokens + start, m, 0, logits + start * n_vocab);
+    for (int r = 0; r < m; ++r) ++n_past_[static_cast<std::size_t>(row_seq_[static_cast<std::size_t>(r)])];
+  }
 }
 
 void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, float* logits_out) {
@@ -148,16 +224,30 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   const std::int64_t d = info.n_embd, hd = info.head_dim, ff = info.n_ff;
   const std::int64_t q_out = std::int64_t{info.n_head} * hd;
   const int n_ctx = options_.n_ctx;
-  const int pos0 = n_past_;
+  const int n_threads = get_num_threads();
 
-  for (int r = 0; r < m; ++r)
-    std::memcpy(x_.data() + r * d, model_->token_embeddings().data() + std::int64_t{tokens[r]} * d,
-                static_cast<std::size_t>(d) * sizeof(float));
+  model_->embed(tokens, static_cast<std::size_t>(m), x_.data(), codes_.data());
+  // RoPE angles of each row's position, shared by every layer
+  const std::int64_t half = hd / 2;
+  for (int r = 0; r < m; ++r) {
+    const float pos = static_cast<float>(row_pos_[static_cast<std::size_t>(r)]);
+    for (std::int64_t i = 0; i < half; ++i) {
+      const float angle = pos * rope_inv_freq_[static_cast<std::size_t>(i)];
+      rope_cos_[static_cast<std::size_t>(r * half + i)] = std::cos(angle);
+      rope_sin_[static_cast<std::size_t>(r * half + i)] = std::sin(angle);
+    }
+  }
+  // Where row r's head group g keeps position `pos` in a layer's cache.
+  auto cache_row = [&](float* cache, int r, std::int64_t g, std::int64_t pos) {
+    const std::int64_t seq = row_seq_[static_cast<std::size_t>(r)];
+    return cache + ((seq * info.n_head_kv + g) * n_ctx + pos) * hd;
+  };
 
   // Runs quantized GEMM `q` on input [m, k] (or [m, 2k] = [gate | up] with silu_gate), into out (row stride ldo),
   // adding residual (row stride ldo) when given.
   auto run_quantized = [&](const QuantizedLinear& q, const float* input, const float* norm_weight, bool silu_gate,
-                           float* out, std::int64_t ldo, const float* residual) {
+                           float* out, std::int64_t ldo, const float* residual, int rows_in = -1) {
+    const int m_rows = rows_in < 0 ? m : rows_in;
     const std::int64_t k = q.in_features, n = q.out_features;
     const auto& act = q.activation;
     QuantizeOptions options;
@@ -169,17 +259,16 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       options.rms_norm_weight = view(norm_weight, {k});
       options.rms_norm_eps = info.rms_norm_eps;
     }
-    const TensorView x = view(input, {m, silu_gate ? 2 * k : k});
-    const TensorView codes = view(codes_.data(), {m, k});
+    const TensorView x = view(input, {m_rows, silu_gate ? 2 * k : k});
+    const TensorView codes = view(codes_.data(), {m_rows, k});
     const TensorView shift = q.input_shift.empty() ? TensorView{} : view(q.input_shift.data(), {k});
     const std::int64_t groups = act.group_size > 0 ? k / act.group_size : 1;
     TensorView a_scale, a_zero_point;
     std::int32_t static_zero_point = act.zero_point;
     float static_step = act.step;
     if (act.dynamic) {
-      std::vector<std::int64_t> shape = groups > 1 ? std::vector<std::int64_t>{m, groups} : std::vector<std::int64_t>{m};
-      a_scale = view(a_scale_.data(), shape);
-      a_zero_point = view(a_zero_point_.data(), shape);
+      a_scale = groups > 1 ? view(a_scale_.data(), {m_rows, groups}) : view(a_scale_.data(), {m_rows});
+      a_zero_point = groups > 1 ? view(a_zero_point_.data(), {m_rows, groups}) : view(a_zero_point_.data(), {m_rows});
       quantize_dynamic(x, shift, TensorView{}, codes, a_scale, a_zero_point, options);
     } else {
       a_scale = view(&static_step, {1});
@@ -188,8 +277,8 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     }
     GemmArgs args;
     if (act.bits <= 4) {
-      pack_int4(codes, view(int4_codes_.data(), {m, k / 2}));
-      args.a = view(int4_codes_.data(), {m, k / 2});
+      pack_int4(codes, view(int4_codes_.data(), {m_rows, k / 2}));
+      args.a = view(int4_codes_.data(), {m_rows, k / 2});
       args.a_format = ActivationFormat::int4_packed;
     } else {
       args.a = codes;
@@ -199,8 +288,8 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     const std::int64_t w_groups = q.weights.group_size() > 0 ? k / q.weights.group_size() : 1;
     args.w_scale = w_groups > 1 ? view(q.weight_scale.data(), {n, w_groups}) : view(q.weight_scale.data(), {n});
     if (!q.bias.empty()) args.bias = view(q.bias.data(), {n});
-    args.out = TensorView(out, DType::float32, {m, n}, {ldo, 1});
-    if (residual != nullptr) args.residual = TensorView(const_cast<float*>(residual), DType::float32, {m, n}, {ldo, 1});
+    args.out = TensorView(out, DType::float32, {m_rows, n}, {ldo, 1});
+    if (residual != nullptr) args.residual = TensorView(const_cast<float*>(residual), DType::float32, {m_rows, n}, {ldo, 1});
     gemm(args, q.weights);
   };
 
@@ -247,7 +336,6 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   const auto axpy = detail::float_kernels().axpy;
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = info.n_head / info.n_head_kv;
-  const std::int64_t half = hd / 2;
 
   for (int layer = 0; layer < info.n_layer; ++layer) {
     const Block& block = model_->blocks()[static_cast<std::size_t>(layer)];
@@ -256,46 +344,47 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     const Rows q_rows = own.empty() ? projection_rows(block, block.q, q_.data()) : own[0];
     const Rows k_rows = own.empty() ? projection_rows(block, block.k, k_.data()) : own[1];
     const Rows v_rows = own.empty() ? projection_rows(block, block.v, v_.data()) : own[2];
-    float* k_cache = k_cache_[static_cast<std::size_t>(layer)].data();
-    float* v_cache = v_cache_[static_cast<std::size_t>(layer)].data();
+    float* k_cache = k_cache_[static_cast<std::size_t>(layer)].get();
+    float* v_cache = v_cache_[static_cast<std::size_t>(layer)].get();
     // RoPE (rotate-half form) on q and k; k and v go to the cache at their positions.
     for (int r = 0; r < m; ++r) {
-      const float pos = static_cast<float>(pos0 + r);
-      for (std::int64_t i = 0; i < half; ++i) {
-        const float inv_freq =
-            1.0f / std::pow(info.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-        const float angle = pos * inv_freq;
-        const float c = std::cos(angle), s = std::sin(angle);
-        for (int h = 0; h < info.n_head; ++h) {
-          float* qh = q_rows.data + r * q_rows.stride + h * hd;
-          const float a = qh[i], b = qh[i + half];
+      const int pos = row_pos_[static_cast<std::size_t>(r)];
+      const float* cos_r = rope_cos_.data() + r * half;
+      const float* sin_r = rope_sin_.data() + r * half;
+      for (int h = 0; h < info.n_head; ++h) {
+        float* qh = q_rows.data + r * q_rows.stride + h * hd;
+        for (std::int64_t i = 0; i < half; ++i) {
+          const float a = qh[i], b = qh[i + half], c = cos_r[i], s = sin_r[i];
           qh[i] = a * c - b * s;
           qh[i + half] = b * c + a * s;
         }
-        for (int g = 0; g < info.n_head_kv; ++g) {
-          const float* kh = k_rows.data + r * k_rows.stride + g * hd;
-          float* dst = k_cache + (std::int64_t{g} * n_ctx + pos0 + r) * hd;
-          const float a = kh[i], b = kh[i + half];
+      }
+      for (int g = 0; g < info.n_head_kv; ++g) {
+        const float* kh = k_rows.data + r * k_rows.stride + g * hd;
+        float* dst = cache_row(k_cache, r, g, pos);
+        for (std::int64_t i = 0; i < half; ++i) {
+          const float a = kh[i], b = kh[i + half], c = cos_r[i], s = sin_r[i];
           dst[i] = a * c - b * s;
           dst[i + half] = b * c + a * s;
         }
-      }
-      for (int g = 0; g < info.n_head_kv; ++g)
-        std::memcpy(v_cache + (std::int64_t{g} * n_ctx + pos0 + r) * hd, v_rows.data + r * v_rows.stride + g * hd,
+        std::memcpy(cache_row(v_cache, r, g, pos), v_rows.data + r * v_rows.stride + g * hd,
                     static_cast<std::size_t>(hd) * sizeof(float));
+      }
     }
-    // Causal attention; threads split the heads (each has its own row of scores).
-#pragma omp parallel for schedule(static)
+    // Causal attention of each row over its sequence's cache up to its position; threads split the heads (each
+    // has its own row of scores).
+#pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int h = 0; h < info.n_head; ++h)
     for (int r = 0; r < m; ++r) {
       const int g = h / group;
-      const int n_keys = pos0 + r + 1;
+      const int n_keys = row_pos_[static_cast<std::size_t>(r)] + 1;
       const float* qh = q_rows.data + r * q_rows.stride + h * hd;
+      const float* keys = cache_row(k_cache, r, g, 0);
+      const float* values = cache_row(v_cache, r, g, 0);
       float* scores = scores_.data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(n_ctx);
       float max_score = -INFINITY;
       for (int j = 0; j < n_keys; ++j) {
-        const float* kj = k_cache + (std::int64_t{g} * n_ctx + j) * hd;
-        scores[j] = dot(qh, kj, hd) * attn_scale;
+        scores[j] = dot(qh, keys + j * hd, hd) * attn_scale;
         max_score = std::max(max_score, scores[j]);
       }
       float total = 0.0f;
@@ -305,11 +394,7 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       }
       float* out = attn_.data() + r * q_out + h * hd;
       std::fill(out, out + hd, 0.0f);
-      for (int j = 0; j < n_keys; ++j) {
-        const float p = scores[j] / total;
-        const float* vj = v_cache + (std::int64_t{g} * n_ctx + j) * hd;
-        axpy(p, vj, out, hd);
-      }
+      for (int j = 0; j < n_keys; ++j) axpy(scores[j] / total, values + j * hd, out, hd);
     }
     // o_proj with the residual add: y = x + attn W_o^T
     if (block.o.quantized)
@@ -341,18 +426,22 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     }
     std::swap(x_, y_);
   }
-  n_past_ = pos0 + m;
 
   // final norm and lm_head for rows first_logits_row .. m - 1
   const int first = first_logits_row;
   const int rows = m - first;
   if (rows <= 0) return;
+  const std::int64_t n_vocab = info.n_vocab;
+  float* out = logits_out;
+  if (const QuantizedLinear* head = model_->quantized_lm_head()) {
+    // lm_head on the engine: its quantization applies the final RMSNorm
+    run_quantized(*head, x_.data() + first * d, model_->final_norm().data(), false, out, n_vocab, nullptr, rows);
+    return;
+  }
   for (int r = first; r < m; ++r)
     rms_norm(x_.data() + r * d, model_->final_norm().data(), info.rms_norm_eps, d, normed_.data() + (r - first) * d);
   const std::vector<float>& head = model_->lm_head();
-  const std::int64_t n_vocab = info.n_vocab;
-  float* out = logits_out;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(n_threads)
   for (std::int64_t j = 0; j < n_vocab; ++j) {
     const float* w = head.data() + j * d;
     for (int r = 0; r < rows; ++r) {

@@ -173,8 +173,23 @@ ActivationQuant activation_quant(const Loader& loader, const std::string& name, 
   return a;
 }
 
-QuantizedLinear quantized_linear(const Loader& loader, const SafetensorsFile& file, const std::string& name,
-                                 const json& entry, std::int64_t in, std::int64_t out) {
+// A quantized linear as read from the file: its integer codes [out, in] are packed once its fusion is known.
+struct LoadedLinear {
+  QuantizedLinear layer;
+  std::vector<std::int8_t> codes;
+};
+
+// Pack codes [n, k] for the engine (int8, or int4 two per byte) with weight groups of group_size (0: none).
+PackedWeights pack_codes(const std::vector<std::int8_t>& codes, std::int64_t n, std::int64_t k, int weight_bits,
+                         std::int64_t group_size) {
+  if (weight_bits == 8) return PackedWeights::pack(view(codes.data(), {n, k}), 8, group_size);
+  std::vector<std::uint8_t> packed(static_cast<std::size_t>(n * k / 2));
+  pack_int4(view(codes.data(), {n, k}), view(packed.data(), {n, k / 2}));
+  return PackedWeights::pack(view(packed.data(), {n, k / 2}), 4, group_size);
+}
+
+LoadedLinear quantized_linear(const Loader& loader, const SafetensorsFile& file, const std::string& name,
+                              const json& entry, std::int64_t in, std::int64_t out) {
   const std::string where = "osengine.json layer '" + name + "'";
   if (loader.field_or<std::string>(entry, "weight_storage", "float", where) != "codes")
     loader.fail(where + ": the weight is stored in floating point, not as integer codes");
@@ -220,18 +235,8 @@ QuantizedLinear quantized_linear(const Loader& loader, const SafetensorsFile& fi
   if (loader.field_or<bool>(entry, "runtime_shift", false, where))
     q.input_shift = loader.floats(file, name + ".input_shift", {in});
 
-  try {
-    if (q.weight_bits == 8) {
-      q.weights = PackedWeights::pack(view(codes.data(), {out, in}), 8, group);
-    } else {
-      std::vector<std::uint8_t> packed(static_cast<std::size_t>(out * in / 2));
-      pack_int4(view(codes.data(), {out, in}), view(packed.data(), {out, in / 2}));
-      q.weights = PackedWeights::pack(view(packed.data(), {out, in / 2}), 4, group);
-    }
-  } catch (const std::exception& e) {
-    loader.fail("layer '" + name + "' cannot be packed: " + e.what());
-  }
-  return q;
+  q.weight_group_size = group;
+  return {std::move(q), std::move(codes)};
 }
 
 FloatLinear float_linear(const Loader& loader, const SafetensorsFile& file, const std::string& name, std::int64_t in,
@@ -249,27 +254,37 @@ bool same_input_quantization(const QuantizedLinear& a, const QuantizedLinear& b)
   const auto& x = a.activation;
   const auto& y = b.activation;
   return a.in_features == b.in_features && a.weight_bits == b.weight_bits &&
-         a.weights.group_size() == b.weights.group_size() && x.bits == y.bits && x.symmetric == y.symmetric &&
+         a.weight_group_size == b.weight_group_size && x.bits == y.bits && x.symmetric == y.symmetric &&
          x.dynamic == y.dynamic && x.group_size == y.group_size && x.step == y.step && x.zero_point == y.zero_point &&
          a.input_shift == b.input_shift;
 }
 
-// One GEMM over the members' concatenated weights (rows in member order).
-QuantizedLinear fuse(const std::vector<QuantizedLinear>& members) {
-  const QuantizedLinear& first = members.front();
+// Pack one layer, or one GEMM over the members' concatenated weights (rows in member order).
+QuantizedLinear pack_fused(const Loader& loader, std::vector<LoadedLinear>& members) {
+  if (members.size() == 1) {
+    QuantizedLinear& q = members.front().layer;
+    try {
+      q.weights = pack_codes(members.front().codes, q.out_features, q.in_features, q.weight_bits,
+                             q.weight_group_size);
+    } catch (const std::exception& e) {
+      loader.fail("layer '" + q.name + "' cannot be packed: " + e.what());
+    }
+    return std::move(q);
+  }
+  const QuantizedLinear& first = members.front().layer;
   QuantizedLinear fused;
   fused.in_features = first.in_features;
   fused.weight_bits = first.weight_bits;
+  fused.weight_group_size = first.weight_group_size;
   fused.activation = first.activation;
   fused.input_shift = first.input_shift;
   const bool any_bias =
-      std::any_of(members.begin(), members.end(), [](const QuantizedLinear& m) { return !m.bias.empty(); });
+      std::any_of(members.begin(), members.end(), [](const LoadedLinear& m) { return !m.layer.bias.empty(); });
   std::vector<std::int8_t> codes;
-  for (const auto& m : members) {
+  for (const auto& loaded : members) {
+    const QuantizedLinear& m = loaded.layer;
     fused.name += (fused.name.empty() ? "" : "+") + m.name;
-    std::vector<std::int8_t> member_codes(static_cast<std::size_t>(m.out_features * m.in_features));
-    m.weights.unpack(view(member_codes.data(), {m.out_features, m.in_features}));
-    codes.insert(codes.end(), member_codes.begin(), member_codes.end());
+    codes.insert(codes.end(), loaded.codes.begin(), loaded.codes.end());
     fused.weight_scale.insert(fused.weight_scale.end(), m.weight_scale.begin(), m.weight_scale.end());
     if (any_bias) {
       if (m.bias.empty())
@@ -279,25 +294,43 @@ QuantizedLinear fuse(const std::vector<QuantizedLinear>& members) {
     }
     fused.out_features += m.out_features;
   }
-  const std::int64_t n = fused.out_features, k = fused.in_features;
-  if (fused.weight_bits == 8) {
-    fused.weights = PackedWeights::pack(view(codes.data(), {n, k}), 8, first.weights.group_size());
-  } else {
-    std::vector<std::uint8_t> packed(static_cast<std::size_t>(n * k / 2));
-    pack_int4(view(codes.data(), {n, k}), view(packed.data(), {n, k / 2}));
-    fused.weights = PackedWeights::pack(view(packed.data(), {n, k / 2}), 4, first.weights.group_size());
+  try {
+    fused.weights = pack_codes(codes, fused.out_features, fused.in_features, fused.weight_bits,
+                               fused.weight_group_size);
+  } catch (const std::exception& e) {
+    loader.fail("layer '" + fused.name + "' cannot be packed: " + e.what());
   }
   return fused;
 }
 
+// Symmetric MinMax int8 codes with one scale per row of a [rows, cols] float matrix, as the Python front end makes
+// them (osengine.quant.spec.symmetric_weight_codes): scale = max|row| / 127 (at least 1e-8), code = round(w / scale)
+// with ties to even.
+void row_codes(const std::vector<float>& w, std::int64_t rows, std::int64_t cols, std::vector<std::int8_t>& codes,
+               std::vector<float>& scale) {
+  codes.resize(static_cast<std::size_t>(rows * cols));
+  scale.resize(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* row = w.data() + r * cols;
+    float amax = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(row[c]));
+    const float s = std::max(amax / 127.0f, 1e-8f);
+    scale[static_cast<std::size_t>(r)] = s;
+    for (std::int64_t c = 0; c < cols; ++c)
+      codes[static_cast<std::size_t>(r * cols + c)] =
+          static_cast<std::int8_t>(std::clamp(std::nearbyint(row[c] / s), -127.0f, 127.0f));
+  }
+}
+
 }  // namespace
 
-std::shared_ptr<const Model> Model::load(const std::string& dir) {
+std::shared_ptr<const Model> Model::load(const std::string& dir, const ModelOptions& options) {
   Loader loader(dir);
   const json manifest = loader.read_json("osengine.json");
   check_manifest(loader, manifest);
   const json config = loader.read_json("config.json");
   auto model = std::shared_ptr<Model>(new Model());
+  model->options_ = options;
   model->info_ = read_info(loader, config, manifest);
   const ModelInfo& info = model->info_;
   SafetensorsFile file = [&] {
@@ -318,6 +351,7 @@ std::shared_ptr<const Model> Model::load(const std::string& dir) {
     const bool lm_head_tied = manifest.contains("tied") && manifest["tied"].contains("lm_head.weight");
     model->tied_lm_head_ = lm_head_tied || (info.tied_embeddings && !file.contains("lm_head.weight"));
     if (!model->tied_lm_head_) model->lm_head_ = loader.floats(file, "lm_head.weight", {info.n_vocab, d});
+    if (options.quantize_embeddings) model->quantize_embeddings();
 
     for (int i = 0; i < info.n_layer; ++i) {
       const std::string prefix = "model.layers." + std::to_string(i) + ".";
@@ -338,7 +372,7 @@ std::shared_ptr<const Model> Model::load(const std::string& dir) {
           {{&block.down, prefix + "mlp.down_proj", ff, d}},
       };
       for (const auto& group : groups) {
-        std::vector<QuantizedLinear> quantized;
+        std::vector<LoadedLinear> quantized;
         std::vector<const Spec*> quantized_specs;
         for (const auto& spec : group) {
           if (layers.contains(spec.name)) {
@@ -350,8 +384,8 @@ std::shared_ptr<const Model> Model::load(const std::string& dir) {
           }
         }
         const bool fusable = quantized.size() == group.size() && quantized.size() > 1 &&
-                             std::all_of(quantized.begin(), quantized.end(), [&](const QuantizedLinear& m) {
-                               return same_input_quantization(m, quantized.front());
+                             std::all_of(quantized.begin(), quantized.end(), [&](const LoadedLinear& m) {
+                               return same_input_quantization(m.layer, quantized.front().layer);
                              });
         if (fusable) {
           const int index = static_cast<int>(block.fused.size());
@@ -361,18 +395,20 @@ std::shared_ptr<const Model> Model::load(const std::string& dir) {
             p->quantized = true;
             p->fused_index = index;
             p->lo = lo;
-            p->hi = lo + quantized[m].out_features;
+            p->hi = lo + quantized[m].layer.out_features;
             lo = p->hi;
           }
-          block.fused.push_back(fuse(quantized));
+          block.fused.push_back(pack_fused(loader, quantized));
         } else {
           for (std::size_t m = 0; m < quantized.size(); ++m) {
             Projection* p = quantized_specs[m]->projection;
             p->quantized = true;
             p->fused_index = static_cast<int>(block.fused.size());
             p->lo = 0;
-            p->hi = quantized[m].out_features;
-            block.fused.push_back(std::move(quantized[m]));
+            p->hi = quantized[m].layer.out_features;
+            std::vector<LoadedLinear> one;
+            one.push_back(std::move(quantized[m]));
+            block.fused.push_back(pack_fused(loader, one));
           }
         }
       }
@@ -386,8 +422,52 @@ std::shared_ptr<const Model> Model::load(const std::string& dir) {
   return model;
 }
 
+void Model::quantize_embeddings() {
+  const std::int64_t n_vocab = info_.n_vocab, d = info_.n_embd;
+  QuantizedLinear head;
+  head.name = "lm_head";
+  head.in_features = d;
+  head.out_features = n_vocab;
+  head.weight_bits = 8;
+  head.activation.bits = 8;
+  head.activation.symmetric = false;
+  head.activation.dynamic = true;
+  std::vector<std::int8_t> codes;
+  row_codes(lm_head(), n_vocab, d, codes, head.weight_scale);
+  head.weights = PackedWeights::pack(view(codes.data(), {n_vocab, d}), 8);
+  if (!tied_lm_head_) row_codes(embeddings_, n_vocab, d, embedding_codes_, embedding_row_scale_);
+  quantized_lm_head_ = std::move(head);
+  // the floating-point copies are no longer read
+  std::vector<float>().swap(embeddings_);
+  std::vector<float>().swap(lm_head_);
+}
+
+void Model::embed(const std::int32_t* tokens, std::size_t n, float* out, std::int8_t* code_scratch) const {
+  const std::int64_t d = info_.n_embd;
+  const auto count = static_cast<std::int64_t>(n);
+  if (!quantized_lm_head_) {
+    for (std::int64_t i = 0; i < count; ++i)
+      std::memcpy(out + i * d, embeddings_.data() + std::int64_t{tokens[i]} * d,
+                  static_cast<std::size_t>(d) * sizeof(float));
+    return;
+  }
+  // int8 rows times their scale, as osengine.runtime.embedding.EngineEmbedding computes them
+  const std::vector<float>& scales = tied_lm_head_ ? quantized_lm_head_->weight_scale : embedding_row_scale_;
+  if (tied_lm_head_)
+    quantized_lm_head_->weights.unpack_rows(view(const_cast<std::int32_t*>(tokens), {count}),
+                                            view(code_scratch, {count, d}));
+  for (std::int64_t i = 0; i < count; ++i) {
+    const std::int8_t* codes = tied_lm_head_ ? code_scratch + i * d : embedding_codes_.data() + tokens[i] * d;
+    const float scale = scales[static_cast<std::size_t>(tokens[i])];
+    for (std::int64_t c = 0; c < d; ++c) out[i * d + c] = static_cast<float>(codes[c]) * scale;
+  }
+}
+
 std::size_t Model::nbytes() const {
   std::size_t total = (embeddings_.size() + final_norm_.size() + lm_head_.size()) * sizeof(float);
+  if (quantized_lm_head_)
+    total += quantized_lm_head_->weights.nbytes() + quantized_lm_head_->weight_scale.size() * sizeof(float) +
+             embedding_codes_.size() + embedding_row_scale_.size() * sizeof(float);
   for (const auto& block : blocks_) {
     total += (block.attn_norm.size() + block.mlp_norm.size()) * sizeof(float);
     for (const auto& q : block.fused)

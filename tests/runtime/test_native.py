@@ -15,7 +15,8 @@ import osengine
 from osengine import _C
 from osengine.io.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from osengine.quant.layers import set_integer_exact
-from osengine.runtime.simulate import simulate_folded_prologues
+from osengine.runtime.embedding import quantize_embeddings
+from osengine.runtime.simulate import simulate_engine_norm, simulate_folded_prologues
 
 from tiny_models import build
 
@@ -92,6 +93,35 @@ def test_logits_and_greedy_tokens_match_the_integer_exact_simulation(folders, ar
     assert model.context(n_ctx=128).generate(ids, max_new_tokens=32) == greedy
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8"])  # untied and tied embeddings
+def test_int8_embeddings_and_lm_head_match_the_python_engine(folders, recipe):
+    # quantize_embeddings: the same int8 table and lm_head as convert_to_engine(quantize_embeddings=True)
+    folder = folders["llama", recipe]
+    exact = quantize_embeddings(simulation(folder))
+    # the runtime applies the final RMSNorm inside lm_head's quantization (the engine's prologue arithmetic)
+    simulate_engine_norm(exact.model.norm, exact.config.rms_norm_eps)
+    ids = prompt()
+    with torch.no_grad():
+        want = exact(input_ids=torch.tensor([ids])).logits[0].numpy()
+    model = load_native(folder, quantize_embeddings=True)
+    assert model.info["quantize_embeddings"]
+    assert model.nbytes < load_native(folder).nbytes
+    got = model.context(n_ctx=128).decode(ids, all_logits=True)
+    per_position = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+    # The residual stream is an ulp off the simulation's here and there (see above); lm_head's per-token int8 input
+    # rounds most of that away (most positions agree exactly) but at a rounding boundary it flips a code, which moves
+    # that position's logits by one activation step (~1e-2 on this tiny model).
+    assert np.median(per_position) <= 1e-5, per_position
+    assert (per_position > 1e-3).sum() <= 2 and per_position.max() <= 5e-2, per_position
+    # and not the floating-point head's logits: the option does change what runs
+    fp = load_native(folder).context(n_ctx=128).decode(ids, all_logits=True)
+    assert np.abs(fp - got).max() > 1e-4
+    with torch.no_grad():
+        greedy = exact.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert model.context(n_ctx=128).generate(ids, max_new_tokens=32) == greedy
+
+
 def test_prefill_then_decode_equals_a_longer_prefill(folders):
     model = load_native(folders["llama", "w8a8-static"])
     ids = prompt(20)
@@ -146,6 +176,47 @@ def test_two_contexts_on_one_model_in_parallel_threads(folders):
     for t in threads:
         t.join()
     assert results == alone and alone[0] != alone[1]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8-group16"])
+def test_batched_decode_equals_each_sequence_alone(folders, recipe):
+    # one GEMM over the rows of several sequences, each attending to its own cache: the same logits as one at a time
+    model = load_native(folders["qwen2", recipe])
+    prompts = [prompt(5, seed=11), prompt(9, seed=12), prompt(2, seed=13)]
+    steps = [prompt(4, seed=20 + i) for i in range(3)]
+    alone = []
+    for p, next_tokens in zip(prompts, steps):
+        context = model.context(n_ctx=32)
+        context.decode(p)
+        alone.append(np.concatenate([context.decode([t]) for t in next_tokens]))
+    batched = model.context(n_ctx=32, n_seq=4, n_threads=2)
+    for seq, p in zip([2, 0, 3], prompts):
+        batched.decode(p, seq=seq)
+    rows = [[] for _ in prompts]
+    for step in range(4):
+        order = [2, 0, 3] if step % 2 == 0 else [3, 2, 0]  # any order of the sequences
+        index = {2: 0, 0: 1, 3: 2}
+        logits = batched.decode_batch([steps[index[s]][step] for s in order], order)
+        for row, s in zip(logits, order):
+            rows[index[s]].append(row)
+    for i in range(3):
+        np.testing.assert_array_equal(np.stack(rows[i]), alone[i])
+    assert [batched.n_past_of(s) for s in range(4)] == [13, 0, 9, 6]
+    batched.kv_clear(0)
+    assert [batched.n_past_of(s) for s in range(4)] == [0, 0, 9, 6]
+    with pytest.raises(ValueError, match="argument 'seqs': names sequence 2 twice"):
+        batched.decode_batch([1, 2], [2, 2])
+    with pytest.raises(ValueError, match=r"argument 'seqs': must lie in \[0, n_seq = 4\), got 4"):
+        batched.decode_batch([1], [4])
+    with pytest.raises(ValueError, match=r"argument 'seq': must lie in \[0, n_seq = 4\), got -2"):
+        batched.decode([1], seq=-2)
+    with pytest.raises(ValueError, match="one sequence per token"):
+        batched.decode_batch([1, 2], [0])
+    assert [batched.n_past_of(s) for s in range(4)] == [0, 0, 9, 6]  # nothing changed by the bad calls
+    full = model.context(n_ctx=2, n_seq=2)
+    full.decode([1, 2], seq=1)
+    with pytest.raises(ValueError, match="sequence 1 is full"):
+        full.decode_batch([3, 4], [0, 1])
 
 
 def test_bad_arguments(folders):

@@ -46,4 +46,18 @@ std::vector<std::string> registered_backends();
 void set_num_threads(int num_threads);
 int get_num_threads();
 
+// Sets the number of threads of the CPU kernels for the calling thread only, while it lives (0: keep what
+// get_num_threads() says): callers that each run their own work (e.g. runtime contexts on several threads) then do
+// not change one another's setting.
+class ThreadCountScope {
+ public:
+  explicit ThreadCountScope(int num_threads);
+  ~ThreadCountScope();
+  ThreadCountScope(const ThreadCountScope&) = delete;
+  ThreadCountScope& operator=(const ThreadCountScope&) = delete;
+
+ private:
+  int previous_;
+};
+
 }  // namespace osengine

@@ -16,6 +16,7 @@ namespace osengine {
 
 namespace {
 std::atomic<int> configured_threads{0};
+thread_local int scoped_threads = 0;  // ThreadCountScope of the calling thread (0: none)
 
 int default_threads() {
 #ifdef OSENGINE_HAVE_OPENMP
@@ -32,9 +33,17 @@ void set_num_threads(int num_threads) {
 }
 
 int get_num_threads() {
+  if (scoped_threads > 0) return scoped_threads;
   int n = configured_threads.load();
   return n > 0 ? n : default_threads();
 }
+
+ThreadCountScope::ThreadCountScope(int num_threads) : previous_(scoped_threads) {
+  if (num_threads < 0) throw ArgumentError("ThreadCountScope", "num_threads", "must be >= 0 (0 = unchanged)");
+  if (num_threads > 0) scoped_threads = num_threads;
+}
+
+ThreadCountScope::~ThreadCountScope() { scoped_threads = previous_; }
 
 namespace detail {
 

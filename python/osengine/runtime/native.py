@@ -40,27 +40,39 @@ def _require_runtime() -> None:
 
 
 class NativeContext:
-    """A KV cache and scratch buffers for one sequence on a NativeModel (one caller thread at a time)."""
+    """A KV cache and scratch buffers for n_seq sequences (default one) on a NativeModel (one caller thread at a
+    time)."""
 
-    def __init__(self, model: "NativeModel", n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0):
+    def __init__(self, model: "NativeModel", n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0,
+                 n_seq: int = 1):
         self.model = model
-        self._context = _C.RuntimeContext(model._model, n_ctx, n_batch, n_threads)
+        self._context = _C.RuntimeContext(model._model, n_ctx, n_batch, n_threads, n_seq)
 
-    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` after the cached ones; the float32 logits [1, n_vocab] of the last token ([n, n_vocab] of
-        every token with all_logits)."""
-        return self._context.decode(np.asarray(tokens, dtype=np.int64).reshape(-1), all_logits)
+    def decode(self, tokens: Sequence[int], all_logits: bool = False, seq: int = 0) -> np.ndarray:
+        """Run `tokens` after sequence `seq`'s cached ones; the float32 logits [1, n_vocab] of the last token
+        ([n, n_vocab] of every token with all_logits)."""
+        return self._context.decode(np.asarray(tokens, dtype=np.int64).reshape(-1), all_logits, seq)
+
+    def decode_batch(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
+        """One token for each of several different sequences (tokens[i] after sequence seqs[i]'s cached ones) in
+        one forward pass, which reads the weights once for all: the logits [n, n_vocab]."""
+        return self._context.decode_batch(np.asarray(tokens, dtype=np.int64).reshape(-1), [int(s) for s in seqs])
 
     @property
     def n_past(self) -> int:
+        """Positions cached for sequence 0 (n_past_of(seq) for the others)."""
         return self._context.n_past
 
-    def kv_clear(self) -> None:
-        self._context.kv_clear()
+    def n_past_of(self, seq: int) -> int:
+        return self._context.n_past_of(seq)
 
-    def kv_truncate(self, pos: int) -> None:
-        """Forget every position from `pos` on; decoding goes on from there."""
-        self._context.kv_truncate(pos)
+    def kv_clear(self, seq: int = -1) -> None:
+        """Forget sequence `seq`'s cache (-1: every sequence's)."""
+        self._context.kv_clear(seq)
+
+    def kv_truncate(self, pos: int, seq: int = 0) -> None:
+        """Forget every position of sequence `seq` from `pos` on; decoding goes on from there."""
+        self._context.kv_truncate(pos, seq)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0) -> list:
@@ -73,9 +85,9 @@ class NativeContext:
 class NativeModel:
     """A quantized folder loaded by the native runtime: weights packed once, immutable, shareable by contexts."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, quantize_embeddings: bool = False):
         _require_runtime()
-        self._model = _C.RuntimeModel.load(os.fspath(directory))
+        self._model = _C.RuntimeModel.load(os.fspath(directory), quantize_embeddings=quantize_embeddings)
         self.info = self._model.info
 
     @property
@@ -83,15 +95,20 @@ class NativeModel:
         """Bytes of the loaded weights (packed GEMM layouts and floating-point tensors)."""
         return self._model.nbytes
 
-    def context(self, n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0) -> NativeContext:
-        return NativeContext(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+    def context(self, n_ctx: int = 2048, n_batch: int = 512, n_threads: int = 0, n_seq: int = 1) -> NativeContext:
+        return NativeContext(self, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq=n_seq)
 
 
-def load_native(directory: str | os.PathLike) -> NativeModel:
+def load_native(directory: str | os.PathLike, *, quantize_embeddings: bool = False) -> NativeModel:
     """Load a quantized folder into the native runtime. A folder it cannot run (missing, truncated or corrupt files,
     a newer or older format version, an architecture or scheme it does not run) raises LoadError, a ValueError that
-    names the folder and the problem."""
-    return NativeModel(directory)
+    names the folder and the problem.
+
+    quantize_embeddings  run lm_head on the engine (int8 weights per channel, int8 activations per token) and keep the
+                         embedding table in int8, as convert_to_engine(quantize_embeddings=True) does: lm_head reads a
+                         quarter of the bytes (faster decoding) at a small accuracy cost; off: the recipe as saved.
+    """
+    return NativeModel(directory, quantize_embeddings=quantize_embeddings)
 
 
 class NativeTokenizer:

@@ -22,6 +22,12 @@ def _engine_norm_forward(eps: float):
     return forward
 
 
+def simulate_engine_norm(norm: nn.Module, eps: float) -> None:
+    """Make an RMSNorm module compute in the engine's quantize-prologue arithmetic (engine_rms_norm): how the native
+    runtime normalizes the input of a quantized lm_head (ModelOptions.quantize_embeddings)."""
+    norm.forward = types.MethodType(_engine_norm_forward(eps), norm)
+
+
 def simulate_folded_prologues(simulation: nn.Module, engine_model: nn.Module) -> int:
     """Give a fake-quant model the prologues that `engine_model` (the same model after convert_to_engine) folds into
     its quantize kernels, in the kernels' arithmetic (osengine.quant.integer_exact): each folded RMSNorm computes

@@ -13,41 +13,60 @@
 namespace osengine::runtime {
 
 struct ContextOptions {
-  int n_ctx = 2048;    // positions the KV cache holds
+  int n_ctx = 2048;    // positions the KV cache holds, per sequence
   int n_batch = 512;   // tokens decoded per forward pass (longer inputs are split)
-  int n_threads = 0;   // threads of the CPU kernels (0: all cores)
+  int n_threads = 0;   // threads of the CPU kernels (0: what osengine::get_num_threads() says)
+  int n_seq = 1;       // sequences the context holds (decode_batch advances several in one pass)
 };
 
 class Context {
  public:
   explicit Context(std::shared_ptr<const Model> model, const ContextOptions& options = {});
 
-  // Run `n` tokens at positions n_past() .. n_past() + n - 1 and append them to the KV cache. The logits of the
-  // last token (of every token with all_logits) are then available. ArgumentError for ids outside the vocabulary or
-  // a full context (nothing is changed then).
-  void decode(const std::int32_t* tokens, std::size_t n, bool all_logits = false);
-  void decode(const std::vector<std::int32_t>& tokens, bool all_logits = false) {
-    decode(tokens.data(), tokens.size(), all_logits);
+  // Run `n` tokens of sequence `seq` at positions n_past(seq) .. n_past(seq) + n - 1 and append them to its KV
+  // cache. The logits of the last token (of every token with all_logits) are then available. ArgumentError for ids
+  // outside the vocabulary, a sequence outside [0, n_seq) or a full context (nothing is changed then).
+  void decode(const std::int32_t* tokens, std::size_t n, bool all_logits = false, int seq = 0);
+  void decode(const std::vector<std::int32_t>& tokens, bool all_logits = false, int seq = 0) {
+    decode(tokens.data(), tokens.size(), all_logits, seq);
   }
-  // [n_vocab] logits of the i-th token of the last decode call (-1: its last token; others need all_logits).
+  // One new token for each of n different sequences in one forward pass (the weights are read once for all of
+  // them): tokens[i] goes to sequence seqs[i] at position n_past(seqs[i]); its logits are then logits(i).
+  void decode_batch(const std::int32_t* tokens, const int* seqs, std::size_t n);
+  // [n_vocab] logits of the i-th token of the last decode call (-1: its last token; others need all_logits, or
+  // decode_batch).
   const float* logits(int i = -1) const;
-  int n_past() const { return n_past_; }
+  int n_past(int seq = 0) const;
   const Model& model() const { return *model_; }
   const ContextOptions& options() const { return options_; }
-  // Forget the KV cache (kv_clear) or every position from `pos` on (kv_truncate: decode goes on from there).
-  void kv_clear() { n_past_ = 0; }
-  void kv_truncate(int pos);
+  // Forget a sequence's KV cache (kv_clear; -1: every sequence) or every position from `pos` on (kv_truncate:
+  // decoding goes on from there).
+  void kv_clear(int seq = -1);
+  void kv_truncate(int pos, int seq = 0);
 
  private:
-  // Runs tokens[0 .. m) at positions n_past_ ..; writes the logits of rows first_logits_row .. m - 1 to logits_out.
+  // Runs tokens[0 .. m), row r in sequence row_seq_[r] at position row_pos_[r] (each sequence's rows in position
+  // order, right after its cached ones); writes the logits of rows first_logits_row .. m - 1 to logits_out.
   void forward(const std::int32_t* tokens, int m, int first_logits_row, float* logits_out);
+  void check_tokens(const std::int32_t* tokens, std::size_t n) const;
+  void check_seq(int seq, const char* argument) const;
+  float* logits_for(std::size_t rows);
+
+  // Floats left untouched until written: a long context's KV cache takes memory only as it fills.
+  struct FloatBuffer {
+    std::unique_ptr<float[]> data;
+    void allocate(std::size_t n) { data.reset(new float[n]); }
+    float* get() const { return data.get(); }
+  };
 
   std::shared_ptr<const Model> model_;
   ContextOptions options_;
-  int n_past_ = 0;
-  // KV cache: per layer [n_head_kv][n_ctx][head_dim]
-  std::vector<std::vector<float>> k_cache_, v_cache_;
+  std::vector<int> n_past_;  // per sequence
+  // KV cache: per layer [n_seq][n_head_kv][n_ctx][head_dim]
+  std::vector<FloatBuffer> k_cache_, v_cache_;
   // scratch, sized for n_batch tokens
+  std::vector<int> row_seq_, row_pos_;
+  std::vector<float> rope_inv_freq_, rope_cos_, rope_sin_;
   std::vector<float> x_, y_, normed_, fused_out_, q_, k_, v_, attn_, hidden_, up_, scores_, logits_;
   std::vector<std::int8_t> codes_;
   std::vector<std::uint8_t> int4_codes_;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,7 @@ struct QuantizedLinear {
   std::string name;
   std::int64_t in_features = 0, out_features = 0;
   int weight_bits = 8;
+  std::int64_t weight_group_size = 0;  // 0: one scale per output channel
   PackedWeights weights;
   std::vector<float> weight_scale;  // [out] or [out, in / group]
   std::vector<float> bias;          // [out] or empty (carries the folded OS+ shift W z)
@@ -75,26 +77,48 @@ struct Block {
   Projection q, k, v, o, gate, up, down;
 };
 
+// Choices made when a folder is loaded (the folder itself is never changed).
+struct ModelOptions {
+  // Run lm_head on the engine (int8 symmetric per-channel weights, int8 asymmetric per-token dynamic activations)
+  // and keep the token embedding table in int8 (one scale per row; a tied pair shares one int8 copy), as the Python
+  // engine does with convert_to_engine(quantize_embeddings=True). Not part of the recipe (which keeps them in
+  // floating point): faster decoding (lm_head reads a quarter of the bytes) for a small accuracy cost.
+  bool quantize_embeddings = false;
+};
+
 class Model {
  public:
   // Load and validate the folder `dir` (osengine.json, config.json, model.safetensors); weights are packed once for
   // the fastest CPU backend. Throws LoadError naming the folder and the problem.
-  static std::shared_ptr<const Model> load(const std::string& dir);
+  static std::shared_ptr<const Model> load(const std::string& dir, const ModelOptions& options = {});
 
   const ModelInfo& info() const { return info_; }
   const std::vector<Block>& blocks() const { return blocks_; }
-  const std::vector<float>& token_embeddings() const { return embeddings_; }  // [n_vocab, n_embd]
+  const ModelOptions& options() const { return options_; }
+  // Write the embedding of each of tokens[0 .. n) to out[i * n_embd ..] (ids must lie in [0, n_vocab));
+  // code_scratch holds n * n_embd bytes (used for int8 tables).
+  void embed(const std::int32_t* tokens, std::size_t n, float* out, std::int8_t* code_scratch) const;
   const std::vector<float>& final_norm() const { return final_norm_; }
-  // The lm_head weight [n_vocab, n_embd]: the embeddings when tied.
+  // The floating-point lm_head weight [n_vocab, n_embd] (the embeddings when tied); empty with quantize_embeddings.
   const std::vector<float>& lm_head() const { return tied_lm_head_ ? embeddings_ : lm_head_; }
+  // lm_head on the engine with quantize_embeddings; null otherwise.
+  const QuantizedLinear* quantized_lm_head() const { return quantized_lm_head_ ? &*quantized_lm_head_ : nullptr; }
   // Bytes held by the model's weights (packed GEMM layouts and floating-point tensors).
   std::size_t nbytes() const;
 
  private:
+  void quantize_embeddings();  // the quantize_embeddings option, after the floating-point tensors are read
+
   ModelInfo info_;
+  ModelOptions options_;
   std::vector<Block> blocks_;
-  std::vector<float> embeddings_, final_norm_, lm_head_;
+  std::vector<float> embeddings_, final_norm_, lm_head_;  // floating point (embeddings_ empty when in int8)
   bool tied_lm_head_ = false;
+  std::optional<QuantizedLinear> quantized_lm_head_;
+  // int8 embedding table [n_vocab, n_embd] with one scale per row; empty when tied (the rows are read back from
+  // the quantized lm_head's packed weights and scales: one copy).
+  std::vector<std::int8_t> embedding_codes_;
+  std::vector<float> embedding_row_scale_;
 };
 
 }  // namespace osengine::runtime

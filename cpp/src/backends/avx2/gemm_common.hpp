@@ -185,7 +185,7 @@ void finish_tile(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, c
 // one short and the threads unbalanced). One body per thread, made by make_worker() (its per-thread state); the
 // threads claim chunks of items from a shared counter, in order (so they work on the same A block at the same
 // time), which also keeps the others going when the machine is shared and one thread gets descheduled. The minimum
-// chunk (~2M MACs, k_macs per row and column) keeps small problems on one thread. A worker is called as
+// chunk (~2M MACs, k_macs per row and column, or ~32 KB of weights) keeps small problems on one thread. A worker is called as
 // work(panel, m_begin, m_end).
 template <class MakeWorker>
 void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes, std::int64_t k_macs,
@@ -204,7 +204,12 @@ void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes,
   m_blocks = (p.m + mb - 1) / mb;
   const std::int64_t items = m_blocks * n_panels;
   const std::int64_t item_macs = std::min(mb, p.m) * kNR * k_macs;
-  const std::int64_t min_chunk = std::max<std::int64_t>(1, (std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs));
+  // A chunk is worth a thread once it holds ~2M MACs or, for the few rows of a decode step (memory bound: each
+  // panel's weights are read once), ~32 KB of weights.
+  const std::int64_t item_weight_bytes = kNR * k_macs;
+  const std::int64_t min_chunk = std::max<std::int64_t>(
+      1, std::min((std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs),
+                  (std::int64_t{1} << 15) / std::max<std::int64_t>(1, item_weight_bytes)));
   const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(threads, items / min_chunk));
   const std::int64_t chunk = std::max(min_chunk, items / (workers * 16));
   std::atomic<std::int64_t> next{0};
