@@ -3,8 +3,10 @@
 #   1. install the package (C++ engine + osengine._C + front end + built-in plugins), warnings as errors;
 #   2. C++ unit tests (the engine and the native runtime) through ctest, then again under AddressSanitizer +
 #      UndefinedBehaviorSanitizer;
-#   3. install the C++ engine and build + run cpp/examples/01_quantize_and_gemm through find_package(osengine);
-#   4. the linter (ruff, configured in pyproject.toml) and the Python tests.
+#   3. install the C++ engine and build + run cpp/examples/01_quantize_and_gemm through find_package(osengine); build
+#      the generation examples 02_generate (C++) and 03_c_generate (C API) the same way, for step 4 to run;
+#   4. the linter (ruff, configured in pyproject.toml) and the Python tests (tests/runtime/test_examples.py runs the
+#      generation examples on a tiny quantized folder, found through OSENGINE_EXAMPLE_BIN_DIR).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=${OSENGINE_TEST_DIR:-$root/build/test-run}
@@ -55,12 +57,21 @@ cmake --build "$work/asan" -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir "$work/asan" --output-on-failure -j "$jobs"
 
-step "C++ example linked through find_package(osengine)"
+step "C++ examples linked through find_package(osengine)"
 cmake --install "$work/release" >/dev/null
 cmake -S "$root/cpp/examples/01_quantize_and_gemm" -B "$work/example" -G Ninja \
   -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
 cmake --build "$work/example"
 "$work/example/quantize_and_gemm"
+# The generation examples need a quantized folder and its tokenizer: tests/runtime/test_examples.py (below) makes a
+# tiny one, runs both from OSENGINE_EXAMPLE_BIN_DIR and compares their text with the Python runtime's.
+rm -rf "$work/examples-bin"
+for example in 02_generate 03_c_generate; do
+  cmake -S "$root/cpp/examples/$example" -B "$work/example-$example" -G Ninja -DCMAKE_PREFIX_PATH="$work/prefix" \
+    -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$work/examples-bin" >/dev/null
+  cmake --build "$work/example-$example"
+done
+export OSENGINE_EXAMPLE_BIN_DIR="$work/examples-bin"
 
 step "Lint (ruff)"
 cd "$root"
