@@ -171,6 +171,21 @@ osengine_status osengine_model_load(const char* dir, osengine_model** out_model)
   });
 }
 
+osengine_status osengine_model_load_with_flags(const char* dir, uint32_t flags, osengine_model** out_model) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(dir, "dir");
+    require_non_null(out_model, "out_model");
+    if ((flags & ~OSENGINE_MODEL_QUANTIZE_EMBEDDINGS) != 0)
+      throw CArgumentError("argument 'flags' has unknown bits (" + std::to_string(flags) +
+                           "); known: OSENGINE_MODEL_QUANTIZE_EMBEDDINGS");
+    osengine::runtime::ModelOptions options;
+    options.quantize_embeddings = (flags & OSENGINE_MODEL_QUANTIZE_EMBEDDINGS) != 0;
+    auto handle = std::make_unique<osengine_model>();
+    handle->model = osengine::runtime::Model::load(dir, options);
+    *out_model = handle.release();
+  });
+}
+
 void osengine_model_free(osengine_model* model) noexcept { delete model; }
 
 
@@ -250,6 +265,65 @@ osengine_status osengine_context_kv_truncate(osengine_context* context, int32_t 
   return guard(__func__, [&] {
     require_non_null(context, "context");
     context->context.kv_truncate(pos);
+  });
+}
+
+osengine_status osengine_context_create_multi(const osengine_model* model, int32_t n_ctx, int32_t n_batch,
+                                              int32_t n_threads, int32_t n_seq,
+                                              osengine_context** out_context) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(model, "model");
+    require_non_null(out_context, "out_context");
+    osengine::runtime::ContextOptions options;
+    options.n_ctx = n_ctx;
+    options.n_batch = n_batch;
+    options.n_threads = n_threads;
+    options.n_seq = n_seq;
+    *out_context = new osengine_context{osengine::runtime::Context(model->model, options)};
+  });
+}
+
+osengine_status osengine_context_decode_seq(osengine_context* context, int32_t seq, const int32_t* tokens, size_t n,
+                                            int all_logits) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(context, "context");
+    require_non_null(tokens, "tokens");
+    if (n == 0) throw CArgumentError("argument 'n' is 0: decode needs at least one token");
+    context->context.decode(tokens, n, all_logits != 0, seq);
+  });
+}
+
+osengine_status osengine_context_decode_batch(osengine_context* context, const int32_t* tokens, const int32_t* seqs,
+                                              size_t n) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(context, "context");
+    require_non_null(tokens, "tokens");
+    require_non_null(seqs, "seqs");
+    if (n == 0) throw CArgumentError("argument 'n' is 0: decode_batch needs at least one token");
+    static_assert(sizeof(int32_t) == sizeof(int), "sequence ids are passed as int");
+    context->context.decode_batch(tokens, reinterpret_cast<const int*>(seqs), n);
+  });
+}
+
+osengine_status osengine_context_n_past_seq(const osengine_context* context, int32_t seq, int32_t* out_n_past) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(context, "context");
+    require_non_null(out_n_past, "out_n_past");
+    *out_n_past = context->context.n_past(seq);
+  });
+}
+
+osengine_status osengine_context_kv_clear_seq(osengine_context* context, int32_t seq) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(context, "context");
+    context->context.kv_clear(seq);
+  });
+}
+
+osengine_status osengine_context_kv_truncate_seq(osengine_context* context, int32_t seq, int32_t pos) noexcept {
+  return guard(__func__, [&] {
+    require_non_null(context, "context");
+    context->context.kv_truncate(pos, seq);
   });
 }
 

@@ -128,6 +128,16 @@ TEST(null_pointers_are_invalid_arguments_naming_the_argument) {
   CHECK_STATUS(osengine_context_n_past(nullptr, &value), OSENGINE_INVALID_ARGUMENT, "'context'");
   CHECK_STATUS(osengine_context_kv_clear(nullptr), OSENGINE_INVALID_ARGUMENT, "'context'");
   CHECK_STATUS(osengine_context_kv_truncate(nullptr, 0), OSENGINE_INVALID_ARGUMENT, "osengine_context_kv_truncate");
+  CHECK_STATUS(osengine_context_create_multi(nullptr, 64, 16, 1, 2, &context), OSENGINE_INVALID_ARGUMENT, "'model'");
+  CHECK_STATUS(osengine_context_decode_seq(nullptr, 0, tokens, 2, 0), OSENGINE_INVALID_ARGUMENT, "'context'");
+  const std::int32_t seqs[2] = {0, 1};
+  CHECK_STATUS(osengine_context_decode_batch(nullptr, tokens, seqs, 2), OSENGINE_INVALID_ARGUMENT, "'context'");
+  CHECK_STATUS(osengine_context_n_past_seq(nullptr, 0, &value), OSENGINE_INVALID_ARGUMENT, "'context'");
+  CHECK_STATUS(osengine_context_kv_clear_seq(nullptr, -1), OSENGINE_INVALID_ARGUMENT, "'context'");
+  CHECK_STATUS(osengine_context_kv_truncate_seq(nullptr, 0, 0), OSENGINE_INVALID_ARGUMENT, "'context'");
+  CHECK_STATUS(osengine_model_load_with_flags(nullptr, 0, &model), OSENGINE_INVALID_ARGUMENT, "argument 'dir' is NULL");
+  CHECK_STATUS(osengine_model_load_with_flags("x", 6u, &model), OSENGINE_INVALID_ARGUMENT,
+               "argument 'flags' has unknown bits (6)");
 
   osengine_sampler* sampler = nullptr;
   CHECK_STATUS(osengine_sampler_create(0.0f, 0, 1.0f, 0, nullptr), OSENGINE_INVALID_ARGUMENT, "'out_sampler'");

@@ -61,6 +61,11 @@ const char* osengine_status_name(osengine_status status) OSENGINE_C_NOEXCEPT;
 /* Loads the quantized folder `dir` (osengine.json, config.json, model.safetensors, as `osengine quantize --out`
  * writes it): weights are validated and packed once. OSENGINE_LOAD_ERROR names the folder and the problem. */
 osengine_status osengine_model_load(const char* dir, osengine_model** out_model) OSENGINE_C_NOEXCEPT;
+/* Load choices for osengine_model_load_with_flags (bits; 0: the folder's recipe as saved). */
+#define OSENGINE_MODEL_QUANTIZE_EMBEDDINGS 1u /* lm_head on the engine (int8) and the embedding table in int8:
+                                                 faster decoding for a small accuracy cost (docs/runtime.md) */
+osengine_status osengine_model_load_with_flags(const char* dir, uint32_t flags,
+                                               osengine_model** out_model) OSENGINE_C_NOEXCEPT;
 void osengine_model_free(osengine_model* model) OSENGINE_C_NOEXCEPT;
 
 /* From the folder's config.json. bos / eos are -1 when the config gives none; generation stops after the eos. */
@@ -94,6 +99,27 @@ osengine_status osengine_context_n_past(const osengine_context* context, int32_t
  * shared prefix). */
 osengine_status osengine_context_kv_clear(osengine_context* context) OSENGINE_C_NOEXCEPT;
 osengine_status osengine_context_kv_truncate(osengine_context* context, int32_t pos) OSENGINE_C_NOEXCEPT;
+
+/* ---- several sequences in one context (batched decoding) ------------------------------------------------------- */
+
+/* As osengine_context_create, with a KV cache for n_seq sequences (> 0) of n_ctx positions each; the functions
+ * above act on sequence 0. */
+osengine_status osengine_context_create_multi(const osengine_model* model, int32_t n_ctx, int32_t n_batch,
+                                              int32_t n_threads, int32_t n_seq,
+                                              osengine_context** out_context) OSENGINE_C_NOEXCEPT;
+/* osengine_context_decode for sequence seq (in [0, n_seq)). */
+osengine_status osengine_context_decode_seq(osengine_context* context, int32_t seq, const int32_t* tokens, size_t n,
+                                            int all_logits) OSENGINE_C_NOEXCEPT;
+/* One new token for each of n different sequences in one forward pass (the weights are read once for all):
+ * tokens[i] goes after sequence seqs[i]'s cached positions; its logits are then osengine_context_logits(i). */
+osengine_status osengine_context_decode_batch(osengine_context* context, const int32_t* tokens, const int32_t* seqs,
+                                              size_t n) OSENGINE_C_NOEXCEPT;
+osengine_status osengine_context_n_past_seq(const osengine_context* context, int32_t seq,
+                                            int32_t* out_n_past) OSENGINE_C_NOEXCEPT;
+/* seq -1 clears every sequence. */
+osengine_status osengine_context_kv_clear_seq(osengine_context* context, int32_t seq) OSENGINE_C_NOEXCEPT;
+osengine_status osengine_context_kv_truncate_seq(osengine_context* context, int32_t seq,
+                                                 int32_t pos) OSENGINE_C_NOEXCEPT;
 
 /* ---- sampler ---------------------------------------------------------------------------------------------------- */
 
