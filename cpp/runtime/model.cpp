@@ -478,4 +478,16 @@ std::size_t Model::nbytes() const {
   return total;
 }
 
+std::size_t Model::bytes_per_token() const {
+  std::size_t total = nbytes();
+  // the embedding table is read one row per token: take it out of the weights' bytes
+  const std::size_t table = static_cast<std::size_t>(info_.n_vocab) * static_cast<std::size_t>(info_.n_embd);
+  if (!quantized_lm_head_) {
+    if (!tied_lm_head_) total -= table * sizeof(float);  // tied: the table is lm_head, read whole
+  } else if (!tied_lm_head_) {
+    total -= embedding_codes_.size() + embedding_row_scale_.size() * sizeof(float);
+  }
+  return total;
+}
+
 }  // namespace osengine::runtime

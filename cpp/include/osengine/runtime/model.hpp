@@ -105,6 +105,9 @@ class Model {
   const QuantizedLinear* quantized_lm_head() const { return quantized_lm_head_ ? &*quantized_lm_head_ : nullptr; }
   // Bytes held by the model's weights (packed GEMM layouts and floating-point tensors).
   std::size_t nbytes() const;
+  // Bytes of weights one decoding step reads (every GEMM's packed weights and per-channel parameters, the norms and
+  // lm_head; one embedding row is left out): over the machine's read bandwidth, the bound on tokens per second.
+  std::size_t bytes_per_token() const;
 
  private:
   void quantize_embeddings();  // the quantize_embeddings option, after the floating-point tensors are read
