@@ -35,15 +35,18 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
 DEFAULT_PREFILL = "1x128,1x512,8x128"
 DEFAULT_DECODE_BATCH = "1,8"
-CPU_IMPLS = ["fp32", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
+RUNTIME_IMPLS = ["runtime-w8a8", "runtime-w4a8"]
+LLAMACPP_IMPLS = ["llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-f32"]
+CPU_IMPLS = ["fp32", "w8a8", "w4a8", *RUNTIME_IMPLS, *LLAMACPP_IMPLS]
 CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
-EXTRA_IMPLS = ["w8a8_unfused", "w8a8_fp_embed"]
+EXTRA_IMPLS = ["w8a8_shift_fused", "w8a8_shift_separate", "w8a8_unfused", "w8a8_fp_embed"]
 FLOAT_IMPLS = ("fp32", "fp16", "bf16")
 RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8"}
 REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "tokens": int, "ms": float,
@@ -159,6 +162,100 @@ def build_model(impl: str, args):
     return model.eval()
 
 
+def _native_sizes(args) -> tuple:
+    """(n_ctx per sequence, sequences) a native impl's context needs for every measurement point."""
+    longest = max([t for _, t in args.prefill_points] + [args.prompt_len + args.new_tokens + 1,
+                                                           args.prepared.get("ppl_seq_len", 0)])
+    return longest, max([b for b, _ in args.prefill_points] + args.decode_batches)
+
+
+def build_native(impl: str, args):
+    """The adapter of a runtime-* or llamacpp-* impl, from the artifacts the driver prepared (no torch here)."""
+    from . import bench_native
+
+    n_ctx, n_seq = _native_sizes(args)
+    artifact = args.prepared.get(impl)
+    if artifact is None:
+        raise RuntimeError(f"{impl}: the driver prepared nothing for it")
+    if impl in RUNTIME_IMPLS:
+        return bench_native.RuntimeImpl(artifact, args.threads, n_ctx, n_seq,
+                                        quantize_embeddings=not args.fp_embeddings)
+    return bench_native.LlamaCppImpl(artifact, args.threads, n_ctx, n_seq)
+
+
+def _native_ids(args, shape: tuple, seed: int):
+    import numpy as np
+
+    vocab = args.prepared["n_vocab"]
+    return np.random.default_rng(seed).integers(min(100, vocab // 2), vocab, size=shape, dtype=np.int64)
+
+
+def prepare(args) -> dict:
+    """What the native impls and the perplexity column need, made once here in the driver (whose memory is not
+    measured) so that the measuring processes of runtime-* and llamacpp-* import neither torch nor transformers:
+    the quantized folders of the runtime impls (`osengine.quantize` with the bench's recipe, strategy and
+    calibration; runtime-w8a8 runs MODEL itself when it is a quantized folder), the GGUFs of the llama.cpp impls
+    (MODEL's GGUF requantized with llama.cpp's own quantize API) and the token windows of --ppl."""
+    runtime = [i for i in args.impls if i in RUNTIME_IMPLS]
+    llama = [i for i in args.impls if i in LLAMACPP_IMPLS]
+    if not (runtime or llama or args.ppl):
+        return {}
+    import numpy as np
+
+    from .. import api
+    from ..evaluation import EvaluationError
+    from ..io.quantized_model import is_checkpoint, load_quantized_manifest
+    from ..io.sources import ModelLoadError, load_fp_model, resolve_source
+    from . import bench_native
+
+    if args.random:
+        raise ValueError("the runtime-*, llamacpp-* impls and --ppl need a real model, not --random")
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="osengine-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = args.model
+    prepared = {"work_dir": str(work)}
+    if is_checkpoint(source):
+        if "runtime-w8a8" in runtime:
+            prepared["runtime-w8a8"] = str(source)
+        source = load_quantized_manifest(source)["base_model"]
+    print(f"preparing in {work} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_fp_model(source)
+    prepared["n_vocab"] = int(model.config.vocab_size)
+    if args.ppl:
+        path = Path(args.ppl)
+        if not path.is_file():
+            raise EvaluationError(f"--ppl file {str(path)!r} does not exist")
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="np",
+                        add_special_tokens=False)["input_ids"][0]
+        n = min(args.ppl_windows, len(ids) // args.ppl_seq_len)
+        if n == 0:
+            raise EvaluationError(f"{path} has {len(ids)} tokens, fewer than one window of {args.ppl_seq_len}")
+        np.save(work / "ppl_windows.npy", ids[: n * args.ppl_seq_len].reshape(n, args.ppl_seq_len).astype(np.int64))
+        prepared["ppl_windows"], prepared["ppl_seq_len"] = str(work / "ppl_windows.npy"), args.ppl_seq_len
+    for impl in runtime:
+        if impl in prepared:
+            continue
+        recipe = args.recipe if (args.recipe and impl == "runtime-w8a8") else bench_native.RUNTIME_IMPLS[impl]
+        folder = work / impl
+        print(f"[{impl}] quantizing ({recipe}, {args.strategy}) into {folder} ...", file=sys.stderr, flush=True)
+        fresh, _ = load_fp_model(source)
+        api.quantize(fresh, recipe=recipe, strategy=args.strategy, calibration=_calibration(fresh, tokenizer, args),
+                     tokenizer=tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                     batch_size=args.calib_samples, out=folder, progress=False)
+        prepared[impl] = str(folder)
+        del fresh
+    if llama:
+        gguf = resolve_source(source)
+        if gguf.suffix != ".gguf":
+            raise ModelLoadError(f"the llamacpp-* impls requantize a GGUF file; {source} is {gguf}")
+        for impl in llama:
+            kind = bench_native.LLAMACPP_IMPLS[impl][0]
+            prepared[impl] = bench_native.make_gguf(str(gguf), kind, str(work / "gguf"))
+    del model
+    gc.collect()
+    return prepared
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,10 +269,10 @@ class PeakMemory:
         self.device, self.extra = device, extra_bytes
 
     def reset(self) -> None:
-        import torch
-
         gc.collect()
         if self.device == "cuda":
+            import torch
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return
@@ -192,9 +289,9 @@ class PeakMemory:
             pass
 
     def peak_mb(self) -> float:
-        import torch
-
         if self.device == "cuda":
+            import torch
+
             return (torch.cuda.max_memory_allocated() + self.extra) / 1e6
         try:
             with open("/proc/self/status") as f:
@@ -294,33 +391,43 @@ class Runner:
     reset before its first sample, read after each."""
 
     def __init__(self, impls: List[str], args):
-        import torch
-
-        from ..runtime.memory import model_memory
-
-        set_threads(args.threads)
         self.impls, self.args = list(impls), args
+        self.native = impls[0] in RUNTIME_IMPLS + LLAMACPP_IMPLS  # no torch in this process
         t0 = time.time()
-        self.model = build_model(impls[0], args)
+        extra = {}
+        if self.native:
+            self.model = build_native(impls[0], args)
+            total, packed = self.model.nbytes, 0
+            extra["bytes_per_token"] = self.model.bytes_per_token
+        else:
+            import torch
+
+            from ..runtime.memory import model_memory
+
+            set_threads(args.threads)
+            self.model = build_model(impls[0], args)
+            memory = model_memory(self.model)
+            total, packed = memory["total"], memory["packed"]
+            extra["torch"] = torch.__version__
         setup_s = time.time() - t0
-        memory = model_memory(self.model)
-        self.memory = PeakMemory(args.device, memory["packed"] if args.device == "cuda" else 0)
+        self.memory = PeakMemory(args.device, packed if args.device == "cuda" else 0)
         device = device_name(args.device, args.threads)
         self.base = {impl: {"device": device, "impl": impl,
                             "model": args.random and f"random-{args.random}" or str(args.model),
-                            "model_mb": round(memory["total"] / 1e6, 2), "setup_s": round(setup_s, 1),
-                            "torch": torch.__version__} for impl in impls}
-        self.samples, self.peaks, self.inputs = {}, {}, {}
+                            "model_mb": round(total / 1e6, 2), "setup_s": round(setup_s, 2), **extra}
+                     for impl in impls}
+        self.samples, self.peaks, self.inputs, self.ppl = {}, {}, {}, {}
         self.shift_mode = None
 
     def _input(self, phase: str, batch: int, tokens: int):
         key = (phase, batch, tokens)
         if key not in self.inputs:
-            if phase == "prefill":
-                self.inputs[key] = _ids(self.model, batch, tokens, seed=tokens + batch, device=self.args.device)
+            shape = (batch, tokens) if phase == "prefill" else (batch, self.args.prompt_len)
+            seed = tokens + batch if phase == "prefill" else 7 + batch
+            if self.native:
+                self.inputs[key] = _native_ids(self.args, shape, seed)
             else:
-                self.inputs[key] = _ids(self.model, batch, self.args.prompt_len, seed=7 + batch,
-                                        device=self.args.device)
+                self.inputs[key] = _ids(self.model, *shape, seed=seed, device=self.args.device)
         return self.inputs[key]
 
     def sample(self, impl: str, phase: str, batch: int, tokens: int, timed: bool) -> float:
@@ -333,7 +440,9 @@ class Runner:
         ids = self._input(phase, batch, tokens)
         if key not in self.peaks:
             self.memory.reset()
-        if phase == "prefill":
+        if self.native:
+            ms = self.model.prefill(ids) if phase == "prefill" else self.model.decode(ids, tokens)
+        elif phase == "prefill":
             ms = prefill_once(self.model, ids, self.args.device)
         else:
             ms, _ = greedy_decode(self.model, ids, tokens, self.args.device)
@@ -341,6 +450,26 @@ class Runner:
         if timed:
             self.samples.setdefault(key, []).append(ms)
         return ms
+
+    def perplexity(self, impl: str) -> dict:
+        """Perplexity of `impl` on the driver's windows (args.prepared["ppl_windows"])."""
+        import numpy as np
+
+        windows = np.load(self.args.prepared["ppl_windows"])
+        if self.native:
+            result = self.model.perplexity(windows)
+        else:
+            import torch
+
+            from ..evaluation import perplexity_on_windows
+            from ..runtime.memory import set_shift_mode
+
+            if impl.startswith("w8a8_shift") and self.shift_mode != impl:
+                set_shift_mode(self.model, "separate" if impl.endswith("separate") else "fused")
+                self.shift_mode = impl
+            result = perplexity_on_windows(self.model, torch.from_numpy(windows).long(), progress=False)
+        self.ppl[impl] = result
+        return result
 
     def records(self) -> List[dict]:
         out = []
@@ -356,6 +485,9 @@ class Runner:
                 if phase == "decode":
                     r["ms_per_token"] = s["ms"] / tokens
                     r["prompt_tokens"] = self.args.prompt_len
+                if impl in self.ppl:
+                    r["ppl"] = round(self.ppl[impl]["perplexity"], 4)
+                    r["ppl_windows"] = f"{self.ppl[impl]['windows']}x{self.ppl[impl]['seq_len']}"
                 for k in ("ms", "ms_min", "ms_max", "ms_iqr", "ms_per_token", "tokens_per_s"):
                     if k in r:
                         r[k] = round(float(r[k]), 3)
@@ -403,6 +535,9 @@ class ChildRunner:
         return float(self._ask({"cmd": "sample", "impl": impl, "phase": phase, "batch": batch, "tokens": tokens,
                                 "timed": timed})["ms"])
 
+    def perplexity(self, impl: str) -> dict:
+        return self._ask({"cmd": "perplexity", "impl": impl})
+
     def records(self) -> List[dict]:
         return self._ask({"cmd": "records"})
 
@@ -429,6 +564,8 @@ def serve(impls: List[str], args) -> None:
             ms = runner.sample(request["impl"], request["phase"], request["batch"], request["tokens"],
                                request["timed"])
             print(PROTOCOL + json.dumps({"ms": ms}), flush=True)
+        elif request["cmd"] == "perplexity":
+            print(PROTOCOL + json.dumps(runner.perplexity(request["impl"])), flush=True)
         elif request["cmd"] == "records":
             print(PROTOCOL + json.dumps(runner.records()), flush=True)
 
@@ -461,6 +598,17 @@ def drive(runners: List, args) -> List:
             ms = statistics.median(ts)
             print(f"  {impl:<20} {phase:<7} {batch}x{tokens}: {ms:.1f} ms "
                   f"({batch * tokens / (ms / 1e3):.1f} tok/s)", file=sys.stderr, flush=True)
+    if getattr(args, "prepared", {}).get("ppl_windows"):
+        for runner in list(alive):
+            for impl in runner.impls:
+                try:
+                    result = runner.perplexity(impl)
+                except RunnerFailed as e:
+                    print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
+                    alive.remove(runner)
+                    break
+                print(f"  {impl:<20} perplexity {result['perplexity']:.3f} ({result['windows']}x"
+                      f"{result['seq_len']} tokens, {result['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return alive
 
 
@@ -498,15 +646,35 @@ def _child_argv(args, impls: List[str]) -> List[str]:
     argv += ["--prefill", args.prefill, "--decode-batch", args.decode_batch]
     if args.fp_embeddings:
         argv.append("--fp-embeddings")
+    if getattr(args, "prepared_file", None):
+        argv += ["--prepared-file", args.prepared_file]
     if args.model is not None:
         argv.append(str(args.model))
     return argv
+
+
+def measure_bandwidth(args) -> Optional[float]:
+    """GB/s that --threads threads read from memory (osengine._C.read_bandwidth), for the decode bound."""
+    if args.device != "cpu" or not any(i in RUNTIME_IMPLS + LLAMACPP_IMPLS for i in args.impls):
+        return None
+    from .. import _C
+
+    if not hasattr(_C, "read_bandwidth"):
+        return None
+    gbps = _C.read_bandwidth(512 << 20, args.threads, 5) / 1e9
+    print(f"memory read bandwidth with {args.threads} threads: {gbps:.1f} GB/s", file=sys.stderr, flush=True)
+    return gbps
 
 
 def run(args) -> List[dict]:
     """Build every model (each in its own process, one after the other), then measure them interleaved (`drive`).
     Records in impl order; an impl whose process fails is reported and skipped."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    args.prepared = prepare(args)
+    if args.prepared:
+        args.prepared_file = str(Path(args.prepared["work_dir"]) / "prepared.json")
+        Path(args.prepared_file).write_text(json.dumps(args.prepared))
+    args.read_gbps = measure_bandwidth(args)
     runners = []
     try:
         for group in process_groups(args.impls):
@@ -525,7 +693,12 @@ def run(args) -> List[dict]:
                     by_impl.setdefault(record["impl"], []).append(record)
             except RunnerFailed as e:
                 print(f"[{', '.join(runner.impls)}] failed ({e}); skipped", file=sys.stderr, flush=True)
-        return [r for impl in args.impls for r in by_impl.get(impl, [])]
+        records = [r for impl in args.impls for r in by_impl.get(impl, [])]
+        for r in records:
+            if args.read_gbps and r.get("bytes_per_token"):
+                r["read_gbps"] = round(args.read_gbps, 2)
+                r["bandwidth_bound_tokens_per_s"] = round(args.read_gbps * 1e9 / r["bytes_per_token"], 1)
+        return records
     finally:
         for runner in runners:
             runner.close()
@@ -544,14 +717,25 @@ def _reference_impl(records: List[dict]) -> Optional[str]:
 def table(records: List[dict]) -> str:
     ref = _reference_impl(records)
     lookup = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r for r in records}
+    with_ppl = any("ppl" in r for r in records)
+    with_bound = any("bandwidth_bound_tokens_per_s" in r for r in records)
     lines = ["| impl | phase | batch x tokens | ms (median) | spread (IQR) | tokens/s | vs " + (ref or "float")
-             + " | model MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             + (" | of bandwidth bound" if with_bound else "") + " | model MB | peak RSS MB |"
+             + (" perplexity |" if with_ppl else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|" if with_bound else "") + "---:|---:|"
+             + ("---:|" if with_ppl else "")]
     for r in records:
         base = lookup.get((ref, r["phase"], r["batch"], r["tokens"]))
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         spread = f"±{100 * r['ms_iqr'] / 2 / r['ms']:.0f}%" if r["ms"] else "-"
+        bound = ""
+        if with_bound:
+            b = r.get("bandwidth_bound_tokens_per_s")
+            bound = f" {100 * r['tokens_per_s'] / b:.0f}% |" if b and r["phase"] == "decode" and r["batch"] == 1 \
+                else " - |"
         lines.append(f"| {r['impl']} | {r['phase']} | {r['batch']} x {r['tokens']} | {r['ms']:.1f} | {spread} | "
-                     f"{r['tokens_per_s']:.1f} | {speedup} | {r['model_mb']:.0f} | {r['peak_mem_mb']:.0f} |")
+                     f"{r['tokens_per_s']:.1f} | {speedup} |{bound} {r['model_mb']:.0f} | {r['peak_mem_mb']:.0f} |"
+                     + (f" {r['ppl']:.3f} |" if "ppl" in r else (" - |" if with_ppl else "")))
     return "\n".join(lines)
 
 
@@ -575,6 +759,33 @@ def targets(records: List[dict], device: str) -> List[tuple]:
                   default=None)
         check(f"prefill {big[1]}x{big[2]} w8a8 >= 1.3x {ref}" if big else "prefill w8a8 >= 1.3x fp16",
               ratio("prefill", big[1], big[2]) if big else None, 1.3)
+        return out
+    def versus(impl, peer, phase, batch, tokens):
+        a, b = get.get((impl, phase, batch, tokens)), get.get((peer, phase, batch, tokens))
+        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+
+    if any(r["impl"] in RUNTIME_IMPLS for r in records):
+        t = next(iter(decode_tokens), None)
+        check("decode batch 1 runtime-w8a8 >= 1.3x llamacpp-q8_0", versus("runtime-w8a8", "llamacpp-q8_0",
+                                                                           "decode", 1, t), 1.3)
+        check("decode batch 1 runtime-w4a8 >= 1.3x llamacpp-q4_0", versus("runtime-w4a8", "llamacpp-q4_0",
+                                                                           "decode", 1, t), 1.3)
+        w8 = get.get(("runtime-w8a8", "decode", 1, t))
+        bound = w8 and w8.get("bandwidth_bound_tokens_per_s")
+        out.append(("decode batch 1 runtime-w8a8 >= 60% of the bandwidth bound",
+                    f"{100 * w8['tokens_per_s'] / bound:.0f}%" if bound else "-",
+                    "SKIP" if not bound else ("PASS" if w8["tokens_per_s"] >= 0.6 * bound else "FAIL")))
+        check("prefill 1x512 runtime-w8a8 >= 2.0x llamacpp-q8_0", versus("runtime-w8a8", "llamacpp-q8_0",
+                                                                          "prefill", 1, 512), 2.0)
+        peaks = {i: max((r["peak_mem_mb"] for r in records if r["impl"] == i), default=None)
+                 for i in ("runtime-w8a8", "llamacpp-q8_0")}
+        ours, theirs = peaks["runtime-w8a8"], peaks["llamacpp-q8_0"]
+        out.append(("peak RSS runtime-w8a8 <= llamacpp-q8_0", f"{ours:.0f} vs {theirs:.0f} MB" if ours and theirs
+                    else "-", "SKIP" if not (ours and theirs) else ("PASS" if ours <= theirs else "FAIL")))
+        load = next((r["setup_s"] for r in records if r["impl"] == "runtime-w8a8"), None)
+        out.append(("load runtime-w8a8 <= 1 s", "-" if load is None else f"{load:.2f} s",
+                    "SKIP" if load is None else ("PASS" if load <= 1.0 else "FAIL")))
+    if ref is None:
         return out
     check("prefill 1x512 w8a8 >= 1.5x fp32", ratio("prefill", 1, 512), 1.5)
     for b in (1, 8):
@@ -658,6 +869,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes)")
     p.add_argument("--random-llama7b", dest="random", action="store_const", const="llama7b",
                    help="same as --random llama7b")
+    p.add_argument("--ppl", default=None, metavar="TEXT_FILE",
+                   help="also measure each impl's perplexity on --ppl-windows windows of --ppl-seq-len tokens of "
+                        "this text (e.g. wiki.test.raw), the same token ids for every impl")
+    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--work-dir", default=None,
+                   help="where the runtime impls' quantized folders and the llama.cpp GGUFs go (default: a new "
+                        "temporary folder)")
+    p.add_argument("--prepared-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true",
                    help="build and measure every model in this process (no per-impl peak memory)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the results")
@@ -678,15 +898,43 @@ def parse_points(args) -> None:
         raise ValueError("--repeats, --new-tokens and --prompt-len must be >= 1 and --warmup >= 0")
     default = CUDA_IMPLS if args.device == "cuda" else CPU_IMPLS
     args.impls = [i for i in (args.impl.split(",") if args.impl else default) if i]
+    if args.random and not args.impl:  # they need a real model: quantized folders, GGUFs
+        args.impls = [i for i in args.impls if i not in RUNTIME_IMPLS + LLAMACPP_IMPLS]
     known = set(CPU_IMPLS + CUDA_IMPLS + EXTRA_IMPLS + list(FLOAT_IMPLS))
     unknown = [i for i in args.impls if i not in known]
     if unknown:
         raise ValueError(f"unknown impl(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if args.ppl_windows < 1 or args.ppl_seq_len < 2:
+        raise ValueError("--ppl-windows must be >= 1 and --ppl-seq-len >= 2")
+    args.prepared = json.loads(Path(args.prepared_file).read_text()) if args.prepared_file else {}
+    missing = unavailable_impls(args.impls)
+    if args.device == "cuda" and any(i in RUNTIME_IMPLS + LLAMACPP_IMPLS for i in args.impls):
+        raise ValueError("the runtime-* and llamacpp-* impls run on the CPU only")
+    if missing and args.impl:
+        raise ValueError("; ".join(f"{impl}: {why}" for impl, why in missing.items()))
+    for impl, why in missing.items():  # left out of the default list, with the reason
+        print(f"{impl} skipped: {why}", file=sys.stderr)
+        args.impls.remove(impl)
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available to torch")
+
+
+def unavailable_impls(impls: List[str]) -> dict:
+    """{impl: why} for the requested impls this installation cannot run."""
+    import importlib.util
+
+    from .. import _C
+
+    out = {}
+    for impl in impls:
+        if impl in RUNTIME_IMPLS and not _C.has_native_runtime():
+            out[impl] = "osengine was built without the native runtime (docs/runtime.md)"
+        if impl in LLAMACPP_IMPLS and importlib.util.find_spec("llama_cpp") is None:
+            out[impl] = "llama-cpp-python is not installed (pip install \"osengine[llamacpp]\")"
+    return out
 
 
 def main(args) -> int:
