@@ -372,8 +372,10 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       }
     }
     // Causal attention of each row over its sequence's cache up to its position; threads split the heads (each
-    // has its own row of scores).
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+    // has its own row of scores) once there is enough work to pay for waking them (a short decode step has not).
+    std::int64_t attention_macs = 0;
+    for (int r = 0; r < m; ++r) attention_macs += (row_pos_[static_cast<std::size_t>(r)] + 1) * q_out * 2;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (attention_macs >= (std::int64_t{1} << 18))
     for (int h = 0; h < info.n_head; ++h)
     for (int r = 0; r < m; ++r) {
       const int g = h / group;
