@@ -1,6 +1,8 @@
-"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load."""
+"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load (and
+verify_engine / verify_native, behind `osengine check`)."""
 from __future__ import annotations
 
+import inspect
 import resource
 import time
 from pathlib import Path
@@ -82,6 +84,71 @@ def verify_engine(directory: Union[str, Path], prompt: str = "The history of the
             "tokens_identical": bool(torch.equal(engine_tokens, simulated_tokens)),
             "first_token_difference": None if len(differing) == 0 else int(differing[0, 1]) - ids.shape[1],
             "new_tokens": new_tokens, "backend": backend}
+
+
+def verify_native(directory: Union[str, Path], prompt: str = "The history of the city begins",
+                  new_tokens: int = 64, n_threads: int = 0) -> dict:
+    """Run a saved folder on the native runtime (C++, osengine.runtime.native) and in the integer-exact simulation
+    (as verify_engine builds it), greedy-decode up to `new_tokens` after `prompt` (tokenized by the folder's
+    tokenizer.json; both stop after the end-of-sequence token) and compare the tokens; then the logits of both over
+    the same sequence (the prompt and the simulation's tokens), per position
+    max|runtime - simulation| / max|simulation|. The runtime computes attention, RoPE and the final norm in another
+    float order than torch: its logits are an ulp or so apart, which now and then flips an activation code at a
+    rounding boundary (a ~1e-4 change at that position), so the logits are not compared bit for bit; a greedy token
+    may flip where the two best logits are that close, which "first_token_difference" and the gaps tell. Returns
+    {"tokens_identical", "runtime_tokens", "simulation_tokens", "first_token_difference" (index of the first
+    differing new token, None), "logits_max_rel_diff", "logits_median_rel_diff", "logits_finite", "positions",
+    "prompt_tokens", "new_tokens", "text"} and, where the tokens differ, "runtime_token", "simulation_token",
+    "simulation_gap" (the simulation's logit of its token minus that of the runtime's token at that position) and
+    "runtime_gap" (the reverse, on the runtime)."""
+    import numpy as np
+
+    from .runtime.native import load_native
+
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"verify_native: new_tokens must be a positive integer, got {new_tokens!r}")
+    native = load_native(directory)
+    ids = native.tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("verify_native: the prompt gives no tokens")
+    engine, _ = load(directory)
+    simulation, _ = load_model(directory)
+    set_integer_exact(simulation)
+    simulate_folded_prologues(simulation, engine)
+    del engine
+    eos = native.info["eos_token_id"]
+    runtime_tokens = native.context(n_ctx=len(ids) + new_tokens, n_threads=n_threads).generate(ids, new_tokens)
+    simulation_tokens = []
+    # transformers 5.x names the KV cache `cache` where 4.x said `past_key_values`
+    cache = "cache" if "cache" in inspect.signature(simulation.forward).parameters else "past_key_values"
+    with torch.inference_mode():  # greedy with a KV cache, the first maximum as the runtime's sampler takes it
+        out = simulation(input_ids=torch.tensor([ids]), use_cache=True)
+        for _ in range(new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            simulation_tokens.append(token)
+            if token == eos or len(simulation_tokens) == new_tokens:
+                break
+            out = simulation(input_ids=torch.tensor([[token]]), use_cache=True, **{cache: getattr(out, cache)})
+        sequence = ids + simulation_tokens
+        want = simulation(input_ids=torch.tensor([sequence])).logits[0].float().numpy()
+    got = native.context(n_ctx=len(sequence), n_threads=n_threads).decode(sequence, all_logits=True)
+    finite = bool(np.isfinite(got).all())
+    per_position = np.abs(got.astype(np.float64) - want).max(axis=1) / np.abs(want).max(axis=1)
+    first = next((i for i, (a, b) in enumerate(zip(runtime_tokens, simulation_tokens)) if a != b),
+                 None if len(runtime_tokens) == len(simulation_tokens) else min(len(runtime_tokens),
+                                                                                 len(simulation_tokens)))
+    result = {"tokens_identical": first is None, "runtime_tokens": list(runtime_tokens),
+              "simulation_tokens": simulation_tokens, "first_token_difference": first,
+              "logits_max_rel_diff": float(per_position.max()),
+              "logits_median_rel_diff": float(np.median(per_position)),
+              "logits_finite": finite, "positions": len(sequence), "prompt_tokens": len(ids),
+              "new_tokens": new_tokens, "text": native.tokenizer.decode(runtime_tokens, skip_special_tokens=True)}
+    if first is not None and first < min(len(runtime_tokens), len(simulation_tokens)):
+        row = len(ids) + first - 1     # the position whose logits chose new token `first` (the same prefix on both)
+        r, s = runtime_tokens[first], simulation_tokens[first]
+        result.update(runtime_token=r, simulation_token=s, simulation_gap=float(want[row, s] - want[row, r]),
+                      runtime_gap=float(got[row, r] - got[row, s]))
+    return result
 
 
 def _peak_rss_mib() -> float:
