@@ -264,3 +264,19 @@ def test_perplexity_api_checks_its_input(folder):
         perplexity(folder / "q", "the city", seq_len=1)
     result = perplexity(folder / "q", (folder / "text.txt").read_text(), seq_len=32, max_windows=None)
     assert result["windows"] > 3 and np.isfinite(result["perplexity"])
+
+
+def test_run_and_eval_runtime_do_without_torch(folder):
+    """`osengine run` and `eval --runtime` load neither torch nor transformers (a fresh interpreter)."""
+    import os
+    import subprocess
+
+    code = ("import sys; from osengine.cli import main; "
+            f"assert main(['run', {str(folder / 'q')!r}, '--prompt', 'the city', '--max-new-tokens', '4']) == 0; "
+            f"assert main(['eval', {str(folder / 'q')!r}, '--runtime', '--ppl', {str(folder / 'text.txt')!r}, "
+            "'--seq-len', '32', '--windows', '1', '--json']) == 0; "
+            "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+            "assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -289,21 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..calibrate.data import CalibrationError
-    from ..evaluation import EvaluationError
-    from ..io.sources import ModelLoadError
-    from ..plugins.api import PluginError
-    from ..quant.recipes import RecipeError
+def _is_user_error(e: RuntimeError) -> bool:
+    """PluginError and NativeRuntimeUnavailable, imported only when needed (the first imports torch, which
+    `osengine run` does without)."""
     from ..runtime.native import NativeRuntimeUnavailable
 
+    if isinstance(e, NativeRuntimeUnavailable):
+        return True
+    try:
+        from ..plugins.api import PluginError
+    except ImportError:  # no torch: then no plugin raised it
+        return False
+    return isinstance(e, PluginError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, PluginError, CalibrationError, ModelLoadError, EvaluationError, ValueError,
-            FileExistsError, NativeRuntimeUnavailable) as e:
-        print(f"osengine {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    # RecipeError, CalibrationError, ModelLoadError, EvaluationError and the runtime's LoadError are ValueErrors
+    except (ValueError, FileExistsError) as e:
+        error = e
+    except RuntimeError as e:
+        if not _is_user_error(e):
+            raise
+        error = e
+    print(f"osengine {args.command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
