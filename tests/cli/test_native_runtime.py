@@ -162,6 +162,7 @@ def test_check_runtime_passes_and_reports(folder, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tokens_identical"] and result["runtime_tokens"] == result["simulation_tokens"]
     assert result["logits_median_rel_diff"] <= 1e-5 and result["logits_max_rel_diff"] <= 1e-3
+    assert result["logits_first_above_1e-3"] is None and result["positions"] == result["prompt_tokens"] + 7
 
 
 def test_check_runtime_fails_when_tokens_differ(folder, monkeypatch, capsys):

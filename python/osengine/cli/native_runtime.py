@@ -112,6 +112,8 @@ def check_runtime(args) -> int:
     n = len(result["simulation_tokens"])
     logits = (f"logits over {result['positions']} positions: relative difference max "
               f"{result['logits_max_rel_diff']:.2g}, median {result['logits_median_rel_diff']:.2g}")
+    if result["logits_first_above_1e-3"] is not None:
+        logits += f" (above 1e-3 from position {result['logits_first_above_1e-3']} on)"
     if args.json:
         print(json.dumps(result))
     elif same:
