@@ -140,6 +140,28 @@ def test_generate_with_sampling_and_on_a_context(folder):
         generate(model, "", 4)
 
 
+def test_the_token_callback_stops_and_raises_through_the_runtime(folder):
+    from osengine.runtime import generate, load_native
+
+    model = load_native(folder / "q")
+    ids = model.tokenizer.encode(PROMPT)
+    seen = []
+    new = model.context(n_ctx=64).generate(ids, 10, on_token=lambda t: seen.append(t) or len(seen) < 3)
+    assert new == seen and len(new) == 3  # False from the callback stops after that token
+
+    class Stop(Exception):
+        pass
+
+    def boom(piece):
+        raise Stop(piece)
+
+    context = model.context(n_ctx=64)
+    with pytest.raises(Stop):
+        generate(context, ids, 10, on_text=boom)
+    context.kv_clear()  # still usable
+    assert generate(context, ids, 10) == generate(model, ids, 10)
+
+
 def test_eval_runtime_equals_the_engine_perplexity(folder, capsys):
     q, text = str(folder / "q"), str(folder / "text.txt")
     common = ["--ppl", text, "--seq-len", "64", "--windows", "3", "--json"]
