@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 
 #include "osengine/errors.hpp"
 #include "osengine/runtime/context.hpp"
@@ -196,7 +197,7 @@ void bind_runtime(py::module_& m) {
      " the memory bandwidth that bounds decoding");
 
   m.def("runtime_generate", [](rt::Context& context, py::handle prompt, int max_new_tokens, float temperature, int top_k,
-                         float top_p, std::uint64_t seed) {
+                         float top_p, std::uint64_t seed, py::object on_token) {
     const std::vector<std::int32_t> ids = token_ids(prompt);
     rt::Sampler::Options options;
     options.temperature = temperature;
@@ -204,12 +205,20 @@ void bind_runtime(py::module_& m) {
     options.top_p = top_p;
     options.seed = seed;
     rt::Sampler sampler(options);
+    std::function<bool(std::int32_t)> callback;
+    if (!on_token.is_none())
+      callback = [&on_token](std::int32_t token) {  // runs with the GIL released: take it for the Python call
+        py::gil_scoped_acquire acquire;
+        const py::object go_on = on_token(token);
+        return go_on.is_none() || go_on.cast<bool>();  // only False (or a falsy value) stops
+      };
     py::gil_scoped_release release;
-    return rt::generate(context, ids, max_new_tokens, sampler);
+    return rt::generate(context, ids, max_new_tokens, sampler, callback);
   }, py::arg("context"), py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature") = 0.0f,
-     py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0,
+     py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0, py::arg("on_token") = py::none(),
      "Decode the prompt, then up to max_new_tokens tokens (greedy at temperature 0); stops at the end-of-sequence "
-     "token. Returns the new tokens.");
+     "token. on_token(id), if given, is called with each new token as it is chosen (return False to stop). Returns "
+     "the new tokens.");
 }
 
 }  // namespace osengine::python

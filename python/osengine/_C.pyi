@@ -1,5 +1,5 @@
 # Typed stub of the private extension module osengine._C (use the wrappers in osengine.ops).
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __version__: str
 
@@ -90,5 +90,6 @@ class RuntimeTokenizer:
     def bos_token_id(self) -> int: ...
 
 def runtime_generate(context: RuntimeContext, prompt: Any, max_new_tokens: int, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]: ...
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     on_token: Callable[[int], bool | None] | None = None) -> list[int]: ...
 def read_bandwidth(nbytes: int = 536870912, threads: int = 1, repeats: int = 5) -> float: ...

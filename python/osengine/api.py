@@ -1,4 +1,5 @@
-"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load."""
+"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load (and
+verify_engine / verify_native, behind `osengine check`)."""
 from __future__ import annotations
 
 import resource
@@ -82,6 +83,68 @@ def verify_engine(directory: Union[str, Path], prompt: str = "The history of the
             "tokens_identical": bool(torch.equal(engine_tokens, simulated_tokens)),
             "first_token_difference": None if len(differing) == 0 else int(differing[0, 1]) - ids.shape[1],
             "new_tokens": new_tokens, "backend": backend}
+
+
+def verify_native(directory: Union[str, Path], prompt: str = "The history of the city begins",
+                  new_tokens: int = 64, n_threads: int = 0) -> dict:
+    """Run a saved folder on the native runtime (C++, osengine.runtime.native) and in the integer-exact simulation
+    (as verify_engine builds it): greedy-decode up to `new_tokens` after `prompt` (tokenized by the folder's
+    tokenizer.json) on the runtime (it stops after the end-of-sequence token), and check that at every step the
+    simulation, given the same prefix, chooses the same token (one teacher-forced pass over the prompt and the
+    runtime's tokens: identical choices at every step are what the simulation's own greedy decode produces). The
+    logits of both over that sequence are compared per position: max|runtime - simulation| / max|simulation|. The
+    runtime computes attention, RoPE and the final norm in another float order than torch: its logits are an ulp or
+    so apart, which now and then flips an activation code at a rounding boundary (a ~1e-4 change at that position,
+    more on an ulp-chaotic model), so the logits are not compared bit for bit; a greedy token may flip where the two
+    best logits are that close, which the gaps tell. Returns {"tokens_identical", "runtime_tokens",
+    "simulation_tokens" (the runtime's up to the first difference, then the simulation's choice there),
+    "first_token_difference" (index of the first differing new token, None), "logits_max_rel_diff",
+    "logits_median_rel_diff", "logits_first_above_1e-3" (the first position whose difference exceeds 1e-3, None),
+    "logits_finite", "positions", "prompt_tokens", "new_tokens", "text"} and, where the tokens differ,
+    "runtime_token", "simulation_token", "simulation_gap" (the simulation's logit of its token minus that of the
+    runtime's token at that position) and "runtime_gap" (the reverse, on the runtime)."""
+    import numpy as np
+
+    from .runtime.native import load_native
+
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"verify_native: new_tokens must be a positive integer, got {new_tokens!r}")
+    native = load_native(directory)
+    ids = native.tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("verify_native: the prompt gives no tokens")
+    engine, _ = load(directory)
+    simulation, _ = load_model(directory)
+    set_integer_exact(simulation)
+    simulate_folded_prologues(simulation, engine)
+    del engine
+    runtime_tokens = list(native.context(n_ctx=len(ids) + new_tokens, n_threads=n_threads).generate(ids, new_tokens))
+    # The simulation's greedy choices, read from one forward pass over the prompt and the runtime's tokens (teacher
+    # forcing): while the two agree, each step's choice is what the simulation's own greedy decode would make (the
+    # first maximum, as the runtime's sampler takes it), at the cost of one pass instead of a slow step per token.
+    sequence = ids + runtime_tokens[:-1]
+    with torch.inference_mode():
+        want = simulation(input_ids=torch.tensor([sequence])).logits[0].float().numpy()
+    got = native.context(n_ctx=len(sequence), n_threads=n_threads).decode(sequence, all_logits=True)
+    choices = want[len(ids) - 1:].argmax(axis=1).tolist()     # the simulation's choice for each new token
+    first = next((i for i, (a, b) in enumerate(zip(runtime_tokens, choices)) if a != b), None)
+    simulation_tokens = runtime_tokens if first is None else runtime_tokens[:first] + [choices[first]]
+    finite = bool(np.isfinite(got).all())
+    per_position = np.abs(got.astype(np.float64) - want).max(axis=1) / np.abs(want).max(axis=1)
+    large = np.flatnonzero(per_position > 1e-3)
+    result = {"tokens_identical": first is None, "runtime_tokens": runtime_tokens,
+              "simulation_tokens": simulation_tokens, "first_token_difference": first,
+              "logits_max_rel_diff": float(per_position.max()),
+              "logits_median_rel_diff": float(np.median(per_position)),
+              "logits_first_above_1e-3": int(large[0]) if len(large) else None,
+              "logits_finite": finite, "positions": len(sequence), "prompt_tokens": len(ids),
+              "new_tokens": new_tokens, "text": native.tokenizer.decode(runtime_tokens, skip_special_tokens=True)}
+    if first is not None:
+        row = len(ids) + first - 1     # the position whose logits chose new token `first` (the same prefix on both)
+        r, s = runtime_tokens[first], choices[first]
+        result.update(runtime_token=r, simulation_token=s, simulation_gap=float(want[row, s] - want[row, r]),
+                      runtime_gap=float(got[row, r] - got[row, s]))
+    return result
 
 
 def _peak_rss_mib() -> float:

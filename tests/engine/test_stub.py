@@ -47,7 +47,11 @@ def bound_arguments(obj) -> list:
 def stub_arguments(node: ast.FunctionDef) -> list:
     args = [a.arg for a in node.args.args if a.arg != "self"]
     with_default = len(node.args.defaults)
-    return [(name, i >= len(args) - with_default) for i, name in enumerate(args)]
+    out = [(name, i >= len(args) - with_default) for i, name in enumerate(args)]
+    if node.args.kwonlyargs:  # pybind11 writes keyword-only arguments after a bare '*'
+        out.append(("*", False))
+        out += [(a.arg, d is not None) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults)]
+    return out
 
 
 def stub_tree():
