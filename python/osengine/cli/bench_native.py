@@ -117,7 +117,9 @@ class LlamaCppImpl:
     def __init__(self, gguf: str, threads: int, n_ctx: int, max_batch: int):
         ll = self.ll = _llama_cpp()
         ll.llama_backend_init()
-        ll.llama_log_set(ll.llama_log_callback(lambda level, text, user: None), None)  # quiet
+        # quiet; the callback must outlive every call that may log (llama.cpp keeps the pointer)
+        self._log_callback = ll.llama_log_callback(lambda level, text, user: None)
+        ll.llama_log_set(self._log_callback, None)
         model_params = ll.llama_model_default_params()
         self.model = ll.llama_model_load_from_file(gguf.encode(), model_params)
         if not self.model:

@@ -211,7 +211,11 @@ void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes,
       1, std::min((std::int64_t{1} << 21) / std::max<std::int64_t>(1, item_macs),
                   (std::int64_t{1} << 15) / std::max<std::int64_t>(1, item_weight_bytes)));
   const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(threads, items / min_chunk));
-  const std::int64_t chunk = std::max(min_chunk, items / (workers * 16));
+  // Few rows (decode): reading W is the whole cost, so each thread streams one contiguous run of panels (the
+  // hardware prefetcher follows it); otherwise small chunks balance the threads.
+  const bool streaming = p.m < 8;
+  const std::int64_t chunk =
+      streaming ? (items + workers - 1) / workers : std::max(min_chunk, items / (workers * 16));
   std::atomic<std::int64_t> next{0};
   parallel_for(workers, 1, [&](std::int64_t, std::int64_t) {
     auto work = make_worker();

@@ -59,7 +59,7 @@ inline void accumulate(const std::int32_t* a, std::int64_t lda, const std::uint8
     // Decode (M = 1) streams W once: two steps per iteration, two accumulator pairs, prefetch ahead.
     __m256i x0 = _mm256_setzero_si256(), x1 = _mm256_setzero_si256();
     for (; s + 2 <= s1; s += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (s + 32) * sb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (s + 128) * sb), _MM_HINT_T0);  // 4 KB ahead
       __m256i w0, w1, w2, w3;
       load_w8(w + s * sb, w0, w1);
       load_w8(w + (s + 1) * sb, w2, w3);
