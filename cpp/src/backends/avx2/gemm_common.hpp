@@ -185,8 +185,8 @@ void finish_tile(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, c
 // one short and the threads unbalanced). One body per thread, made by make_worker() (its per-thread state); the
 // threads claim chunks of items from a shared counter, in order (so they work on the same A block at the same
 // time), which also keeps the others going when the machine is shared and one thread gets descheduled. The minimum
-// chunk (~2M MACs, k_macs per row and column, or ~32 KB of weights) keeps small problems on one thread. A worker is called as
-// work(panel, m_begin, m_end).
+// chunk (~2M MACs, k_macs per row and column, or ~32 KB of weights) keeps small problems on one thread. A worker
+// is called as work(panel, m_begin, m_end).
 template <class MakeWorker>
 void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes, std::int64_t k_macs,
                 MakeWorker make_worker) {

@@ -83,7 +83,8 @@ void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* cols
       for (int r = 0; r < MR; ++r) h[r][0] = h[r][1] = _mm256_setzero_si256();
       for (std::int64_t t = s; t < t_end; ++t) {
         // Decode (one row) streams W from memory once: fetch 512 bytes ahead.
-        if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(w + (t + 128) * 32), _MM_HINT_T0);  // 4 KB ahead
+        if constexpr (MR == 1)  // 4 KB ahead
+          _mm_prefetch(reinterpret_cast<const char*>(w + (t + 128) * 32), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t * 32));
         const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
 #pragma GCC unroll 4
