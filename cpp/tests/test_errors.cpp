@@ -1,6 +1,7 @@
 // Bad input gets an exception naming the op and the argument, never a crash or garbage.
 #include <cmath>
 #include <limits>
+#include <thread>
 
 #include "harness.hpp"
 #include "test_util.hpp"
@@ -147,6 +148,27 @@ TEST(unknown_names_are_rejected) {
   CHECK_THROWS(parse_backend("tpu"), ArgumentError, "unknown backend 'tpu'");
   CHECK_THROWS(parse_activation("tanh"), ArgumentError, "unknown activation 'tanh'");
   CHECK_THROWS(set_num_threads(-1), ArgumentError, "'num_threads'");
+  CHECK_THROWS(ThreadCountScope(-2), ArgumentError, "'num_threads'");
+}
+
+TEST(thread_count_scope_applies_to_the_calling_thread_only) {
+  set_num_threads(3);
+  {
+    const ThreadCountScope outer(2);
+    CHECK_EQ(get_num_threads(), 2);
+    int other = 0;
+    std::thread([&] { other = get_num_threads(); }).join();
+    CHECK_EQ(other, 3);  // another thread keeps the process-wide setting
+    {
+      const ThreadCountScope unchanged(0);
+      CHECK_EQ(get_num_threads(), 2);
+      const ThreadCountScope inner(1);
+      CHECK_EQ(get_num_threads(), 1);
+    }
+    CHECK_EQ(get_num_threads(), 2);  // restored when the inner scopes end
+  }
+  CHECK_EQ(get_num_threads(), 3);
+  set_num_threads(0);
 }
 
 OSENGINE_TEST_MAIN
