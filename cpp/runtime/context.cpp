@@ -333,7 +333,7 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   };
 
   const auto dot = detail::float_kernels().dot;
-  const auto axpy = detail::float_kernels().axpy;
+  const auto attend = detail::float_kernels().attend;
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = info.n_head / info.n_head_kv;
 
@@ -380,23 +380,9 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     for (int r = 0; r < m; ++r) {
       const int g = h / group;
       const int n_keys = row_pos_[static_cast<std::size_t>(r)] + 1;
-      const float* qh = q_rows.data + r * q_rows.stride + h * hd;
-      const float* keys = cache_row(k_cache, r, g, 0);
-      const float* values = cache_row(v_cache, r, g, 0);
       float* scores = scores_.data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(n_ctx);
-      float max_score = -INFINITY;
-      for (int j = 0; j < n_keys; ++j) {
-        scores[j] = dot(qh, keys + j * hd, hd) * attn_scale;
-        max_score = std::max(max_score, scores[j]);
-      }
-      float total = 0.0f;
-      for (int j = 0; j < n_keys; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        total += scores[j];
-      }
-      float* out = attn_.data() + r * q_out + h * hd;
-      std::fill(out, out + hd, 0.0f);
-      for (int j = 0; j < n_keys; ++j) axpy(scores[j] / total, values + j * hd, out, hd);
+      attend(q_rows.data + r * q_rows.stride + h * hd, cache_row(k_cache, r, g, 0), cache_row(v_cache, r, g, 0),
+             n_keys, hd, attn_scale, scores, attn_.data() + r * q_out + h * hd);
     }
     // o_proj with the residual add: y = x + attn W_o^T
     if (block.o.quantized)
