@@ -28,7 +28,12 @@ from osengine.runtime.native import LoadError, load_native
 W4A8_GROUP16 = {"name": "w4a8-group16",
                 "weights": {"bits": 4, "symmetric": True, "granularity": "per-group", "group_size": 16},
                 "activations": {"bits": 8, "symmetric": True, "granularity": "per-token", "dynamic": True}}
-RECIPES = {"w8a8-static": "w8a8-static", "w8a8-token": "w8a8-token", "w4a8": "w4a8", "w4a8-group16": W4A8_GROUP16}
+# W4A4 as the engine runs it: symmetric int4 weights (the presets w4a4-* use asymmetric ones, which it does not)
+W4A4 = {"name": "w4a4-sym",
+        "weights": {"bits": 4, "symmetric": True, "granularity": "per-channel"},
+        "activations": {"bits": 4, "symmetric": False, "granularity": "per-token", "dynamic": True}}
+RECIPES = {"w8a8-static": "w8a8-static", "w8a8-token": "w8a8-token", "w4a8": "w4a8", "w4a8-group16": W4A8_GROUP16,
+           "w4a4": W4A4}
 VOCAB = 96
 
 

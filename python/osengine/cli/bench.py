@@ -48,7 +48,7 @@ CPU_IMPLS = ["fp32", "w8a8", "w4a8", *RUNTIME_IMPLS, *LLAMACPP_IMPLS]
 CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
 EXTRA_IMPLS = ["w8a8_shift_fused", "w8a8_shift_separate", "w8a8_unfused", "w8a8_fp_embed"]
 FLOAT_IMPLS = ("fp32", "fp16", "bf16")
-RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8"}
+RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8-group"}
 REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "tokens": int, "ms": float,
                    "tokens_per_s": float, "peak_mem_mb": float}
 
