@@ -237,11 +237,20 @@ def prepare(args) -> dict:
             continue
         recipe = args.recipe if (args.recipe and impl == "runtime-w8a8") else bench_native.RUNTIME_IMPLS[impl]
         folder = work / impl
+        # a folder this --work-dir already holds from the same source, recipe and calibration is reused
+        stamp = {"source": str(source), "recipe": recipe, "strategy": args.strategy, "calib": str(args.calib),
+                 "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len}
+        stamp_file = folder / "bench-stamp.json"
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and is_checkpoint(folder):
+            print(f"[{impl}] reusing {folder}", file=sys.stderr, flush=True)
+            prepared[impl] = str(folder)
+            continue
         print(f"[{impl}] quantizing ({recipe}, {args.strategy}) into {folder} ...", file=sys.stderr, flush=True)
         fresh, _ = load_fp_model(source)
         api.quantize(fresh, recipe=recipe, strategy=args.strategy, calibration=_calibration(fresh, tokenizer, args),
                      tokenizer=tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_samples, out=folder, progress=False)
+        stamp_file.write_text(json.dumps(stamp))
         prepared[impl] = str(folder)
         del fresh
     if llama:
