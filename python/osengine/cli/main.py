@@ -146,6 +146,12 @@ def cmd_bench(args) -> int:
     return main(args)
 
 
+def cmd_compare(args) -> int:
+    from .compare import main
+
+    return main(args)
+
+
 def cmd_plugins(args) -> int:
     from ..plugins.registry import architectures, strategies
 
@@ -286,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="end-to-end prefill and decode speed and memory: float model vs the engine")
     bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from .compare import add_arguments as compare_arguments
+
+    cp = sub.add_parser("compare", help="a quantized folder side by side with its FP base model: perplexity, "
+                                        "speed, size and a generated sample")
+    compare_arguments(cp)
+    cp.set_defaults(func=cmd_compare)
     return p
 
 
