@@ -213,17 +213,22 @@ osengine_status osengine_model_architecture(const osengine_model* model, const c
 
 // ---- context --------------------------------------------------------------------------------------------------------
 
+// The body of osengine_context_create(_multi), run inside their guard.
+static void create_context(const osengine_model* model, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+                           int32_t n_seq, osengine_context** out_context) {
+  require_non_null(model, "model");
+  require_non_null(out_context, "out_context");
+  osengine::runtime::ContextOptions options;
+  options.n_ctx = n_ctx;
+  options.n_batch = n_batch;
+  options.n_threads = n_threads;
+  options.n_seq = n_seq;
+  *out_context = new osengine_context{osengine::runtime::Context(model->model, options)};
+}
+
 osengine_status osengine_context_create(const osengine_model* model, int32_t n_ctx, int32_t n_batch,
                                         int32_t n_threads, osengine_context** out_context) noexcept {
-  return guard(__func__, [&] {
-    require_non_null(model, "model");
-    require_non_null(out_context, "out_context");
-    osengine::runtime::ContextOptions options;
-    options.n_ctx = n_ctx;
-    options.n_batch = n_batch;
-    options.n_threads = n_threads;
-    *out_context = new osengine_context{osengine::runtime::Context(model->model, options)};
-  });
+  return guard(__func__, [&] { create_context(model, n_ctx, n_batch, n_threads, 1, out_context); });
 }
 
 void osengine_context_free(osengine_context* context) noexcept { delete context; }
@@ -271,16 +276,7 @@ osengine_status osengine_context_kv_truncate(osengine_context* context, int32_t 
 osengine_status osengine_context_create_multi(const osengine_model* model, int32_t n_ctx, int32_t n_batch,
                                               int32_t n_threads, int32_t n_seq,
                                               osengine_context** out_context) noexcept {
-  return guard(__func__, [&] {
-    require_non_null(model, "model");
-    require_non_null(out_context, "out_context");
-    osengine::runtime::ContextOptions options;
-    options.n_ctx = n_ctx;
-    options.n_batch = n_batch;
-    options.n_threads = n_threads;
-    options.n_seq = n_seq;
-    *out_context = new osengine_context{osengine::runtime::Context(model->model, options)};
-  });
+  return guard(__func__, [&] { create_context(model, n_ctx, n_batch, n_threads, n_seq, out_context); });
 }
 
 osengine_status osengine_context_decode_seq(osengine_context* context, int32_t seq, const int32_t* tokens, size_t n,
