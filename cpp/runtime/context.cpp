@@ -7,6 +7,7 @@
 #include "osengine/runtime/context.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -17,6 +18,7 @@
 #include "osengine/gemm.hpp"
 #include "osengine/int4.hpp"
 #include "osengine/quantize.hpp"
+#include "core/threading.hpp"
 #include "float_kernels.hpp"
 
 namespace osengine::runtime {
@@ -72,7 +74,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   const auto q_out = static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(info.head_dim);
   const auto kv_out = static_cast<std::size_t>(info.n_head_kv) * static_cast<std::size_t>(info.head_dim);
   const auto ff = static_cast<std::size_t>(info.n_ff);
-  const std::size_t cache = static_cast<std::size_t>(options_.n_seq) * static_cast<std::size_t>(options_.n_ctx) * kv_out;
+  const std::size_t cache = static_cast<std::size_t>(options_.n_seq) * static_cast<std::size_t>(key_slots()) * kv_out;
   k_cache_.resize(static_cast<std::size_t>(info.n_layer));
   v_cache_.resize(static_cast<std::size_t>(info.n_layer));
   for (std::size_t l = 0; l < k_cache_.size(); ++l) {
@@ -81,6 +83,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   }
   n_past_.assign(static_cast<std::size_t>(options_.n_seq), 0);
   row_seq_.resize(nb);
+  row_groups_.reserve(nb + 1);
   row_pos_.resize(nb);
   const std::size_t half = static_cast<std::size_t>(info.head_dim / 2);
   rope_inv_freq_.resize(half);
@@ -101,7 +104,9 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   v_.resize(nb * kv_out);
   attn_.resize(nb * q_out);
   hidden_.resize(nb * ff);
-  scores_.resize(static_cast<std::size_t>(info.n_head) * static_cast<std::size_t>(options_.n_ctx));
+  // attention scratch: kAttendRows rows of scores per thread
+  attention_slots_ = std::max({1, options_.n_threads, get_num_threads()});
+  scores_.resize(static_cast<std::size_t>(attention_slots_) * detail::kAttendRows * static_cast<std::size_t>(key_slots()));
   logits_.resize(static_cast<std::size_t>(info.n_vocab) * std::min<std::size_t>(nb, static_cast<std::size_t>(options_.n_seq)));
   codes_.resize(nb * widest_input);
   int4_codes_.resize(nb * widest_input / 2 + 1);
@@ -223,7 +228,6 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   const ModelInfo& info = model_->info();
   const std::int64_t d = info.n_embd, hd = info.head_dim, ff = info.n_ff;
   const std::int64_t q_out = std::int64_t{info.n_head} * hd;
-  const int n_ctx = options_.n_ctx;
   const int n_threads = get_num_threads();
 
   model_->embed(tokens, static_cast<std::size_t>(m), x_.data(), codes_.data());
@@ -237,10 +241,12 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       rope_sin_[static_cast<std::size_t>(r * half + i)] = std::sin(angle);
     }
   }
-  // Where row r's head group g keeps position `pos` in a layer's cache.
-  auto cache_row = [&](float* cache, int r, std::int64_t g, std::int64_t pos) {
+  // Where row r's head group g keeps its sequence in a layer's cache (keys blocked by 8 positions, see key_offset;
+  // values one row of hd per position).
+  const std::int64_t slots = key_slots();
+  auto cache_of = [&](float* cache, int r, std::int64_t g) {
     const std::int64_t seq = row_seq_[static_cast<std::size_t>(r)];
-    return cache + ((seq * info.n_head_kv + g) * n_ctx + pos) * hd;
+    return cache + (seq * info.n_head_kv + g) * slots * hd;
   };
 
   // Runs quantized GEMM `q` on input [m, k] (or [m, 2k] = [gate | up] with silu_gate), into out (row stride ldo),
@@ -337,6 +343,21 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = info.n_head / info.n_head_kv;
 
+  // attention work items (see the attention below), the same in every layer
+  std::int64_t attention_macs = 0;
+  for (int r = 0; r < m; ++r) attention_macs += (row_pos_[static_cast<std::size_t>(r)] + 1) * q_out * 2;
+  row_groups_.clear();
+  for (int r = 0; r < m;) {
+    int end = r + 1;
+    while (end < m && end - r < detail::kAttendRows && row_seq_[static_cast<std::size_t>(end)] == row_seq_[static_cast<std::size_t>(r)])
+      ++end;
+    row_groups_.push_back(r);
+    r = end;
+  }
+  row_groups_.push_back(m);
+  const int n_groups = static_cast<int>(row_groups_.size()) - 1;
+  const int items = info.n_head * n_groups;
+
   for (int layer = 0; layer < info.n_layer; ++layer) {
     const Block& block = model_->blocks()[static_cast<std::size_t>(layer)];
     // ---- attention ----
@@ -361,29 +382,44 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       }
       for (int g = 0; g < info.n_head_kv; ++g) {
         const float* kh = k_rows.data + r * k_rows.stride + g * hd;
-        float* dst = cache_row(k_cache, r, g, pos);
+        float* dst = cache_of(k_cache, r, g);
         for (std::int64_t i = 0; i < half; ++i) {
           const float a = kh[i], b = kh[i + half], c = cos_r[i], s = sin_r[i];
-          dst[i] = a * c - b * s;
-          dst[i + half] = b * c + a * s;
+          dst[detail::key_offset(pos, i, hd)] = a * c - b * s;
+          dst[detail::key_offset(pos, i + half, hd)] = b * c + a * s;
         }
-        std::memcpy(cache_row(v_cache, r, g, pos), v_rows.data + r * v_rows.stride + g * hd,
+        std::memcpy(cache_of(v_cache, r, g) + pos * hd, v_rows.data + r * v_rows.stride + g * hd,
                     static_cast<std::size_t>(hd) * sizeof(float));
       }
     }
-    // Causal attention of each row over its sequence's cache up to its position; threads split the heads (each
-    // has its own row of scores) once there is enough work to pay for waking them (a short decode step has not).
-    std::int64_t attention_macs = 0;
-    for (int r = 0; r < m; ++r) attention_macs += (row_pos_[static_cast<std::size_t>(r)] + 1) * q_out * 2;
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (attention_macs >= (std::int64_t{1} << 18))
-    for (int h = 0; h < info.n_head; ++h)
-    for (int r = 0; r < m; ++r) {
-      const int g = h / group;
-      const int n_keys = row_pos_[static_cast<std::size_t>(r)] + 1;
-      float* scores = scores_.data() + static_cast<std::size_t>(h) * static_cast<std::size_t>(n_ctx);
-      attend(q_rows.data + r * q_rows.stride + h * hd, cache_row(k_cache, r, g, 0), cache_row(v_cache, r, g, 0),
-             n_keys, hd, attn_scale, scores, attn_.data() + r * q_out + h * hd);
-    }
+    // Causal attention of each row over its sequence's cache up to its position. The work items are (head, group of
+    // up to kAttendRows consecutive rows of one sequence): the rows of a group share every key and value load.
+    // Threads take items once there is enough work to pay for waking them (a short decode step has not); each item
+    // is computed by one thread in a fixed order, so the result does not depend on the thread count. One worker per
+    // thread (its own scores scratch) takes items from a shared counter.
+    const int workers = attention_macs >= (std::int64_t{1} << 18) ? std::min(n_threads, attention_slots_) : 1;
+    std::atomic<int> next_item{0};
+    osengine::detail::parallel_for(workers, 1, [&](std::int64_t w0, std::int64_t w1) {
+      for (std::int64_t worker = w0; worker < w1; ++worker) {
+        float* scores = scores_.data() + static_cast<std::size_t>(worker) * detail::kAttendRows * static_cast<std::size_t>(slots);
+        for (int item = next_item.fetch_add(1); item < items; item = next_item.fetch_add(1)) {
+          const int h = item / n_groups, first_row = row_groups_[static_cast<std::size_t>(item % n_groups)];
+          const int rows = row_groups_[static_cast<std::size_t>(item % n_groups) + 1] - first_row;
+          const int g = h / group;
+          const float* q[detail::kAttendRows];
+          float* out[detail::kAttendRows];
+          int n_keys[detail::kAttendRows];
+          for (int i = 0; i < rows; ++i) {
+            const int r = first_row + i;
+            q[i] = q_rows.data + r * q_rows.stride + h * hd;
+            out[i] = attn_.data() + r * q_out + h * hd;
+            n_keys[i] = row_pos_[static_cast<std::size_t>(r)] + 1;
+          }
+          attend(q, n_keys, rows, cache_of(k_cache, first_row, g), cache_of(v_cache, first_row, g), hd, attn_scale,
+                 scores, slots, out);
+        }
+      }
+    });
     // o_proj with the residual add: y = x + attn W_o^T
     if (block.o.quantized)
       run_quantized(block.fused[static_cast<std::size_t>(block.o.fused_index)], attn_.data(), nullptr, false,

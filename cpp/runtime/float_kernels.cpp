@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/float_math.hpp"
 #include "osengine/backend.hpp"
 
 namespace osengine::runtime::detail {
@@ -17,20 +18,26 @@ void axpy_scalar(float alpha, const float* x, float* y, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-void attend_scalar(const float* q, const float* keys, const float* values, int n_keys, std::int64_t hd, float scale,
-                   float* scores, float* out) {
-  float max_score = -INFINITY;
-  for (int j = 0; j < n_keys; ++j) {
-    scores[j] = dot_scalar(q, keys + j * hd, hd) * scale;
-    max_score = std::max(max_score, scores[j]);
+void attend_scalar(const float* const* q, const int* n_keys, int rows, const float* keys, const float* values,
+                   std::int64_t hd, float scale, float* scores, std::int64_t score_stride, float* const* out) {
+  for (int r = 0; r < rows; ++r) {
+    float* s = scores + r * score_stride;
+    const int n = n_keys[r];
+    float max_score = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (std::int64_t i = 0; i < hd; ++i) acc += q[r][i] * keys[key_offset(j, i, hd)];
+      s[j] = acc * scale;
+      max_score = std::max(max_score, s[j]);
+    }
+    float total = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      s[j] = osengine::detail::exp_approx(s[j] - max_score);
+      total += s[j];
+    }
+    std::fill(out[r], out[r] + hd, 0.0f);
+    for (int j = 0; j < n; ++j) axpy_scalar(s[j] / total, values + j * hd, out[r], hd);
   }
-  float total = 0.0f;
-  for (int j = 0; j < n_keys; ++j) {
-    scores[j] = std::exp(scores[j] - max_score);
-    total += scores[j];
-  }
-  std::fill(out, out + hd, 0.0f);
-  for (int j = 0; j < n_keys; ++j) axpy_scalar(scores[j] / total, values + j * hd, out, hd);
 }
 
 const FloatKernels& float_kernels() {

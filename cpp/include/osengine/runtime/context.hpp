@@ -62,8 +62,12 @@ class Context {
   std::shared_ptr<const Model> model_;
   ContextOptions options_;
   std::vector<int> n_past_;  // per sequence
-  // KV cache: per layer [n_seq][n_head_kv][n_ctx][head_dim]
+  // KV cache: per layer [n_seq][n_head_kv][key_slots()][head_dim]; the keys in blocks of 8 positions transposed
+  // ([key_slots() / 8][head_dim][8], the attention kernel's layout), the values one row per position.
   std::vector<FloatBuffer> k_cache_, v_cache_;
+  int key_slots() const { return (options_.n_ctx + 7) / 8 * 8; }
+  int attention_slots_ = 1;        // threads the attention scratch has room for
+  std::vector<int> row_groups_;    // first row of each attention row group, then m
   // scratch, sized for n_batch tokens
   std::vector<int> row_seq_, row_pos_;
   std::vector<float> rope_inv_freq_, rope_cos_, rope_sin_;
