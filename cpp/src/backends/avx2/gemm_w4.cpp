@@ -42,6 +42,12 @@ void prepare_w4_panel(const W4Context& c, std::int64_t panel, PanelParams& pp, s
   if (!c.p->out_accumulators) prepare_panel(ctx, panel, pp);
   pp.n0 = panel * kNR;
   pp.nvalid = std::min<std::int64_t>(kNR, c.p->n - pp.n0);
+  // Only an activation zero point needs them: the sums are [groups, N], one cache line per group and panel, as many
+  // bytes as a quarter of the int4 weights, which a symmetric decode step would otherwise read for nothing.
+  if (c.p->a_zero_point == nullptr || c.p->out_accumulators) {
+    colsum.clear();
+    return;
+  }
   colsum.assign(static_cast<std::size_t>(c.shape.groups * kNR), 0);
   const std::vector<std::int32_t>& sums = c.p->weights->column_sums();  // [groups, N]
   for (std::int64_t g = 0; g < c.shape.groups; ++g)
@@ -102,15 +108,15 @@ void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* cols
         acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(h[r][1], ones));
       }
     }
-    // sum (a - zp) w = sum a u - 8 rowsum(a) - zp colsum(w)
-    const __m256i cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + g * kNR));
-    const __m256i cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + g * kNR + 8));
+    // sum (a - zp) w = sum a u - 8 rowsum(a) - zp colsum(w)   (colsum: with a zero point only)
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       const __m256i bias8 = _mm256_set1_epi32(8 * c.rowsum[(m0 + r) * groups + g]);
       acc[r][0] = _mm256_sub_epi32(acc[r][0], bias8);
       acc[r][1] = _mm256_sub_epi32(acc[r][1], bias8);
       if (with_zp) {
+        const __m256i cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + g * kNR));
+        const __m256i cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + g * kNR + 8));
         const __m256i zp = _mm256_set1_epi32(p.a_zero_point[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g]);
         acc[r][0] = _mm256_sub_epi32(acc[r][0], _mm256_mullo_epi32(zp, cs0));
         acc[r][1] = _mm256_sub_epi32(acc[r][1], _mm256_mullo_epi32(zp, cs1));
