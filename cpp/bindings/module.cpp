@@ -150,17 +150,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("best_cpu_backend", [] { return std::string(osengine::backend_name(osengine::best_cpu_backend())); });
 
   py::class_<osengine::PackedWeights>(m, "PackedWeights")
-      .def_static("pack", [](py::handle weights, int bits, std::int64_t group_size, const std::string& backend) {
-        HeldView vw = to_view(weights, "pack_weights", "weights");
+      .def_static("pack", [](py::handle weights, int bits, std::int64_t group_size, const std::string& backend,
+                             py::handle weight_scale) {
+        HeldView vw = to_view(weights, "pack_weights", "weights"), vs = to_view(weight_scale, "pack_weights", "weight_scale");
         py::gil_scoped_release release;
-        return osengine::PackedWeights::pack(vw.view, bits, group_size, backend);
-      }, py::arg("weights"), py::arg("bits"), py::arg("group_size") = 0, py::arg("backend") = "auto")
+        return osengine::PackedWeights::pack(vw.view, bits, group_size, backend, vs.view);
+      }, py::arg("weights"), py::arg("bits"), py::arg("group_size") = 0, py::arg("backend") = "auto",
+         py::arg("weight_scale") = py::none())
       .def_property_readonly("n", &osengine::PackedWeights::n)
       .def_property_readonly("k", &osengine::PackedWeights::k)
       .def_property_readonly("bits", &osengine::PackedWeights::bits)
       .def_property_readonly("group_size", &osengine::PackedWeights::group_size)
       .def_property_readonly("num_groups", &osengine::PackedWeights::num_groups)
       .def_property_readonly("nbytes", &osengine::PackedWeights::nbytes)
+      .def_property_readonly("has_weight_scales", &osengine::PackedWeights::has_weight_scales)
       .def_property_readonly("device_index", &osengine::PackedWeights::device_index)
       .def_property_readonly("backend", [](const osengine::PackedWeights& w) { return w.backend_name(); })
       .def("column_sums", [](const osengine::PackedWeights& w) {

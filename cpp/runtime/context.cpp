@@ -291,8 +291,7 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     }
     args.a_scale = a_scale;
     if (!act.symmetric) args.a_zero_point = a_zero_point;
-    const std::int64_t w_groups = q.weights.group_size() > 0 ? k / q.weights.group_size() : 1;
-    args.w_scale = w_groups > 1 ? view(q.weight_scale.data(), {n, w_groups}) : view(q.weight_scale.data(), {n});
+    // the weights carry their scales (checked once at load)
     if (!q.bias.empty()) args.bias = view(q.bias.data(), {n});
     args.out = TensorView(out, DType::float32, {m_rows, n}, {ldo, 1});
     if (residual != nullptr) args.residual = TensorView(const_cast<float*>(residual), DType::float32, {m_rows, n}, {ldo, 1});

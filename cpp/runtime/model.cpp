@@ -177,15 +177,19 @@ ActivationQuant activation_quant(const Loader& loader, const std::string& name, 
 struct LoadedLinear {
   QuantizedLinear layer;
   std::vector<std::int8_t> codes;
+  std::vector<float> scale;  // [out] or [out, in / group]
 };
 
-// Pack codes [n, k] for the engine (int8, or int4 two per byte) with weight groups of group_size (0: none).
-PackedWeights pack_codes(const std::vector<std::int8_t>& codes, std::int64_t n, std::int64_t k, int weight_bits,
-                         std::int64_t group_size) {
-  if (weight_bits == 8) return PackedWeights::pack(view(codes.data(), {n, k}), 8, group_size);
+// Pack codes [n, k] for the engine (int8, or int4 two per byte) with weight groups of group_size (0: none), with
+// their scales ([n] or [n, k / group_size]).
+PackedWeights pack_codes(const std::vector<std::int8_t>& codes, const std::vector<float>& scale, std::int64_t n,
+                         std::int64_t k, int weight_bits, std::int64_t group_size) {
+  const std::int64_t groups = static_cast<std::int64_t>(scale.size()) / n;
+  const TensorView scale_view = groups > 1 ? view(scale.data(), {n, groups}) : view(scale.data(), {n});
+  if (weight_bits == 8) return PackedWeights::pack(view(codes.data(), {n, k}), 8, group_size, Backend::automatic, scale_view);
   std::vector<std::uint8_t> packed(static_cast<std::size_t>(n * k / 2));
   pack_int4(view(codes.data(), {n, k}), view(packed.data(), {n, k / 2}));
-  return PackedWeights::pack(view(packed.data(), {n, k / 2}), 4, group_size);
+  return PackedWeights::pack(view(packed.data(), {n, k / 2}), 4, group_size, Backend::automatic, scale_view);
 }
 
 LoadedLinear quantized_linear(const Loader& loader, const SafetensorsFile& file, const std::string& name,
@@ -227,16 +231,16 @@ LoadedLinear quantized_linear(const Loader& loader, const SafetensorsFile& file,
       granularity == "per-group" ? std::vector<std::int64_t>{out, groups}
                                  : (granularity == "per-tensor" ? std::vector<std::int64_t>{1}
                                                                 : std::vector<std::int64_t>{out});
-  q.weight_scale = file.read<float>(file.expect(name + ".weight_scale", StorageType::f32, scale_shape));
-  for (float s : q.weight_scale)
+  std::vector<float> scale = file.read<float>(file.expect(name + ".weight_scale", StorageType::f32, scale_shape));
+  for (float s : scale)
     if (!std::isfinite(s) || !(s > 0.0f)) loader.fail("tensor '" + name + ".weight_scale' holds a non-positive value");
-  if (granularity == "per-tensor") q.weight_scale.assign(static_cast<std::size_t>(out), q.weight_scale[0]);
+  if (granularity == "per-tensor") scale.assign(static_cast<std::size_t>(out), scale[0]);
   if (loader.field_or<bool>(entry, "bias", false, where)) q.bias = loader.floats(file, name + ".bias", {out});
   if (loader.field_or<bool>(entry, "runtime_shift", false, where))
     q.input_shift = loader.floats(file, name + ".input_shift", {in});
 
   q.weight_group_size = group;
-  return {std::move(q), std::move(codes)};
+  return {std::move(q), std::move(codes), std::move(scale)};
 }
 
 FloatLinear float_linear(const Loader& loader, const SafetensorsFile& file, const std::string& name, std::int64_t in,
@@ -264,8 +268,8 @@ QuantizedLinear pack_fused(const Loader& loader, std::vector<LoadedLinear>& memb
   if (members.size() == 1) {
     QuantizedLinear& q = members.front().layer;
     try {
-      q.weights = pack_codes(members.front().codes, q.out_features, q.in_features, q.weight_bits,
-                             q.weight_group_size);
+      q.weights = pack_codes(members.front().codes, members.front().scale, q.out_features, q.in_features,
+                             q.weight_bits, q.weight_group_size);
     } catch (const std::exception& e) {
       loader.fail("layer '" + q.name + "' cannot be packed: " + e.what());
     }
@@ -281,11 +285,12 @@ QuantizedLinear pack_fused(const Loader& loader, std::vector<LoadedLinear>& memb
   const bool any_bias =
       std::any_of(members.begin(), members.end(), [](const LoadedLinear& m) { return !m.layer.bias.empty(); });
   std::vector<std::int8_t> codes;
+  std::vector<float> scale;
   for (const auto& loaded : members) {
     const QuantizedLinear& m = loaded.layer;
     fused.name += (fused.name.empty() ? "" : "+") + m.name;
     codes.insert(codes.end(), loaded.codes.begin(), loaded.codes.end());
-    fused.weight_scale.insert(fused.weight_scale.end(), m.weight_scale.begin(), m.weight_scale.end());
+    scale.insert(scale.end(), loaded.scale.begin(), loaded.scale.end());
     if (any_bias) {
       if (m.bias.empty())
         fused.bias.insert(fused.bias.end(), static_cast<std::size_t>(m.out_features), 0.0f);
@@ -295,7 +300,7 @@ QuantizedLinear pack_fused(const Loader& loader, std::vector<LoadedLinear>& memb
     fused.out_features += m.out_features;
   }
   try {
-    fused.weights = pack_codes(codes, fused.out_features, fused.in_features, fused.weight_bits,
+    fused.weights = pack_codes(codes, scale, fused.out_features, fused.in_features, fused.weight_bits,
                                fused.weight_group_size);
   } catch (const std::exception& e) {
     loader.fail("layer '" + fused.name + "' cannot be packed: " + e.what());
@@ -433,8 +438,9 @@ void Model::quantize_embeddings() {
   head.activation.symmetric = false;
   head.activation.dynamic = true;
   std::vector<std::int8_t> codes;
-  row_codes(lm_head(), n_vocab, d, codes, head.weight_scale);
-  head.weights = PackedWeights::pack(view(codes.data(), {n_vocab, d}), 8);
+  std::vector<float> scale;
+  row_codes(lm_head(), n_vocab, d, codes, scale);
+  head.weights = PackedWeights::pack(view(codes.data(), {n_vocab, d}), 8, 0, Backend::automatic, view(scale.data(), {n_vocab}));
   if (!tied_lm_head_) row_codes(embeddings_, n_vocab, d, embedding_codes_, embedding_row_scale_);
   quantized_lm_head_ = std::move(head);
   // the floating-point copies are no longer read
@@ -452,7 +458,8 @@ void Model::embed(const std::int32_t* tokens, std::size_t n, float* out, std::in
     return;
   }
   // int8 rows times their scale, as osengine.runtime.embedding.EngineEmbedding computes them
-  const std::vector<float>& scales = tied_lm_head_ ? quantized_lm_head_->weight_scale : embedding_row_scale_;
+  const std::vector<float>& scales =
+      tied_lm_head_ ? quantized_lm_head_->weights.weight_scales() : embedding_row_scale_;
   if (tied_lm_head_)
     quantized_lm_head_->weights.unpack_rows(view(const_cast<std::int32_t*>(tokens), {count}),
                                             view(code_scratch, {count, d}));
@@ -466,12 +473,13 @@ void Model::embed(const std::int32_t* tokens, std::size_t n, float* out, std::in
 std::size_t Model::nbytes() const {
   std::size_t total = (embeddings_.size() + final_norm_.size() + lm_head_.size()) * sizeof(float);
   if (quantized_lm_head_)
-    total += quantized_lm_head_->weights.nbytes() + quantized_lm_head_->weight_scale.size() * sizeof(float) +
+    total += quantized_lm_head_->weights.nbytes() + quantized_lm_head_->weights.weight_scales().size() * sizeof(float) +
              embedding_codes_.size() + embedding_row_scale_.size() * sizeof(float);
   for (const auto& block : blocks_) {
     total += (block.attn_norm.size() + block.mlp_norm.size()) * sizeof(float);
     for (const auto& q : block.fused)
-      total += q.weights.nbytes() + (q.weight_scale.size() + q.bias.size() + q.input_shift.size()) * sizeof(float);
+      total += q.weights.nbytes() +
+               (q.weights.weight_scales().size() + q.bias.size() + q.input_shift.size()) * sizeof(float);
     for (const Projection* p : {&block.q, &block.k, &block.v, &block.o, &block.gate, &block.up, &block.down})
       total += (p->float_linear.weight.size() + p->float_linear.bias.size()) * sizeof(float);
   }

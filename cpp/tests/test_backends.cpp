@@ -56,11 +56,15 @@ TensorView tv(void* p, DType dt, std::vector<std::int64_t> shape) { return Tenso
 
 std::vector<std::uint8_t> nibbles(const std::vector<std::int8_t>& codes) { return osengine_test::pack_nibbles(codes); }
 
+// weight_scale (optional): scales the packed weights carry.
 PackedWeights pack_for(const std::vector<std::int8_t>& codes, std::vector<std::uint8_t>& packed4, std::int64_t n,
-                       std::int64_t k, int bits, std::int64_t group, const std::string& backend) {
-  if (bits == 8) return PackedWeights::pack(tv(const_cast<std::int8_t*>(codes.data()), DType::int8, {n, k}), 8, group, backend);
+                       std::int64_t k, int bits, std::int64_t group, const std::string& backend,
+                       const TensorView& weight_scale = {}) {
+  if (bits == 8)
+    return PackedWeights::pack(tv(const_cast<std::int8_t*>(codes.data()), DType::int8, {n, k}), 8, group, backend,
+                               weight_scale);
   packed4 = nibbles(codes);
-  return PackedWeights::pack(tv(packed4.data(), DType::uint8, {n, k / 2}), 4, group, backend);
+  return PackedWeights::pack(tv(packed4.data(), DType::uint8, {n, k / 2}), 4, group, backend, weight_scale);
 }
 
 template <typename T>
@@ -207,6 +211,16 @@ void run_gemm_case(const GemmCase& c, const std::string& backend) {
     args.out = tv(o_avx.data(), DType::float32, {m, n});
     gemm(args, avx);
     check_same_bytes(o_ref, o_avx, "fp32 out " + backend + " " + describe(c));
+    // The same scales carried by the weights (checked at pack; the backend may rearrange them): same bits.
+    std::vector<std::uint8_t> w4_carried;
+    const PackedWeights carried =
+        pack_for(w, w4_carried, n, k, c.wbits, c.group, backend, tv(w_scale.data(), DType::float32, ws_shape));
+    CHECK(carried.has_weight_scales());
+    GemmArgs carried_args = args;
+    carried_args.w_scale = TensorView{};
+    std::fill(o_avx.begin(), o_avx.end(), -7.0f);
+    gemm(carried_args, carried);
+    check_same_bytes(o_ref, o_avx, "fp32 out, carried scales " + backend + " " + describe(c));
   } else {
     std::vector<std::uint16_t> o_ref(static_cast<std::size_t>(m * n)), o_avx(static_cast<std::size_t>(m * n), 1);
     args.out = tv(o_ref.data(), DType::bfloat16, {m, n});

@@ -144,6 +144,48 @@ TEST(gemm_rejects_mismatched_shapes_and_bad_scales) {
   CHECK_THROWS(gemm(args, PackedWeights()), ArgumentError, "'weights': is empty");
 }
 
+TEST(weights_that_carry_their_scales) {
+  Fixture f;
+  std::vector<float> bad = {0.1f, 0.0f, 0.1f};
+  CHECK_THROWS(PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(bad.data(), {3})),
+               ArgumentError, "'weight_scale': must be positive and finite; found 0 at flat index 1");
+  bad[1] = std::nanf("");
+  CHECK_THROWS(PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(bad.data(), {3})),
+               ArgumentError, "'weight_scale': must be positive and finite");
+  CHECK_THROWS(PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(bad.data(), {2})),
+               ArgumentError, "'weight_scale': must hold one value, one per output channel ([3]); got shape [2]");
+  std::vector<float> grouped(6, 0.1f);
+  CHECK_THROWS(PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(grouped.data(), {3, 2})),
+               ArgumentError, "'weight_scale': must hold one value, one per output channel ([3]); got shape [3, 2]");
+  std::vector<std::int32_t> wrong_dtype(3, 1);
+  CHECK_THROWS(PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(wrong_dtype.data(), {3})),
+               DTypeError, "'weight_scale': expected dtype float32");
+
+  // Carried: gemm takes no w_scale and gives the bits of the explicit call.
+  const PackedWeights carried =
+      PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(f.w_scale.data(), {3}));
+  CHECK(carried.has_weight_scales());
+  CHECK_EQ(carried.weight_scale_groups(), 1);
+  CHECK(!f.packed.has_weight_scales());
+  auto args = f.args();
+  CHECK_THROWS(gemm(args, carried), ArgumentError, "'w_scale': must not be given: these weights carry their scales");
+  std::vector<float> explicit_out(6);
+  args.out = view(explicit_out.data(), {2, 3});
+  gemm(args, f.packed);
+  args = f.args();
+  args.w_scale = TensorView{};
+  CHECK_THROWS(gemm(args, f.packed), ArgumentError, "'w_scale': is required: these weights carry no scales");
+  gemm(args, carried);
+  CHECK(f.out == explicit_out);
+  // One value is kept per channel; per-group scales as [N, groups].
+  float one = 0.25f;
+  const PackedWeights single = PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 0, Backend::reference, view(&one, {1}));
+  CHECK(single.weight_scales() == std::vector<float>(3, 0.25f));
+  const PackedWeights groups = PackedWeights::pack(view(f.w.data(), {3, 8}), 8, 4, Backend::reference,
+                                                   view(grouped.data(), {3, 2}));
+  CHECK_EQ(groups.weight_scale_groups(), 2);
+}
+
 TEST(unknown_names_are_rejected) {
   CHECK_THROWS(parse_backend("tpu"), ArgumentError, "unknown backend 'tpu'");
   CHECK_THROWS(parse_activation("tanh"), ArgumentError, "unknown activation 'tanh'");

@@ -31,9 +31,9 @@ def weight_codes(rng, n, k, bits):
     return rng.integers(lo, hi + 1, size=(n, k), dtype=np.int8)
 
 
-def pack(codes, bits, group_size=0, backend="auto"):
+def pack(codes, bits, group_size=0, backend="auto", weight_scale=None):
     data = codes if bits == 8 else osengine.pack_int4(codes)
-    return osengine.pack_weights(data, bits=bits, group_size=group_size, backend=backend)
+    return osengine.pack_weights(data, bits=bits, group_size=group_size, backend=backend, weight_scale=weight_scale)
 
 
 # ---------------------------------------------------------------- quantize
@@ -214,10 +214,13 @@ def test_gemm_optimized_matches_reference(backend, m, n, k, kind, group, activat
                   out_dtype=out_dtype)
     want = fn(a_in, pack(w, bits, group, backend="reference"), **kwargs)
     got = fn(a_in, pack(w, bits, group, backend=backend), **kwargs)
+    # The same scales carried by the packed weights (the backend may rearrange them): the same bits.
+    carried = fn(a_in, pack(w, bits, group, backend=backend, weight_scale=w_scale), **{**kwargs, "w_scale": None})
     if out_dtype == "bfloat16":
-        want, got = want.float().numpy(), got.float().numpy()
+        want, got, carried = want.float().numpy(), got.float().numpy(), carried.float().numpy()
     want, got = np.asarray(want), np.asarray(got)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_array_equal(np.asarray(carried), got)
 
 
 def test_gemm_reference_epilogue_matches_numpy(rng):

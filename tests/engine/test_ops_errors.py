@@ -93,6 +93,23 @@ def test_non_positive_scales(case, bad):
     with pytest.raises(ValueError, match=r"argument 'smooth_scale': must be positive and finite"):
         osengine.quantize_activations(x, smooth_scale=np.full(8, bad, np.float32))
 
+    with pytest.raises(ValueError, match=r"argument 'weight_scale': must be positive and finite"):
+        osengine.pack_weights(np.ones((3, 8), np.int8), weight_scale=[1.0, bad, 1.0])
+
+
+def test_carried_weight_scales(case):
+    x, a, w = case
+    carried = osengine.pack_weights(np.ones((3, 8), np.int8), weight_scale=[0.5, 1.0, 2.0])
+    assert carried.has_weight_scales and not w.has_weight_scales
+    with pytest.raises(ValueError, match=r"argument 'w_scale': must not be given: these weights carry their scales"):
+        osengine.gemm(a, carried, a_scale=1.0, w_scale=1.0)
+    with pytest.raises(ValueError, match=r"argument 'w_scale': is required: these weights carry no scales"):
+        osengine.gemm(a, w, a_scale=1.0)
+    with pytest.raises(ValueError, match=r"argument 'weight_scale': must hold one value, one per output channel"):
+        osengine.pack_weights(np.ones((3, 8), np.int8), weight_scale=[1.0, 1.0])
+    np.testing.assert_array_equal(osengine.gemm(a, carried, a_scale=1.0),
+                                  osengine.gemm(a, w, a_scale=1.0, w_scale=[0.5, 1.0, 2.0]))
+
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, -3])
 def test_bits_out_of_range(case, bits):

@@ -37,7 +37,7 @@ struct GemmArgs {
   ActivationFormat a_format = ActivationFormat::int8;
   TensorView a_scale;           // float32: one value, [M] or [M, K/G]
   TensorView a_zero_point;      // optional int32, same shape as a_scale
-  TensorView w_scale;           // float32: one value, [N] or [N, K/G]
+  TensorView w_scale;           // float32: one value, [N] or [N, K/G]; not given when the weights carry their scales
   TensorView bias;              // optional float32 [N]
   TensorView residual;          // optional float32 or bfloat16 [M, N]
   Activation activation = Activation::none;

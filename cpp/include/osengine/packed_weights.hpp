@@ -21,8 +21,11 @@ class PackedWeights {
   // group_size: 0 (per-channel / per-tensor scales) or a divisor of K (per-group scales, and the
   // zero-point column sums are kept per group). backend: the layout to pack for (automatic = fastest here).
   // backend: a built-in Backend or a registered backend's name (registered_backends()).
+  // weight_scale (optional, host float32): the weights' scales, one value, [N] or [N, num_groups], positive and
+  // finite. Weights that carry their scales are checked once, here, and gemm() then takes no w_scale: a decode step
+  // would otherwise re-read and re-check every scale of the model (for int4 groups of 32, a fifth of the weight bytes).
   static PackedWeights pack(const TensorView& weights, int bits, std::int64_t group_size = 0,
-                            const BackendChoice& backend = Backend::automatic);
+                            const BackendChoice& backend = Backend::automatic, const TensorView& weight_scale = {});
 
   std::int64_t n() const { return n_; }
   std::int64_t k() const { return k_; }
@@ -37,6 +40,14 @@ class PackedWeights {
 
   // sum_k W[n, k] per group: [num_groups, N] int32 (row-major). Used for the activation zero-point correction.
   const std::vector<std::int32_t>& column_sums() const { return column_sums_; }
+  // The scales given to pack(): float32 [N, weight_scale_groups()] row-major (one value is expanded to [N]);
+  // empty when the weights carry none.
+  bool has_weight_scales() const { return !weight_scales_.empty(); }
+  const std::vector<float>& weight_scales() const { return weight_scales_; }
+  // 1 (one scale per output channel) or num_groups() (one per channel and group).
+  std::int64_t weight_scale_groups() const { return weight_scale_groups_; }
+  // The backend's own arrangement of those scales (see detail::Kernels::arrange_weight_scales); may be empty.
+  const std::vector<float>& arranged_weight_scales() const { return arranged_weight_scales_; }
   // Bytes held by the packed layout (weights only; device memory for the CUDA backend).
   std::size_t nbytes() const { return device_data_ ? device_nbytes_ : data_.size(); }
   // Recover the int8 codes [N, K]: out must be an int8 [N, K] contiguous view.
@@ -54,19 +65,21 @@ class PackedWeights {
   // device memory on GPU device_index(); data() is then empty. Copies of a PackedWeights share the device buffers.
   const void* device_data() const { return device_data_.get(); }
   const std::int32_t* device_column_sums() const { return static_cast<const std::int32_t*>(device_column_sums_.get()); }
+  const float* device_weight_scales() const { return static_cast<const float*>(device_weight_scales_.get()); }
   int device_index() const { return device_index_; }
 
   PackedWeights() = default;
 
  private:
   friend struct PackedWeightsBuilder;
-  std::int64_t n_ = 0, k_ = 0, padded_n_ = 0, padded_k_ = 0, group_size_ = 0;
+  std::int64_t n_ = 0, k_ = 0, padded_n_ = 0, padded_k_ = 0, group_size_ = 0, weight_scale_groups_ = 1;
   int bits_ = 8;
   Backend backend_ = Backend::reference;
   const detail::Kernels* kernels_ = nullptr;
   std::vector<std::uint8_t> data_;
   std::vector<std::int32_t> column_sums_;
-  std::shared_ptr<void> device_data_, device_column_sums_;
+  std::vector<float> weight_scales_, arranged_weight_scales_;
+  std::shared_ptr<void> device_data_, device_column_sums_, device_weight_scales_;
   std::size_t device_nbytes_ = 0;
   int device_index_ = -1;
 };

@@ -62,6 +62,9 @@ struct GemmProblem {
   const std::int32_t* a_zero_point = nullptr;  // null = 0; same strides as a_scale
   const float* w_scale = nullptr;
   std::int64_t w_scale_stride_n = 0, w_scale_stride_g = 0;
+  // The same scales in the backend's own arrangement (Kernels::arrange_weight_scales) when the weights carry them
+  // and the backend made one; else null.
+  const float* w_scale_arranged = nullptr;
   const float* bias = nullptr;  // [n] or null
   const void* residual = nullptr;  // [m, n] or null
   DType residual_dtype = DType::float32;
@@ -89,6 +92,9 @@ struct Kernels {
   void (*gemm)(const GemmProblem& problem) = nullptr;
   WeightLayout (*pack_weights)(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
                                std::int64_t group_size) = nullptr;
+  // Optional (CPU backends): the scales that weights carry, [n, columns] row-major (columns = 1 or the number of
+  // groups), rearranged once at pack time for the GEMM to read in its own order; empty = no arrangement.
+  std::vector<float> (*arrange_weight_scales)(const float* scales, std::int64_t n, std::int64_t columns) = nullptr;
   // Unpack `count` rows (rows[i], or 0..count-1 when rows is null) into codes [count, k] (host layouts).
   void (*unpack_weights)(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
                          std::int8_t* codes) = nullptr;

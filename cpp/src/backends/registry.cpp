@@ -44,6 +44,7 @@ std::deque<Kernels> builtin_backends() {
   avx2.quantize = quantize_avx2;
   avx2.gemm = gemm_avx2;
   avx2.pack_weights = pack_weights_avx2;
+  avx2.arrange_weight_scales = arrange_weight_scales_avx2;
   avx2.unpack_weights = unpack_weights_avx2;
   table.push_back(avx2);
 #endif

@@ -114,11 +114,24 @@ void gemm(const GemmArgs& args, const PackedWeights& weights) {
       check.int_range(args.a_zero_point, "a_zero_point", -8, 7);
     p.a_zero_point = args.a_zero_point.ptr<const std::int32_t>();
   }
-  check.tensor(args.w_scale, "w_scale", {DType::float32});
-  scale_strides(check, args.w_scale, "w_scale", p.n, "output channel (row of the weights)", groups, p.w_scale_stride_n,
-                p.w_scale_stride_g);
-  check.positive_finite(args.w_scale, "w_scale");
-  p.w_scale = args.w_scale.ptr<const float>();
+  if (weights.has_weight_scales()) {
+    // Checked once when the weights were packed.
+    if (args.w_scale.defined())
+      check.fail("w_scale", "must not be given: these weights carry their scales (PackedWeights::pack with weight_scale)");
+    p.w_scale = on_cuda ? weights.device_weight_scales() : weights.weight_scales().data();
+    p.w_scale_stride_n = weights.weight_scale_groups();
+    p.w_scale_stride_g = weights.weight_scale_groups() > 1 ? 1 : 0;
+    if (!on_cuda && !weights.arranged_weight_scales().empty())
+      p.w_scale_arranged = weights.arranged_weight_scales().data();
+  } else {
+    if (!args.w_scale.defined())
+      check.fail("w_scale", "is required: these weights carry no scales (pack them with weight_scale, or pass w_scale)");
+    check.tensor(args.w_scale, "w_scale", {DType::float32});
+    scale_strides(check, args.w_scale, "w_scale", p.n, "output channel (row of the weights)", groups,
+                  p.w_scale_stride_n, p.w_scale_stride_g);
+    check.positive_finite(args.w_scale, "w_scale");
+    p.w_scale = args.w_scale.ptr<const float>();
+  }
   if (args.bias.defined()) {
     check.tensor(args.bias, "bias", {DType::float32}, 1);
     check.dim_equals(args.bias, "bias", 0, p.n, "N, one value per output channel");

@@ -52,6 +52,39 @@ struct PackedWeightsBuilder {
     w.data_ = std::move(layout.data);
     return w;
   }
+
+  // Checks the scales against the packed weights and keeps a copy ([N] or [N, groups]; device memory too).
+  static void attach_weight_scales(PackedWeights& w, const detail::Checker& check, const TensorView& scale) {
+    if (!scale.defined()) return;
+    if (scale.device != Device::cpu)
+      check.fail_type("weight_scale", "must be in host memory (it is copied next to the weights, on their device)");
+    check.tensor(scale, "weight_scale", {DType::float32});
+    const std::int64_t groups = w.num_groups(), count = scale.numel();
+    std::int64_t columns = 1;
+    if (count == 1 || (count == w.n_ && (scale.ndim() == 1 || (scale.ndim() == 2 && scale.size(1) == 1)))) {
+      columns = 1;
+    } else if (groups > 1 && scale.ndim() == 2 && scale.size(0) == w.n_ && scale.size(1) == groups) {
+      columns = groups;
+    } else {
+      std::ostringstream msg;
+      msg << "must hold one value, one per output channel ([" << w.n_ << "])";
+      if (groups > 1) msg << " or one per output channel and group ([" << w.n_ << ", " << groups << "])";
+      msg << "; got shape " << scale.shape_string();
+      check.fail("weight_scale", msg.str());
+    }
+    check.positive_finite(scale, "weight_scale");
+    const float* src = scale.ptr<const float>();
+    if (count == 1)
+      w.weight_scales_.assign(static_cast<std::size_t>(w.n_), src[0]);
+    else
+      w.weight_scales_.assign(src, src + count);  // contiguous: checked above
+    w.weight_scale_groups_ = columns;
+    if (w.kernels_->arrange_weight_scales != nullptr)
+      w.arranged_weight_scales_ = w.kernels_->arrange_weight_scales(w.weight_scales_.data(), w.n_, columns);
+    if (w.kernels_->device != Device::cpu)  // the host copy stays too (small; weight_scales() reads it)
+      w.device_weight_scales_ =
+          w.kernels_->upload(w.weight_scales_.data(), w.weight_scales_.size() * sizeof(float), w.device_index_);
+  }
 };
 
 namespace detail {
@@ -67,7 +100,7 @@ const std::string& PackedWeights::backend_name() const {
 }
 
 PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int64_t group_size,
-                                  const BackendChoice& choice) {
+                                  const BackendChoice& choice, const TensorView& weight_scale) {
   const std::string& backend = choice.name();
   const detail::Checker check("pack_weights");
   if (bits != 8 && bits != 4) check.fail("bits", "must be 8 or 4, got " + std::to_string(bits));
@@ -92,7 +125,9 @@ PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int6
     PackedWeights cpu = pack(host, bits, group_size, Backend::reference);
     std::vector<std::int8_t> codes(static_cast<std::size_t>(cpu.n() * cpu.k()));
     cpu.unpack(TensorView(codes.data(), DType::int8, {cpu.n(), cpu.k()}));
-    return PackedWeightsBuilder::build(cuda, codes.data(), cpu.n(), cpu.k(), bits, group_size, device_index);
+    PackedWeights packed = PackedWeightsBuilder::build(cuda, codes.data(), cpu.n(), cpu.k(), bits, group_size, device_index);
+    PackedWeightsBuilder::attach_weight_scales(packed, check, weight_scale);
+    return packed;
   }
   check.tensor(weights, "weights", bits == 8 ? std::initializer_list<DType>{DType::int8}
                                               : std::initializer_list<DType>{DType::uint8, DType::int8}, 2);
@@ -121,7 +156,9 @@ PackedWeights PackedWeights::pack(const TensorView& weights, int bits, std::int6
   } else {
     unpack_int4(weights, TensorView(codes.data(), DType::int8, {n, k}));
   }
-  return PackedWeightsBuilder::build(kernels, codes.data(), n, k, bits, group_size, -1);
+  PackedWeights packed = PackedWeightsBuilder::build(kernels, codes.data(), n, k, bits, group_size, -1);
+  PackedWeightsBuilder::attach_weight_scales(packed, check, weight_scale);
+  return packed;
 }
 
 void PackedWeights::unpack(const TensorView& out) const {

@@ -153,10 +153,18 @@ def quantize(
     return QuantizedActivations(codes, out_scale, out_zero_point)
 
 
-def pack_weights(weights: Any, bits: int = 8, group_size: int = 0, backend: str = "auto") -> PackedWeights:
+def pack_weights(weights: Any, bits: int = 8, group_size: int = 0, backend: str = "auto",
+                 weight_scale: Any = None) -> PackedWeights:
     """Pack quantized weights once, for the GEMMs: int8 codes [N, K] in [-127, 127] (bits=8), or int4 codes packed two
-    per byte [N, K/2] (bits=4, see pack_int4). `group_size` enables per-group scales (it must divide K)."""
-    return PackedWeights.pack(_detach(weights), bits, group_size, backend)
+    per byte [N, K/2] (bits=4, see pack_int4). `group_size` enables per-group scales (it must divide K).
+
+    `weight_scale` (optional: one value, [N] or [N, K/group_size]) makes the weights carry their scales: they are
+    checked once, here, and gemm() is then called without `w_scale`."""
+    if weight_scale is not None:
+        weight_scale = _as_array(weight_scale, "float32", np.empty(0))
+        if _is_torch(weight_scale):
+            weight_scale = weight_scale.detach().cpu()
+    return PackedWeights.pack(_detach(weights), bits, group_size, backend, weight_scale)
 
 
 def _gemm(a, weights, a_format, a_scale, w_scale, a_zero_point, bias, residual, activation, out_dtype, out):
@@ -178,7 +186,7 @@ def gemm(
     weights: PackedWeights,
     *,
     a_scale: Any,
-    w_scale: Any,
+    w_scale: Any = None,
     a_zero_point: Any = None,
     bias: Any = None,
     residual: Any = None,
@@ -190,7 +198,8 @@ def gemm(
 
     out = act(a_scale[m] * w_scale[n] * (A W^T - a_zero_point[m] * colsum_w[n]) + bias[n]) + residual[m, n]
 
-    `bias` carries the folded OS+ shift W z. Scales: one value, per token [M] / per channel [N], or per group.
+    `bias` carries the folded OS+ shift W z. Scales: one value, per token [M] / per channel [N], or per group;
+    `w_scale` is left out when the weights carry their scales (pack_weights(..., weight_scale=...)).
     `activation`: none, relu, gelu, gelu_tanh, silu. `out_dtype`: float32 or bfloat16 (torch inputs; float16 too on
     the CUDA backend).
     """
@@ -202,7 +211,7 @@ def gemm_w4a4(
     weights: PackedWeights,
     *,
     a_scale: Any,
-    w_scale: Any,
+    w_scale: Any = None,
     a_zero_point: Any = None,
     bias: Any = None,
     residual: Any = None,

@@ -48,8 +48,7 @@ struct QuantizedLinear {
   std::int64_t in_features = 0, out_features = 0;
   int weight_bits = 8;
   std::int64_t weight_group_size = 0;  // 0: one scale per output channel
-  PackedWeights weights;
-  std::vector<float> weight_scale;  // [out] or [out, in / group]
+  PackedWeights weights;            // carries its scales: weights.weight_scales(), [out] or [out, in / group]
   std::vector<float> bias;          // [out] or empty (carries the folded OS+ shift W z)
   std::vector<float> input_shift;   // [in] or empty: the runtime shift subtracted before quantization
   ActivationQuant activation;

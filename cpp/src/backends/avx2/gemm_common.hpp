@@ -34,8 +34,9 @@ inline std::int64_t w8_offset(std::int64_t c, std::int64_t t) { return (c / 8) *
 // Per-panel epilogue parameters, padded to 16 columns.
 struct PanelParams {
   std::vector<float> bias;        // [16]
-  std::vector<float> w_scale;     // [groups][16], or [16] for all groups (ws_gstride 0)
+  const float* w_scale = nullptr;  // [groups][16], or [16] for all groups (ws_gstride 0)
   std::int64_t ws_gstride = 0;
+  std::vector<float> w_scale_storage;  // what w_scale points to when the problem has no arranged scales
   std::int64_t n0 = -1, nvalid = 0;
 };
 
@@ -56,25 +57,31 @@ inline void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& p
   if (p.w_scale_stride_g == 0 || ctx.groups == 1) {
     // The same 16 scales for every group.
     pp.ws_gstride = 0;
-    pp.w_scale.assign(kNR, 0.0f);
-    for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.w_scale[c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n];
+    pp.w_scale_storage.assign(kNR, 0.0f);
+    for (std::int64_t c = 0; c < pp.nvalid; ++c) pp.w_scale_storage[c] = p.w_scale[(pp.n0 + c) * p.w_scale_stride_n];
+    pp.w_scale = pp.w_scale_storage.data();
+  } else if (p.w_scale_arranged != nullptr) {
+    // Already [panel][group][16] (arrange_weight_scales_avx2).
+    pp.ws_gstride = kNR;
+    pp.w_scale = p.w_scale_arranged + panel * ctx.groups * kNR;
   } else {
     // [groups][16] from w_scale[n * stride_n + g * stride_g]: read each channel's run of groups contiguously.
     pp.ws_gstride = kNR;
-    pp.w_scale.assign(static_cast<std::size_t>(ctx.groups * kNR), 0.0f);
-    float* dst = pp.w_scale.data();
+    pp.w_scale_storage.assign(static_cast<std::size_t>(ctx.groups * kNR), 0.0f);
+    float* dst = pp.w_scale_storage.data();
     for (std::int64_t c = 0; c < pp.nvalid; ++c) {
       const float* src = p.w_scale + (pp.n0 + c) * p.w_scale_stride_n;
       for (std::int64_t g = 0; g < ctx.groups; ++g) dst[g * kNR + c] = src[g * p.w_scale_stride_g];
     }
+    pp.w_scale = pp.w_scale_storage.data();
   }
 }
 
 template <int MR>
 inline void fold_group(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, std::int64_t g,
                        const __m256i (&acc)[MR][2], __m256 (&y)[MR][2]) {
-  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale.data() + g * pp.ws_gstride);
-  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale.data() + g * pp.ws_gstride + 8);
+  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride);
+  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride + 8);
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     const std::int64_t ai = (m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g;

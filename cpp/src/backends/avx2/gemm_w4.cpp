@@ -56,6 +56,7 @@ void prepare_w4_panel(const W4Context& c, std::int64_t panel, PanelParams& pp, s
 
 template <int MR>
 void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* colsum, std::int64_t m0) {
+  constexpr int kChains = MR == 1 ? 2 : 1;
   const GemmProblem& p = *c.p;
   const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_k / 4, groups = c.shape.groups;
   const std::int8_t* a = c.a + m0 * lda;
@@ -84,13 +85,14 @@ void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* cols
     const std::int64_t s_end = (g + 1) * group_steps;
     for (std::int64_t s = g * group_steps; s < s_end; s += kW4Flush) {
       const std::int64_t t_end = std::min(s_end, s + kW4Flush);
-      __m256i h[MR][2];
+      // Each int16 sum is one vpmaddubsw -> vpaddw chain (~4 cycles a step); with few rows, consecutive steps go to
+      // separate chains so that the multiplies overlap. The chains share the kW4Flush budget: exact when added.
+      __m256i h[kChains][MR][2];
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) h[r][0] = h[r][1] = _mm256_setzero_si256();
-      for (std::int64_t t = s; t < t_end; ++t) {
-        // Decode (one row) streams W from memory once: fetch 512 bytes ahead.
-        if constexpr (MR == 1)  // 4 KB ahead
-          _mm_prefetch(reinterpret_cast<const char*>(w + (t + 128) * 32), _MM_HINT_T0);
+      for (int ch = 0; ch < kChains; ++ch)
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) h[ch][r][0] = h[ch][r][1] = _mm256_setzero_si256();
+      auto step = [&](std::int64_t t, __m256i (&hc)[MR][2]) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t * 32));
         const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
 #pragma GCC unroll 4
@@ -98,14 +100,29 @@ void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* cols
           std::int32_t four;
           std::memcpy(&four, a + r * lda + t * 4, sizeof four);
           const __m256i b = _mm256_set1_epi32(four);
-          h[r][0] = _mm256_add_epi16(h[r][0], _mm256_maddubs_epi16(lo, b));
-          h[r][1] = _mm256_add_epi16(h[r][1], _mm256_maddubs_epi16(hi, b));
+          hc[r][0] = _mm256_add_epi16(hc[r][0], _mm256_maddubs_epi16(lo, b));
+          hc[r][1] = _mm256_add_epi16(hc[r][1], _mm256_maddubs_epi16(hi, b));
         }
+      };
+      std::int64_t t = s;
+      for (; t + kChains <= t_end; t += kChains) {
+        // Decode (one row) streams W from memory once: fetch 4 KB ahead, one request per 64-byte line.
+        if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(w + (t + 128) * 32), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int ch = 0; ch < kChains; ++ch) step(t + ch, h[ch]);
       }
+      for (; t < t_end; ++t) step(t, h[0]);
+#pragma GCC unroll 4
+      for (int ch = 1; ch < kChains; ++ch)
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          h[0][r][0] = _mm256_add_epi16(h[0][r][0], h[ch][r][0]);
+          h[0][r][1] = _mm256_add_epi16(h[0][r][1], h[ch][r][1]);
+        }
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(h[r][0], ones));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(h[r][1], ones));
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(h[0][r][0], ones));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(h[0][r][1], ones));
       }
     }
     // sum (a - zp) w = sum a u - 8 rowsum(a) - zp colsum(w)   (colsum: with a zero point only)

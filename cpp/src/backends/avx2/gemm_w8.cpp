@@ -222,7 +222,7 @@ void tile(const Context& ctx, const PanelParams& pp, std::int64_t m0) {
       alignas(16) float as[6];
       for (int r = 0; r < 6; ++r) as[r] = p.a_scale[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g];
       kernel_6x16_fold(a, ctx.steps, w, g * ctx.group_steps, (g + 1) * ctx.group_steps,
-                             pp.w_scale.data() + g * pp.ws_gstride, as, &ybuf[0][0][0]);
+                             pp.w_scale + g * pp.ws_gstride, as, &ybuf[0][0][0]);
     }
   } else {
     for (std::int64_t g = 0; g < ctx.groups; ++g) {

@@ -39,6 +39,18 @@ WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::in
   return layout;
 }
 
+// Per-group scales [n, groups] as the kernels' panels read them: [panel][group][16 columns], padding columns 0
+// (prepare_panel would otherwise transpose them for every panel of every call). Per-channel scales need nothing.
+std::vector<float> arrange_weight_scales_avx2(const float* scales, std::int64_t n, std::int64_t columns) {
+  if (columns <= 1) return {};
+  std::vector<float> out(static_cast<std::size_t>(round_up(n, kNR) * columns), 0.0f);
+  for (std::int64_t row = 0; row < n; ++row) {
+    float* panel = out.data() + (row / kNR) * columns * kNR;
+    for (std::int64_t g = 0; g < columns; ++g) panel[g * kNR + row % kNR] = scales[row * columns + g];
+  }
+  return out;
+}
+
 void unpack_weights_avx2(const PackedWeights& w, const std::int32_t* rows, std::int64_t count,
                          std::int8_t* codes) {
   const std::int64_t k = w.k();
