@@ -54,6 +54,13 @@ const bool kVariantRegistered = [] {
 
 TensorView tv(void* p, DType dt, std::vector<std::int64_t> shape) { return TensorView(p, dt, std::move(shape)); }
 
+// The nearest float16 value (normal range) as a float: scales a float16-rounding quantizer would produce.
+float round_to_float16(float x) {
+  int exponent = 0;
+  const float mantissa = std::frexp(x, &exponent);  // x = mantissa 2^exponent, mantissa in [0.5, 1)
+  return std::ldexp(std::nearbyint(std::ldexp(mantissa, 11)), exponent - 11);
+}
+
 std::vector<std::uint8_t> nibbles(const std::vector<std::int8_t>& codes) { return osengine_test::pack_nibbles(codes); }
 
 // weight_scale (optional): scales the packed weights carry.
@@ -211,16 +218,29 @@ void run_gemm_case(const GemmCase& c, const std::string& backend) {
     args.out = tv(o_avx.data(), DType::float32, {m, n});
     gemm(args, avx);
     check_same_bytes(o_ref, o_avx, "fp32 out " + backend + " " + describe(c));
-    // The same scales carried by the weights (checked at pack; the backend may rearrange them): same bits.
-    std::vector<std::uint8_t> w4_carried;
-    const PackedWeights carried =
-        pack_for(w, w4_carried, n, k, c.wbits, c.group, backend, tv(w_scale.data(), DType::float32, ws_shape));
-    CHECK(carried.has_weight_scales());
-    GemmArgs carried_args = args;
-    carried_args.w_scale = TensorView{};
-    std::fill(o_avx.begin(), o_avx.end(), -7.0f);
-    gemm(carried_args, carried);
-    check_same_bytes(o_ref, o_avx, "fp32 out, carried scales " + backend + " " + describe(c));
+    // The same scales carried by the weights (checked at pack; the backend may rearrange them, and keep scales
+    // that are all exact float16 values in float16): the reference's bits, for float32 and float16-exact scales.
+    for (const bool f16 : {false, true}) {
+      std::vector<float> scales = w_scale;
+      if (f16)
+        for (float& s : scales) s = round_to_float16(s);
+      args.w_scale = tv(scales.data(), DType::float32, ws_shape);
+      args.out = tv(o_ref.data(), DType::float32, {m, n});
+      gemm(args, ref);
+      std::vector<std::uint8_t> w4_carried;
+      const PackedWeights carried =
+          pack_for(w, w4_carried, n, k, c.wbits, c.group, backend, tv(scales.data(), DType::float32, ws_shape));
+      CHECK(carried.has_weight_scales());
+      if (backend == "avx2" && c.wbits == 4 && c.w_scale_kind == 2 && groups > 1)  // its float16 path is under test
+        CHECK_EQ(carried.arranged_weight_scales_f16().empty(), !f16);
+      GemmArgs carried_args = args;
+      carried_args.w_scale = TensorView{};
+      carried_args.out = tv(o_avx.data(), DType::float32, {m, n});
+      std::fill(o_avx.begin(), o_avx.end(), -7.0f);
+      gemm(carried_args, carried);
+      check_same_bytes(o_ref, o_avx, std::string("fp32 out, carried ") + (f16 ? "float16-exact " : "") + "scales " +
+                                         backend + " " + describe(c));
+    }
   } else {
     std::vector<std::uint16_t> o_ref(static_cast<std::size_t>(m * n)), o_avx(static_cast<std::size_t>(m * n), 1);
     args.out = tv(o_ref.data(), DType::bfloat16, {m, n});

@@ -3,7 +3,7 @@ import torch
 
 from osengine.quant.layers import FakeQuantLinear
 from osengine.quant.observers import ActQuantizer
-from osengine.quant.spec import QuantSpec, quantize_dynamic, quantize_weight
+from osengine.quant.spec import QuantSpec, quantize_dynamic, quantize_weight, symmetric_weight_codes
 
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
@@ -46,6 +46,35 @@ def test_weight_granularities():
     assert err(per_group) < err(per_channel) < err(per_tensor)
     with pytest.raises(ValueError, match="group_size"):
         quantize_weight(w, QuantSpec(bits=4, granularity="per-group", group_size=24))
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 64), (4, 0)])
+def test_float16_weight_scales_are_exact_and_recovered(observer, bits, group_size):
+    torch.manual_seed(0)
+    w = torch.randn(24, 128) * torch.logspace(-2, 1, 24)[:, None]
+    w[3, :5] = 0.0  # a group with a few zeros
+    w[5] = 1e-4     # a row whose step is below float16's normal range: kept in float32
+    granularity = "per-group" if group_size else "per-channel"
+    spec32 = QuantSpec(bits=bits, granularity=granularity, group_size=group_size or None, observer=observer)
+    spec16 = QuantSpec(bits=bits, granularity=granularity, group_size=group_size or None, observer=observer,
+                       scale_dtype="float16")
+    q32, q16 = quantize_weight(w, spec32), quantize_weight(w, spec16)
+    codes32, scale32, _ = symmetric_weight_codes(q32, bits, granularity, group_size)
+    codes16, scale16, _ = symmetric_weight_codes(q16, bits, granularity, group_size)
+    normal = scale16 >= 2.0 ** -14
+    # the recovered steps are float16 numbers where they are normal, unchanged elsewhere
+    assert torch.equal(scale16[normal], scale16[normal].half().float())
+    assert torch.equal(scale16[~normal], scale32[~normal])
+    assert (~normal).any() and normal.any()
+    rel = ((scale16 - scale32) / scale32).abs().max()
+    assert rel <= 2.0 ** -11
+    # the fake-quantized weights are exactly codes x recovered steps, every row / group still reaches +-qmax
+    units = q16.reshape(24, -1, group_size) if group_size else q16
+    steps = scale16[..., None] if group_size else scale16[:, None]
+    assert torch.equal((codes16.reshape_as(units).float() * steps).reshape_as(q16), q16)
+    assert (codes16.reshape_as(units).abs().amax(dim=-1) == 2 ** (bits - 1) - 1).all()
+    assert (q16 - w).abs().max() <= (q32 - w).abs().max() * 1.01 + 1e-12
 
 
 @pytest.mark.parametrize("granularity, group_size", [("per-tensor", None), ("per-channel", None), ("per-group", 16)])

@@ -49,6 +49,8 @@ def test_yaml_file(tmp_path):
     ({"weights": {}, "activations": {"granularity": "per-token", "full_range": True}}, "activations.full_range"),
     ({"weights": {"full_range": True}, "activations": {}}, "weights.full_range"),
     ({"weights": {"rounding": "stochastic"}, "activations": {}}, "weights.rounding"),
+    ({"weights": {"scale_dtype": "bfloat16"}, "activations": {}}, "weights.scale_dtype"),
+    ({"weights": {}, "activations": {"scale_dtype": "float16"}}, "activations.scale_dtype"),
     ({"weights": {}, "activations": {"rounding": "gptq"}}, "activations.rounding"),
     ({"weights": {}, "activations": {}, "bmm_inputs": "yes"}, "bmm_inputs"),
     ({"weights": {}, "activations": {}, "keep_fp": ["embeddings"]}, "keep_fp"),

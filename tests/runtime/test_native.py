@@ -32,8 +32,11 @@ W4A8_GROUP16 = {"name": "w4a8-group16",
 W4A4 = {"name": "w4a4-sym",
         "weights": {"bits": 4, "symmetric": True, "granularity": "per-channel"},
         "activations": {"bits": 4, "symmetric": False, "granularity": "per-token", "dynamic": True}}
+# The engine keeps float16-exact int4 group scales in float16 (half the bytes): the same bits as float32.
+W4A8_GROUP16_F16 = {**W4A8_GROUP16, "name": "w4a8-group16-f16",
+                    "weights": {**W4A8_GROUP16["weights"], "scale_dtype": "float16"}}
 RECIPES = {"w8a8-static": "w8a8-static", "w8a8-token": "w8a8-token", "w4a8": "w4a8", "w4a8-group16": W4A8_GROUP16,
-           "w4a4": W4A4}
+           "w4a8-group16-f16": W4A8_GROUP16_F16, "w4a4": W4A4}
 VOCAB = 96
 
 

@@ -46,8 +46,10 @@ class PackedWeights {
   const std::vector<float>& weight_scales() const { return weight_scales_; }
   // 1 (one scale per output channel) or num_groups() (one per channel and group).
   std::int64_t weight_scale_groups() const { return weight_scale_groups_; }
-  // The backend's own arrangement of those scales (see detail::Kernels::arrange_weight_scales); may be empty.
+  // The backend's own arrangement of those scales (detail::Kernels::arrange_weight_scales): float32, or float16 bits
+  // when every scale is exactly a float16; either or both may be empty.
   const std::vector<float>& arranged_weight_scales() const { return arranged_weight_scales_; }
+  const std::vector<std::uint16_t>& arranged_weight_scales_f16() const { return arranged_weight_scales_f16_; }
   // Bytes held by the packed layout (weights only; device memory for the CUDA backend).
   std::size_t nbytes() const { return device_data_ ? device_nbytes_ : data_.size(); }
   // Recover the int8 codes [N, K]: out must be an int8 [N, K] contiguous view.
@@ -78,7 +80,9 @@ class PackedWeights {
   const detail::Kernels* kernels_ = nullptr;
   std::vector<std::uint8_t> data_;
   std::vector<std::int32_t> column_sums_;
-  std::vector<float> weight_scales_, arranged_weight_scales_;
+  std::vector<float> weight_scales_;
+  std::vector<float> arranged_weight_scales_;
+  std::vector<std::uint16_t> arranged_weight_scales_f16_;
   std::shared_ptr<void> device_data_, device_column_sums_, device_weight_scales_;
   std::size_t device_nbytes_ = 0;
   int device_index_ = -1;

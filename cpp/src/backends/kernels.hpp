@@ -63,8 +63,9 @@ struct GemmProblem {
   const float* w_scale = nullptr;
   std::int64_t w_scale_stride_n = 0, w_scale_stride_g = 0;
   // The same scales in the backend's own arrangement (Kernels::arrange_weight_scales) when the weights carry them
-  // and the backend made one; else null.
+  // and the backend made one, as float32 or (every value exactly representable) float16 bits; else both null.
   const float* w_scale_arranged = nullptr;
+  const std::uint16_t* w_scale_arranged_f16 = nullptr;
   const float* bias = nullptr;  // [n] or null
   const void* residual = nullptr;  // [m, n] or null
   DType residual_dtype = DType::float32;
@@ -72,6 +73,13 @@ struct GemmProblem {
   void* out = nullptr;  // [m, n]
   DType out_dtype = DType::float32;
   std::uintptr_t stream = 0;  // device backends: the stream to queue the work on (0 = the default stream)
+};
+
+// A backend's arrangement of the scales weights carry: float32 values, or float16 bits when every value is exactly
+// a float16 (half the bytes for the same numbers), or neither.
+struct ArrangedScales {
+  std::vector<float> f32;
+  std::vector<std::uint16_t> f16;
 };
 
 // Weight layouts. `codes` are int8 [n, k] (int4 values already sign-extended to int8).
@@ -92,9 +100,9 @@ struct Kernels {
   void (*gemm)(const GemmProblem& problem) = nullptr;
   WeightLayout (*pack_weights)(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
                                std::int64_t group_size) = nullptr;
-  // Optional (CPU backends): the scales that weights carry, [n, columns] row-major (columns = 1 or the number of
-  // groups), rearranged once at pack time for the GEMM to read in its own order; empty = no arrangement.
-  std::vector<float> (*arrange_weight_scales)(const float* scales, std::int64_t n, std::int64_t columns) = nullptr;
+  // Optional (CPU backends): the scales that `bits`-bit weights carry, [n, columns] row-major (columns = 1 or the
+  // number of groups), rearranged once at pack time for the GEMM to read in its own order.
+  ArrangedScales (*arrange_weight_scales)(const float* scales, std::int64_t n, std::int64_t columns, int bits) = nullptr;
   // Unpack `count` rows (rows[i], or 0..count-1 when rows is null) into codes [count, k] (host layouts).
   void (*unpack_weights)(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,
                          std::int8_t* codes) = nullptr;

@@ -123,6 +123,8 @@ void gemm(const GemmArgs& args, const PackedWeights& weights) {
     p.w_scale_stride_g = weights.weight_scale_groups() > 1 ? 1 : 0;
     if (!on_cuda && !weights.arranged_weight_scales().empty())
       p.w_scale_arranged = weights.arranged_weight_scales().data();
+    if (!on_cuda && !weights.arranged_weight_scales_f16().empty())
+      p.w_scale_arranged_f16 = weights.arranged_weight_scales_f16().data();
   } else {
     if (!args.w_scale.defined())
       check.fail("w_scale", "is required: these weights carry no scales (pack them with weight_scale, or pass w_scale)");

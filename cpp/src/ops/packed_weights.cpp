@@ -79,8 +79,11 @@ struct PackedWeightsBuilder {
     else
       w.weight_scales_.assign(src, src + count);  // contiguous: checked above
     w.weight_scale_groups_ = columns;
-    if (w.kernels_->arrange_weight_scales != nullptr)
-      w.arranged_weight_scales_ = w.kernels_->arrange_weight_scales(w.weight_scales_.data(), w.n_, columns);
+    if (w.kernels_->arrange_weight_scales != nullptr) {
+      detail::ArrangedScales arranged = w.kernels_->arrange_weight_scales(w.weight_scales_.data(), w.n_, columns, w.bits_);
+      w.arranged_weight_scales_ = std::move(arranged.f32);
+      w.arranged_weight_scales_f16_ = std::move(arranged.f16);
+    }
     if (w.kernels_->device != Device::cpu)  // the host copy stays too (small; weight_scales() reads it)
       w.device_weight_scales_ =
           w.kernels_->upload(w.weight_scales_.data(), w.weight_scales_.size() * sizeof(float), w.device_index_);

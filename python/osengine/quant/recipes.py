@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .spec import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, WEIGHT_ROUNDINGS, QuantSpec
+from .spec import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, WEIGHT_ROUNDINGS, WEIGHT_SCALE_DTYPES, QuantSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
 ALWAYS_FP = ("lm_head", "embeddings")  # outside the transformer blocks: never quantized in this version
@@ -29,8 +29,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         w = {k: v for k, v in self.weights.to_dict().items()
-             if k in ("bits", "symmetric", "granularity", "group_size", "observer", "rounding")}
-        a = {k: v for k, v in self.activations.to_dict().items() if k != "rounding"}
+             if k in ("bits", "symmetric", "granularity", "group_size", "observer", "rounding", "scale_dtype")}
+        a = {k: v for k, v in self.activations.to_dict().items() if k not in ("rounding", "scale_dtype")}
         return {"name": self.name, "weights": w, "activations": a,
                 "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp)}
 
@@ -52,7 +52,7 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe field '{where}' must be a mapping, got {type(raw).__name__}")
     allowed = {"bits", "symmetric", "granularity", "group_size", "observer"} | (
-        {"rounding"} if is_weight else {"dynamic", "quantile", "full_range"})
+        {"rounding", "scale_dtype"} if is_weight else {"dynamic", "quantile", "full_range"})
     unknown = set(raw) - allowed
     if unknown:
         raise RecipeError(f"recipe field '{where}.{sorted(unknown)[0]}' is unknown (allowed: {sorted(allowed)})")
@@ -83,8 +83,12 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
         if rounding not in WEIGHT_ROUNDINGS:
             raise RecipeError(f"recipe field '{where}.rounding' must be one of {list(WEIGHT_ROUNDINGS)}, "
                               f"got {rounding!r}")
+        scale_dtype = raw.get("scale_dtype", "float32")
+        if scale_dtype not in WEIGHT_SCALE_DTYPES:
+            raise RecipeError(f"recipe field '{where}.scale_dtype' must be one of {list(WEIGHT_SCALE_DTYPES)}, "
+                              f"got {scale_dtype!r}")
         return QuantSpec(bits=bits, symmetric=sym, granularity=gran, group_size=group, observer=observer,
-                         rounding=rounding)
+                         rounding=rounding, scale_dtype=scale_dtype)
     dynamic = raw.get("dynamic", gran != "per-tensor")
     if not isinstance(dynamic, bool):
         raise RecipeError(f"recipe field '{where}.dynamic' must be true or false, got {dynamic!r}")

@@ -17,6 +17,7 @@ GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
 OBSERVERS = ("minmax", "avgminmax", "quantile", "search")   # static activations
 WEIGHT_OBSERVERS = ("minmax", "mse")               # weights
 WEIGHT_ROUNDINGS = ("nearest", "gptq")             # weights: round to nearest, or GPTQ (gptq.py)
+WEIGHT_SCALE_DTYPES = ("float32", "float16")       # weights: the precision of their step sizes
 # Weight "mse" observer: each row's (or group's) MinMax range shrunk by the factor of this grid that gives the least
 # squared error of the fake-quantized row; 1.0 first, so that a row where clipping does not help keeps its MinMax.
 MSE_SHRINK_GRID = tuple(1.0 - 0.02 * i for i in range(25))  # 1.00, 0.98, ..., 0.52
@@ -38,6 +39,10 @@ class QuantSpec:
     # Weights only: "nearest" rounds every weight to its nearest code (the paper's MinMax quantizer); "gptq" chooses
     # the codes on the same grid by GPTQ from the layer's calibration inputs (gptq.py; done by the calibration driver).
     rounding: str = "nearest"
+    # Weights only: "float16" rounds each step size to the nearest float16 (where that is a normal float16) before the
+    # codes are chosen, as llama.cpp's blocks store theirs: the engine then keeps the scales of int4 groups in half
+    # the bytes, exactly (a decode step reads 1/8 instead of 1/4 of a byte of scale per weight in groups of 32).
+    scale_dtype: str = "float32"
 
     @property
     def qmin(self) -> int:
@@ -117,7 +122,19 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple:
     elif spec.observer != "minmax":
         raise ValueError(f"weights: observer {spec.observer!r} is not one of {list(WEIGHT_OBSERVERS)}")
     delta, zp = qparams_from_range(lo, hi, spec)
+    if spec.scale_dtype == "float16":
+        delta = float16_steps(delta)
+    elif spec.scale_dtype != "float32":
+        raise ValueError(f"weights: scale_dtype {spec.scale_dtype!r} is not one of {list(WEIGHT_SCALE_DTYPES)}")
     return x, delta, zp
+
+
+def float16_steps(delta: torch.Tensor) -> torch.Tensor:
+    """Step sizes rounded to the nearest float16 where they are normal float16 numbers (others unchanged). The
+    relative change is at most 2^-11, so a row's (group's) largest weight still rounds to +-qmax, and
+    symmetric_weight_codes recovers exactly these steps from the fake-quantized weights (qmax * step is exact)."""
+    normal = (delta >= 2.0 ** -14) & (delta <= 65504.0)
+    return torch.where(normal, delta.to(torch.float16).to(delta.dtype), delta)
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -9,7 +9,7 @@ std::int64_t quantize_avx2(const QuantizeProblem& problem);  // avx2/quantize.cp
 void gemm_avx2(const GemmProblem& problem);     // avx2/gemm.cpp: W8 or W4 by the weights' bits
 void gemm_w8_avx2(const GemmProblem& problem);  // avx2/gemm_w8.cpp
 void gemm_w4_avx2(const GemmProblem& problem);  // avx2/gemm_w4.cpp
-std::vector<float> arrange_weight_scales_avx2(const float* scales, std::int64_t n, std::int64_t columns);
+ArrangedScales arrange_weight_scales_avx2(const float* scales, std::int64_t n, std::int64_t columns, int bits);
 WeightLayout pack_weights_avx2(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,
                                std::int64_t group_size);  // avx2/pack.cpp
 void unpack_weights_avx2(const PackedWeights& weights, const std::int32_t* rows, std::int64_t count,

@@ -35,6 +35,7 @@ inline std::int64_t w8_offset(std::int64_t c, std::int64_t t) { return (c / 8) *
 struct PanelParams {
   std::vector<float> bias;        // [16]
   const float* w_scale = nullptr;  // [groups][16], or [16] for all groups (ws_gstride 0)
+  const std::uint16_t* w_scale_f16 = nullptr;  // instead of w_scale: float16 bits, [groups][16]
   std::int64_t ws_gstride = 0;
   std::vector<float> w_scale_storage;  // what w_scale points to when the problem has no arranged scales
   std::int64_t n0 = -1, nvalid = 0;
@@ -53,6 +54,7 @@ inline void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& p
   pp.n0 = panel * kNR;
   pp.nvalid = std::min<std::int64_t>(kNR, p.n - pp.n0);
   pp.bias.assign(kNR, 0.0f);
+  pp.w_scale_f16 = nullptr;
   if (p.bias) std::memcpy(pp.bias.data(), p.bias + pp.n0, static_cast<std::size_t>(pp.nvalid) * sizeof(float));
   if (p.w_scale_stride_g == 0 || ctx.groups == 1) {
     // The same 16 scales for every group.
@@ -64,6 +66,10 @@ inline void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& p
     // Already [panel][group][16] (arrange_weight_scales_avx2).
     pp.ws_gstride = kNR;
     pp.w_scale = p.w_scale_arranged + panel * ctx.groups * kNR;
+  } else if (p.w_scale_arranged_f16 != nullptr) {
+    pp.ws_gstride = kNR;
+    pp.w_scale = nullptr;
+    pp.w_scale_f16 = p.w_scale_arranged_f16 + panel * ctx.groups * kNR;
   } else {
     // [groups][16] from w_scale[n * stride_n + g * stride_g]: read each channel's run of groups contiguously.
     pp.ws_gstride = kNR;
@@ -80,8 +86,14 @@ inline void prepare_panel(const Context& ctx, std::int64_t panel, PanelParams& p
 template <int MR>
 inline void fold_group(const GemmProblem& p, const PanelParams& pp, std::int64_t m0, std::int64_t g,
                        const __m256i (&acc)[MR][2], __m256 (&y)[MR][2]) {
-  const __m256 ws0 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride);
-  const __m256 ws1 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride + 8);
+  __m256 ws0, ws1;
+  if (pp.w_scale_f16 != nullptr) {  // exact float16 values: the same floats
+    ws0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pp.w_scale_f16 + g * pp.ws_gstride)));
+    ws1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pp.w_scale_f16 + g * pp.ws_gstride + 8)));
+  } else {
+    ws0 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride);
+    ws1 = _mm256_loadu_ps(pp.w_scale + g * pp.ws_gstride + 8);
+  }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     const std::int64_t ai = (m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g;
