@@ -1,5 +1,5 @@
-"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load (and
-verify_engine / verify_native, behind `osengine check`)."""
+"""Python API of the front end: osengine.quantize, osengine.evaluate, osengine.load_model, osengine.load,
+osengine.find_outlier_tokens (and verify_engine / verify_native, behind `osengine check`)."""
 from __future__ import annotations
 
 import resource
@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .calibrate.data import CalibrationError, load_calibration
 from .calibrate.pipeline import calibrate_blockwise
+from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix
 from .engine import ops
 from .evaluation import perplexity
 from .io.checkpoint import refuse_existing_output
@@ -242,3 +243,28 @@ def evaluate(model: Union[nn.Module, str, Path], ppl: Union[str, Path], *, token
         raise ValueError("evaluate(): `tokenizer` is required when `model` is a module")
     return perplexity(model, tokenizer, ppl, seq_len=seq_len, windows=windows, progress=progress,
                       generator_model=generator)
+
+
+def find_outlier_tokens(model: Union[nn.Module, str, Path], calibration="generated", *, tokenizer=None,
+                        n_samples: int = 8, seq_len: int = 256, threshold: float = OUTLIER_THRESHOLD,
+                        max_prefix: int = 4, batch_size: int = 4, device: Optional[str] = None,
+                        progress: bool = True) -> dict:
+    """The outlier tokens of a floating-point model on calibration data, and the full-precision prefix that takes
+    their role (osengine.calibrate.prefix: per block and linear input, each token's max |x| over the median token's;
+    above `threshold` a token is an outlier). Returns {"prefix": token ids, "prefix_tokens": their text,
+    "reports": [OutlierReport without a prefix, then after each prefix token], "samples", "seq_len"}."""
+    if not isinstance(model, nn.Module):
+        if is_checkpoint(str(model)):
+            raise ModelLoadError(f"model {str(model)!r} is already quantized; give the floating-point model")
+        model, tokenizer = load_fp_model(str(model), device=device or "cpu")
+    elif tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
+        raise CalibrationError("find_outlier_tokens(): `tokenizer` is needed to turn the calibration text into tokens")
+    arch = resolve_architecture(model)
+    ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len, progress=progress)
+    input_ids, mask = (ids["input_ids"], ids["attention_mask"]) if isinstance(ids, dict) else (ids, None)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    prefix, reports = choose_prefix(model, arch, input_ids, mask, bos_token_id=bos, threshold=threshold,
+                                    max_length=max_prefix, batch_size=batch_size)
+    text = [tokenizer.decode([i]) for i in prefix] if tokenizer is not None else [str(i) for i in prefix]
+    return {"prefix": prefix, "prefix_tokens": text, "reports": reports, "samples": int(input_ids.shape[0]),
+            "seq_len": int(input_ids.shape[1])}

@@ -127,3 +127,20 @@ def test_unknown_model_and_listing(capsys):
     assert main(["plugins", "--json"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)["plugins"]}
     assert {"osplus", "smoothquant", "minmax", "llama", "opt", "bloom", "bert"} <= names
+
+
+def test_outliers_command(tiny_folder, tmp_path, capsys):
+    plot = tmp_path / "outliers.png"
+    rc = main(["outliers", str(tiny_folder / "model"), "--calib", str(tiny_folder / "text.txt"), "--samples", "4",
+               "--seq-len", "32", "--plot", str(plot), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["samples"] == 4 and out["seq_len"] == 32
+    first = out["measurements"][0]
+    assert first["prefix"] == [] and len(first["block_worst"]) == 2 and first["threshold"] == 64.0
+    assert out["prefix"] == out["measurements"][-1]["prefix"] and len(out["prefix"]) == len(out["prefix_tokens"])
+    assert plot.stat().st_size > 1000
+    assert main(["outliers", str(tiny_folder / "model"), "--calib", str(tiny_folder / "text.txt"), "--samples", "2",
+                 "--seq-len", "16"]) == 0
+    table = capsys.readouterr().out
+    assert "| prefix | worst ratio |" in table and ("prefix:" in table or "no prefix" in table)

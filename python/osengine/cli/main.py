@@ -1,4 +1,4 @@
-"""Command line: osengine quantize | eval | check | run | export | upgrade | bench | plugins | recipes."""
+"""Command line: osengine quantize | outliers | eval | check | run | export | upgrade | bench | plugins | recipes."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,43 @@ def cmd_quantize(args) -> int:
     else:
         print(markdown_table(report))
         print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_outliers(args) -> int:
+    import torch
+
+    from ..api import find_outlier_tokens
+    from ..calibrate.prefix import plot_outlier_ratios
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    found = find_outlier_tokens(args.model, args.calib, n_samples=args.samples, seq_len=args.seq_len,
+                                threshold=args.threshold, max_prefix=args.max_prefix, batch_size=args.batch_size,
+                                device=args.device, progress=not args.json)
+    reports = found["reports"]
+    if args.plot:
+        labels = ["no prefix"] + [f"prefix {found['prefix_tokens'][:len(r.prefix)]}" for r in reports[1:]]
+        plot_outlier_ratios(reports, args.plot, labels)
+    if args.json:
+        print(json.dumps({"prefix": found["prefix"], "prefix_tokens": found["prefix_tokens"],
+                          "samples": found["samples"], "seq_len": found["seq_len"],
+                          "measurements": [r.to_dict() for r in reports]}))
+        return 0
+    print(f"{found['samples']} samples x {found['seq_len']} tokens; outlier: a token whose max |x| over a linear "
+          f"input's channels exceeds {args.threshold:g}x the median token's")
+    print("\n| prefix | worst ratio | worst block | outlier occurrences | first-position samples |")
+    print("|---|---:|---:|---:|---:|")
+    for r in reports:
+        worst = r.block_worst()
+        block = max(range(len(worst)), key=worst.__getitem__) if worst else "-"
+        print(f"| {r.prefix or 'none'} | {r.worst_ratio():.1f} | {block} | {sum(r.counts().values())} | "
+              f"{r.first_position_samples()} |")
+    if found["prefix"]:
+        print(f"\nprefix: {found['prefix']} = {found['prefix_tokens']}")
+    else:
+        print("\nno outlier tokens that a prefix would take: no prefix")
+    if args.plot:
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -213,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot-sites", nargs="+", metavar="BLOCK.SITE", help="sites to plot, e.g. 11.down 3.attn")
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     q.set_defaults(func=cmd_quantize)
+
+    o = sub.add_parser("outliers", help="find the outlier tokens (massive activations) of a floating-point model and "
+                                        "the full-precision prefix that takes their role")
+    o.add_argument("model", help="Hugging Face folder, .gguf file, or registered name")
+    o.add_argument("--calib", default="generated", help="calibration text file, or 'generated' (default)")
+    o.add_argument("--samples", type=int, default=8, help="calibration samples (default 8)")
+    o.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    o.add_argument("--threshold", type=float, default=64.0, help="outlier ratio to the median token (default 64)")
+    o.add_argument("--max-prefix", type=int, default=4, help="longest prefix considered (default 4)")
+    o.add_argument("--batch-size", type=int, default=4)
+    o.add_argument("--device", default=None, help="cpu (default) or cuda")
+    o.add_argument("--threads", type=int, default=None)
+    o.add_argument("--plot", metavar="PNG", help="per-block worst ratio without and with the prefix")
+    o.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    o.set_defaults(func=cmd_outliers)
 
     e = sub.add_parser("eval", help="perplexity (and optional lm-evaluation-harness tasks)")
     e.add_argument("model", help="a quantized folder (--out of quantize) or anything quantize accepts")

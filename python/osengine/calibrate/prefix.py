@@ -1,0 +1,198 @@
+"""Outlier tokens ("massive activations"): the few tokens whose linear inputs are orders of magnitude larger than
+every other token's, such as the first position of a sequence (the attention sink) and some frequent delimiters. One
+static per-tensor activation scale cannot serve them and the rest; PrefixQuant (Chen et al. 2024) takes them out of
+the quantized computation by keeping them as a full-precision prefix of the KV cache. This module finds them and
+chooses that prefix from the data.
+
+Measure. For every block and every linear input of it (linears that read one tensor, as q/k/v, count once), each
+real token's max |x| over channels divided by the median of those maxima over all real tokens of the calibration
+data. A token whose ratio exceeds `threshold` (64, as PrefixQuant) is an outlier. With a prefix, every sample runs
+after it (the model sees prefix + sample) and the prefix positions are left out of the statistics.
+
+Choice. No outliers: no prefix. Otherwise, greedily: the model's BOS token first when outliers sit at the first
+position (any first token becomes the sink; a fixed BOS in front takes that role), then the token id with the most
+outlier occurrences (at least `min_occurrences`: a prefix serves recurring tokens), kept only when measuring again
+shows fewer outlier occurrences, until no such token remains or `max_length` is reached. Outliers of a token already
+in the prefix (e.g. a second BOS) or of rare tokens are reported, not absorbed.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..plugins.api import Architecture
+from .data import CalibrationError
+
+OUTLIER_THRESHOLD = 64.0
+
+
+@dataclass(frozen=True)
+class OutlierToken:
+    block: int
+    linear: str      # the first linear (name relative to its block) that reads the input
+    sample: int
+    position: int    # in the sample (prefix positions not counted)
+    token_id: int
+    ratio: float
+
+
+@dataclass
+class OutlierReport:
+    """One measurement: per block and linear input, the largest per-token ratio; every outlier token."""
+    threshold: float
+    prefix: list                                  # token ids in front of every sample (not measured)
+    worst: dict = field(default_factory=dict)     # block index -> {linear: largest ratio}
+    tokens: list = field(default_factory=list)    # OutlierToken, largest ratio first
+
+    def block_worst(self) -> list:
+        """Per block, the largest ratio over its linear inputs."""
+        return [max(self.worst[b].values()) for b in sorted(self.worst)]
+
+    def worst_ratio(self) -> float:
+        return max(self.block_worst(), default=0.0)
+
+    def counts(self, later_positions_only: bool = False) -> Counter:
+        """Outlier (sample, position) occurrences per token id (each counted once however many linears flag it)."""
+        seen = {(t.sample, t.position, t.token_id) for t in self.tokens
+                if not (later_positions_only and t.position == 0)}
+        return Counter(token_id for _, _, token_id in seen)
+
+    def first_position_samples(self) -> int:
+        """Samples whose first token is an outlier."""
+        return len({t.sample for t in self.tokens if t.position == 0})
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "prefix": list(self.prefix),
+                "block_worst": [round(r, 2) for r in self.block_worst()],
+                "outlier_tokens": {str(k): v for k, v in self.counts().most_common()},
+                "first_position_samples": self.first_position_samples()}
+
+
+def _measured_linears(model: nn.Module, arch: Architecture, block_index: int) -> list:
+    """(relative name, module) of the block's linears, one per input tensor (the first of q/k/v, of gate/up)."""
+    block_name = arch.block(model, block_index)
+    block = model.get_submodule(block_name)
+    shared = {name for group in arch.shared_input_groups(model) for name in group[1:]}
+    return [(name, m) for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and f"{block_name}.{name}" not in shared]
+
+
+def _with_prefix(input_ids: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
+    if not prefix:
+        return input_ids
+    front = torch.tensor(list(prefix), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([front.expand(input_ids.shape[0], -1), input_ids], dim=1)
+
+
+@torch.no_grad()
+def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None, prefix: Sequence[int] = (),
+                           threshold: float = OUTLIER_THRESHOLD, batch_size: int = 4) -> OutlierReport:
+    """The outlier tokens of `input_ids` [samples, tokens] (`attention_mask`: 1 for real tokens) run after `prefix`
+    through the floating-point model."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise CalibrationError("outlier detection needs token ids [samples, tokens], got shape "
+                               f"{tuple(input_ids.shape)}")
+    if not threshold > 1.0:
+        raise ValueError(f"outlier threshold must be > 1 (a ratio to the median token), got {threshold}")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    n_blocks = len(arch.blocks(model))
+    linears = {b: _measured_linears(model, arch, b) for b in range(n_blocks)}
+    maxima = {(b, name): [] for b in linears for name, _ in linears[b]}   # per batch: [batch, tokens]
+    p = len(prefix)
+
+    def hook(key):
+        def record(_module, args):
+            x = args[0]
+            if x.dim() == 3:   # [batch, tokens, channels]; the prefix positions are not measured
+                maxima[key].append(x[:, p:].detach().abs().amax(dim=-1).float().cpu())
+        return record
+
+    handles = [m.register_forward_pre_hook(hook((b, name))) for b in linears for name, m in linears[b]]
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            ids = _with_prefix(input_ids[i:i + batch_size].to(device), prefix)
+            attn = torch.cat([torch.ones(ids.shape[0], p, dtype=torch.long, device=device),
+                              mask[i:i + batch_size].long().to(device)], dim=1)
+            model(input_ids=ids, attention_mask=attn)
+    finally:
+        for h in handles:
+            h.remove()
+
+    report = OutlierReport(threshold=threshold, prefix=list(prefix))
+    flat_ids, flat_mask = input_ids.cpu(), mask.cpu()
+    for (b, name), per_batch in maxima.items():
+        if not per_batch:
+            continue
+        token_max = torch.cat(per_batch)                       # [samples, tokens]
+        real = token_max[flat_mask]
+        median = real.median().clamp(min=torch.finfo(torch.float32).tiny)
+        ratio = torch.where(flat_mask, token_max / median, torch.zeros_like(token_max))
+        report.worst.setdefault(b, {})[name] = float(ratio.max())
+        for sample, position in (ratio > threshold).nonzero().tolist():
+            report.tokens.append(OutlierToken(b, name, sample, position, int(flat_ids[sample, position]),
+                                              float(ratio[sample, position])))
+    report.tokens.sort(key=lambda t: -t.ratio)
+    return report
+
+
+@torch.no_grad()
+def choose_prefix(model: nn.Module, arch: Architecture, input_ids: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor] = None, bos_token_id: Optional[int] = None,
+                  threshold: float = OUTLIER_THRESHOLD, max_length: int = 4, min_occurrences: int = 2,
+                  batch_size: int = 4) -> tuple:
+    """(prefix token ids, the measurements: without a prefix first, then after each accepted addition). See the
+    module docstring for the rule; a token other than the sink is a candidate when it is an outlier at least
+    `min_occurrences` times, and is kept only when it lowers the number of outlier occurrences."""
+    if max_length < 0:
+        raise ValueError(f"max_length must be >= 0, got {max_length}")
+    reports = [measure_outlier_tokens(model, arch, input_ids, attention_mask, (), threshold, batch_size)]
+    prefix: list = []
+    rejected: set = set()
+    while len(prefix) < max_length and reports[-1].tokens:
+        current = reports[-1]
+        sink = not prefix and current.first_position_samples() > 0
+        if sink:  # any first token is a sink; a fixed BOS in front takes the role
+            candidate = bos_token_id if bos_token_id is not None else \
+                Counter(int(t) for t in input_ids[:, 0].tolist()).most_common(1)[0][0]
+        else:
+            frequent = [tok for tok, n in current.counts().most_common()
+                        if n >= min_occurrences and tok not in prefix and tok not in rejected]
+            if not frequent:
+                break
+            candidate = frequent[0]
+        trial = measure_outlier_tokens(model, arch, input_ids, attention_mask, prefix + [int(candidate)], threshold,
+                                       batch_size)
+        if not sink and sum(trial.counts().values()) >= sum(current.counts().values()):
+            rejected.add(candidate)   # it does not take the outliers' role: leave it out
+            continue
+        prefix.append(int(candidate))
+        reports.append(trial)
+    return prefix, reports
+
+
+def plot_outlier_ratios(reports: Sequence[OutlierReport], path, labels: Optional[Sequence[str]] = None) -> None:
+    """Per block, the largest per-token ratio (log scale) of each measurement, with the threshold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, r in enumerate(reports):
+        label = labels[i] if labels else (f"prefix {r.prefix}" if r.prefix else "no prefix")
+        ax.plot(range(len(r.block_worst())), r.block_worst(), marker="o", label=label)
+    if reports:
+        ax.axhline(reports[0].threshold, color="grey", linestyle="--", label=f"threshold {reports[0].threshold:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("max token |x|max / median token")
+    ax.set_title("Outlier tokens of the linear inputs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""Outlier tokens and the prefix that takes their role (osengine.calibrate.prefix)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from osengine.calibrate.prefix import OutlierReport, choose_prefix, measure_outlier_tokens, plot_outlier_ratios
+from osengine.plugins.api import Architecture
+
+from tiny_models import build
+
+BOS, DELIM, LOUD = 1, 7, 9
+
+
+class SinkModel(nn.Module):
+    """Massive activations with the dynamics of real LLMs, written down: the first position of a sequence and the
+    first occurrence of DELIM in it are x1000 at block 0's linear input (attention sinks); LOUD is x1000 wherever it
+    is (a token property no prefix removes). Block 1 sees ordinary inputs."""
+
+    def __init__(self, vocab=32, d=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, d)
+        with torch.no_grad():
+            self.embed.weight.abs_().add_(0.5)   # every token's max |x| of the same order
+        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(d, d)}) for _ in range(2)])
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)
+        seen_delim = torch.cumsum(input_ids == DELIM, dim=1)
+        first_delim = (input_ids == DELIM) & (seen_delim == 1)
+        sink = torch.zeros_like(input_ids, dtype=torch.bool)
+        sink[:, 0] = True
+        loud = sink | first_delim | (input_ids == LOUD)
+        x = x * torch.where(loud, 1000.0, 1.0)[..., None]
+        for i, layer in enumerate(self.layers):
+            x = layer["proj"](x if i == 0 else x / 1000.0 + 1.0)
+        return x
+
+
+class SinkArch(Architecture):
+    name = "sink-test"
+    layers = ("layers",)
+
+    def sites(self, model, index):
+        return []
+
+
+def sink_samples(n=8, length=24, delim=True, loud_in=(0,)):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 32, (n, length), generator=g)
+    if delim:
+        ids[:, 5] = DELIM
+        ids[:, 15] = DELIM   # second occurrence: ordinary
+    for s in loud_in:
+        ids[s, 9] = LOUD
+    return ids
+
+
+def test_detection_names_the_tokens_positions_and_blocks():
+    model, arch, ids = SinkModel(), SinkArch(), sink_samples()
+    report = measure_outlier_tokens(model, arch, ids)
+    flagged = {(t.sample, t.position, t.token_id) for t in report.tokens}
+    expected = {(s, 0, int(ids[s, 0])) for s in range(8)} | {(s, 5, DELIM) for s in range(8)} | {(0, 9, LOUD)}
+    assert flagged == expected
+    assert {t.block for t in report.tokens} == {0} and {t.linear for t in report.tokens} == {"proj"}
+    assert report.worst_ratio() > 500 and max(report.worst[1].values()) < 10
+    assert report.first_position_samples() == 8
+    assert report.counts()[DELIM] == 8 and report.counts()[LOUD] == 1
+    # padding never counts: a masked-out LOUD is not an outlier
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    assert LOUD not in measure_outlier_tokens(model, arch, ids, mask).counts()
+
+
+def test_prefix_takes_the_sink_and_the_recurring_delimiter_only():
+    model, arch, ids = SinkModel(), SinkArch(), sink_samples()
+    prefix, reports = choose_prefix(model, arch, ids, bos_token_id=BOS)
+    # BOS for the first-position sink, DELIM for its first occurrences; not LOUD (rare, and a prefix cannot help it)
+    assert prefix == [BOS, DELIM]
+    assert [r.prefix for r in reports] == [[], [BOS], [BOS, DELIM]]
+    final = reports[-1]
+    assert {t.token_id for t in final.tokens} == {LOUD}
+    # prefix positions are not measured: the ranges of everything else shrink by the injected factor
+    ordinary = [t for t in reports[0].tokens if t.token_id != LOUD]
+    assert min(t.ratio for t in ordinary) > 500
+    assert final.first_position_samples() == 0 and final.counts()[DELIM] == 0
+
+
+def test_a_recurring_token_that_a_prefix_cannot_help_is_tried_and_left_out():
+    model, arch = SinkModel(), SinkArch()
+    ids = sink_samples(delim=False, loud_in=(0, 1, 2))
+    prefix, reports = choose_prefix(model, arch, ids, bos_token_id=BOS)
+    assert prefix == [BOS]                    # LOUD recurs but stays loud behind a prefix
+    assert reports[-1].counts()[LOUD] == 3
+
+
+def test_no_outliers_no_prefix():
+    model, arch = SinkModel(), SinkArch()
+    ids = sink_samples(delim=False, loud_in=())
+    report = measure_outlier_tokens(model, arch, ids, threshold=2000.0)
+    assert report.tokens == []
+    prefix, reports = choose_prefix(model, arch, ids, bos_token_id=BOS, threshold=2000.0)
+    assert prefix == [] and len(reports) == 1
+    assert choose_prefix(model, arch, ids, bos_token_id=BOS, max_length=0)[0] == []
+
+
+def test_without_bos_the_most_common_first_token_is_the_sink():
+    model, arch = SinkModel(), SinkArch()
+    ids = sink_samples(delim=False, loud_in=())
+    ids[:5, 0] = 12
+    prefix, _ = choose_prefix(model, arch, ids, bos_token_id=None)
+    assert prefix == [12]
+
+
+def test_bad_arguments_are_named():
+    model, arch = SinkModel(), SinkArch()
+    with pytest.raises(ValueError, match="token ids \\[samples, tokens\\]"):
+        measure_outlier_tokens(model, arch, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="threshold must be > 1"):
+        measure_outlier_tokens(model, arch, sink_samples(), threshold=0.5)
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        choose_prefix(model, arch, sink_samples(), max_length=-1)
+
+
+def test_a_real_llama_block_with_an_injected_massive_token(tmp_path):
+    """Hooks on a transformers LLaMA: a token whose embedding drives a gate/up channel of block 0 makes its
+    down_proj input massive; q/k/v and gate/up are measured once per input."""
+    from osengine.plugins.registry import resolve_architecture
+
+    model = build("llama", layers=2, vocab_size=64)
+    token = 11
+    channel = 5
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, channel] = 0.0
+        embed[token] = 0.0
+        embed[token, channel] = 1.0      # the token alone lives on `channel`, which only gate/up row 0 reads
+        mlp = model.model.layers[0].mlp
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            linear.weight[:, channel] = 0.0
+            linear.weight[0] = 0.0
+            linear.weight[0, channel] = 50.0
+    arch = resolve_architecture(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 64, (4, 16), generator=g)
+    ids[:, 7] = token
+    report = measure_outlier_tokens(model, arch, ids)
+    down = [t for t in report.tokens if t.block == 0 and t.linear == "mlp.down_proj"]
+    assert {(t.sample, t.position, t.token_id) for t in down} == {(s, 7, token) for s in range(4)}
+    assert set(report.worst[0]) == {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}
+    plot_outlier_ratios([report], tmp_path / "ratios.png")
+    assert (tmp_path / "ratios.png").stat().st_size > 1000
+    assert isinstance(report, OutlierReport) and report.to_dict()["outlier_tokens"][str(token)] == 4
