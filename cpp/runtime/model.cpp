@@ -21,7 +21,7 @@ using detail::StorageType;
 using detail::TensorEntry;
 using detail::shape_text;
 
-constexpr int kNewestFormatVersion = 2;
+constexpr int kNewestFormatVersion = 3;
 
 class Loader {
  public:
@@ -133,7 +133,7 @@ void check_manifest(const Loader& loader, const json& manifest) {
   if (version < 2)
     loader.fail("format version " + std::to_string(version) +
                 " stores the quantized weights in floating point; the native runtime reads integer codes "
-                "(version 2): rewrite it with `osengine upgrade DIR --out NEW_DIR`");
+                "(version 2 or later): rewrite it with `osengine upgrade DIR --out NEW_DIR`");
   if (loader.field_or<std::string>(manifest, "kind", "", where) != "fake-quant")
     loader.fail("osengine.json: kind is not 'fake-quant'");
   if (!manifest.contains("recipe") || !manifest["recipe"].is_object()) loader.fail("osengine.json has no recipe");
@@ -142,6 +142,9 @@ void check_manifest(const Loader& loader, const json& manifest) {
   if (manifest.contains("residual_restores") && !manifest["residual_restores"].empty())
     loader.fail("the model has residual restores (a post-LN encoder), which the native runtime does not run");
   if (!manifest.contains("layers") || !manifest["layers"].is_object()) loader.fail("osengine.json has no layers");
+  if (manifest.contains("prefix") && !(manifest["prefix"].is_array() && manifest["prefix"].empty()))
+    loader.fail("the model runs behind a full-precision prefix of outlier tokens (osengine.json prefix), which the "
+                "native runtime does not preload yet; evaluate it with `osengine eval DIR` (fake quant)");
 }
 
 ActivationQuant activation_quant(const Loader& loader, const std::string& name, const json& entry) {

@@ -156,7 +156,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
              strategy: str = "osplus", calibration="generated", *, tokenizer=None, keep_fp: Sequence[str] = (),
              strategy_options: Optional[dict] = None, weight_rounding: Optional[str] = None, n_samples: int = 16,
              seq_len: int = 512, batch_size: int = 4, search_batches: int = 1, device: Optional[str] = None,
-             out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True) -> nn.Module:
+             out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True,
+             prefix: Union[str, Sequence[int], None] = None) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
@@ -167,6 +168,10 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                    sample per string, special tokens included), token ids [n, T], or a dict of padded input_ids
                    and attention_mask
     search_batches calibration batches (of batch_size x seq_len tokens) on which OS+ scores its grid
+    prefix         "auto": find the model's outlier tokens on the calibration data and keep the prefix that takes
+                   their role in full precision in front of every sequence (calibrate/prefix.py; PrefixQuant);
+                   a list of token ids: that prefix; None or "none": no prefix. The quantized model runs behind it
+                   (model.osengine_prefix; evaluate() adds it; the folder records it)
     out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
                    atomically; an existing folder is replaced only with overwrite=True). Reload it with
                    `load` (engine-backed) or `load_model` (fake quant).
@@ -190,10 +195,13 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     t0 = time.time()
     ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len, progress=progress)
     t_data = time.time() - t0
+    prefix_ids, detection = _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
     report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
-                                 search_batches=search_batches, progress=progress)
+                                 search_batches=search_batches, progress=progress, prefix=prefix_ids)
+    if detection is not None:
+        report["prefix_detection"] = [r.to_dict() for r in detection]
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
     report.update(calibration_data_seconds=t_data, calibration_tokens=n_tokens,
                   strategy_options=dict(strategy_options or {}), peak_rss_mib=_peak_rss_mib())
@@ -206,12 +214,31 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     return model
 
 
+def _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size) -> tuple:
+    """(prefix token ids, the outlier measurements when they were detected) for quantize()'s `prefix`."""
+    if prefix is None or (isinstance(prefix, str) and prefix == "none"):
+        return [], None
+    if isinstance(prefix, str):
+        if prefix != "auto":
+            raise ValueError(f"quantize(): prefix must be 'auto', 'none' or a list of token ids, got {prefix!r}")
+        input_ids, mask = (ids["input_ids"], ids["attention_mask"]) if isinstance(ids, dict) else (ids, None)
+        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        chosen, reports = choose_prefix(model, arch, input_ids, mask, bos_token_id=bos, batch_size=batch_size)
+        return chosen, reports
+    vocab = getattr(model.config, "vocab_size", None)
+    chosen = list(prefix)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab is None or t < vocab)
+               for t in chosen):
+        raise ValueError(f"quantize(): prefix token ids must be integers in [0, {vocab}), got {chosen!r}")
+    return chosen, None
+
+
 def _quantization_manifest(model, source, recipe, strategy, strategy_options, arch, calibration, ids) -> dict:
     """What a saved folder records about how it was made (and what load_quantized must rebuild)."""
     base = "(in-memory module)" if source is None else (
         source if source in REGISTERED_MODELS else str(resolve_source(source)))
     ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
-    return {"base_model": base, "recipe": recipe.to_dict(),
+    return {"base_model": base, "recipe": recipe.to_dict(), "prefix": list(getattr(model, "osengine_prefix", [])),
             "strategy": strategy.name, "strategy_options": dict(strategy_options or {}),
             "architecture": arch.name, **structure_manifest(model),
             "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else

@@ -21,34 +21,46 @@ class EvaluationError(ValueError):
 GENERATED_SEED = 1234  # differs from the calibration seed, so evaluation text is not calibration text
 
 
+def model_prefix(model, prefix: Optional[Sequence[int]] = None) -> list:
+    """The full-precision prefix a model runs behind (`prefix` if given, else the model's own from calibration)."""
+    return [int(t) for t in (getattr(model, "osengine_prefix", None) or [] if prefix is None else prefix)]
+
+
 @torch.no_grad()
-def perplexity_on_windows(model, windows: torch.Tensor, progress: bool = True) -> dict:
-    """exp(mean NLL) of the next-token predictions inside each row of `windows` [n, seq_len]."""
+def perplexity_on_windows(model, windows: torch.Tensor, progress: bool = True,
+                          prefix: Optional[Sequence[int]] = None) -> dict:
+    """exp(mean NLL) of the next-token predictions inside each row of `windows` [n, seq_len]. A model calibrated
+    behind a full-precision prefix (model.osengine_prefix, or `prefix`) reads it in front of every window; only
+    the window's own predictions count, as without one."""
     device = next(model.parameters()).device
+    prefix = model_prefix(model, prefix)
+    front = torch.tensor(prefix, dtype=torch.long, device=device).unsqueeze(0)
     nll, count, t0 = 0.0, 0, time.time()
     for window in tqdm(windows, desc="perplexity", disable=not progress):
         window = window.unsqueeze(0).to(device)
-        logits = model(input_ids=window, attention_mask=torch.ones_like(window)).logits.float()
+        ids = torch.cat([front, window], dim=1) if prefix else window
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, len(prefix):].float()
         nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
         count += window.shape[1] - 1
     mean = nll / count
     return {"perplexity": math.exp(mean), "nll": mean, "windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "tokens": count, "seconds": time.time() - t0}
+            "seq_len": int(windows.shape[1]), "tokens": count, "seconds": time.time() - t0, "prefix": prefix}
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optional[int] = 16,
-               progress: bool = True, generator_model=None) -> dict:
+               progress: bool = True, generator_model=None, prefix: Optional[Sequence[int]] = None) -> dict:
     """Perplexity over the first `windows` non-overlapping windows of `seq_len` tokens of a text file (all when
     None). text_file "generated": `windows` samples written by `generator_model` (default: `model`; give the FP
-    model when evaluating a quantized one), for machines without any text at hand."""
+    model when evaluating a quantized one), for machines without any text at hand. `prefix`: see
+    perplexity_on_windows."""
     if seq_len < 2:
         raise EvaluationError(f"seq_len must be at least 2, got {seq_len}")
     if str(text_file) == "generated":
 
         ids = generated_samples(generator_model or model, tokenizer, windows or 16, seq_len, seed=GENERATED_SEED,
                                 progress=progress)
-        return {**perplexity_on_windows(model, ids, progress), "text": "generated"}
+        return {**perplexity_on_windows(model, ids, progress, prefix), "text": "generated"}
     path = Path(text_file)
     if not path.is_file():
         raise EvaluationError(f"--ppl file {str(path)!r} does not exist (or say 'generated')")
@@ -58,7 +70,8 @@ def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optiona
     if available == 0:
         raise EvaluationError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     n = available if windows is None else min(windows, available)
-    return {**perplexity_on_windows(model, ids[: n * seq_len].reshape(n, seq_len), progress), "text": str(path)}
+    return {**perplexity_on_windows(model, ids[: n * seq_len].reshape(n, seq_len), progress, prefix),
+            "text": str(path)}
 
 
 @torch.no_grad()

@@ -151,3 +151,127 @@ def test_a_real_llama_block_with_an_injected_massive_token(tmp_path):
     plot_outlier_ratios([report], tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").stat().st_size > 1000
     assert isinstance(report, OutlierReport) and report.to_dict()["outlier_tokens"][str(token)] == 4
+
+
+# ---------------------------------------------------------------- calibration and inference behind a prefix
+
+def massive_token_llama(token=11, channel=5):
+    """A tiny LLaMA whose `token` alone drives one gate/up channel of block 0: its down_proj input is massive."""
+    model = build("llama", layers=2, vocab_size=64)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, channel] = 0.0
+        embed[token] = 0.0
+        embed[token, channel] = 1.0
+        mlp = model.model.layers[0].mlp
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            linear.weight[:, channel] = 0.0
+            linear.weight[0] = 0.0
+            linear.weight[0, channel] = 50.0
+    return model
+
+
+def sink_led_samples(token=11, n=8, length=24):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 64, (n, length), generator=g)
+    ids[:, 0] = token   # every sample starts with the massive token, as every sequence starts with its sink
+    return ids
+
+
+def test_prefix_positions_are_neither_quantized_nor_observed():
+    from osengine.quant.observers import ActQuantizer, set_fp_prefix
+    from osengine.quant.spec import QuantSpec
+
+    q = ActQuantizer(QuantSpec(bits=8, granularity="per-tensor"))
+    set_fp_prefix(q, 1)
+    x = torch.randn(2, 5, 8)
+    x[:, 0] *= 1000.0
+    q(x)                                       # observe
+    assert float(q.hi) == pytest.approx(float(x[:, 1:].max())) and float(q.lo) == pytest.approx(float(x[:, 1:].min()))
+    q.mode = "quantize"
+    y = q(x)
+    assert torch.equal(y[:, 0], x[:, 0])       # the prefix passes through exactly
+    q.fp_prefix = 0
+    assert torch.equal(y[:, 1:], q(x[:, 1:]))  # the rest as without a prefix
+    with pytest.raises(ValueError, match="prefix length must be >= 0"):
+        set_fp_prefix(q, -1)
+
+
+def test_calibration_behind_the_prefix_keeps_the_static_ranges_narrow(tmp_path):
+    import osengine
+
+    token = 11
+    ids = sink_led_samples(token)
+    ranges = {}
+    models = {}
+    for prefix in ("none", "auto"):
+        model = massive_token_llama(token)
+        osengine.quantize(model, "w8a8-static", "minmax", calibration=ids, prefix=prefix, n_samples=8, seq_len=24,
+                          progress=False, out=tmp_path / prefix)
+        act = model.model.layers[0].mlp.down_proj.act_quant
+        ranges[prefix] = max(abs(float(act.lo)), abs(float(act.hi)))
+        models[prefix] = model
+    prefix = models["auto"].osengine_prefix
+    assert prefix[0] == token                                  # no tokenizer: the samples' common first token
+    assert models["auto"].osengine_report["prefix_detection"][0]["first_position_samples"] == 8
+    assert models["none"].osengine_prefix == []
+    assert ranges["none"] > 30 * ranges["auto"]                # the massive token no longer sets the range
+
+    # the folder records the prefix (format 3) and reloads the same model behind it
+    reloaded = osengine.load_model(tmp_path / "auto")[0]
+    assert reloaded.osengine_prefix == prefix
+    window = torch.randint(20, 64, (1, 16))
+    with torch.no_grad():
+        front = torch.tensor([prefix])
+        want = models["auto"](input_ids=torch.cat([front, window], 1)).logits
+        got = reloaded(input_ids=torch.cat([front, window], 1)).logits
+    assert torch.equal(want, got)
+    import json
+    manifest = json.loads((tmp_path / "auto" / "osengine.json").read_text())
+    assert manifest["prefix"] == prefix and manifest["format_version"] == 3
+    from osengine.calibrate.report import markdown_table
+    assert f"full-precision prefix (outlier tokens): {prefix}" in markdown_table(models["auto"].osengine_report)
+
+
+def test_perplexity_reads_the_prefix_and_counts_only_the_window():
+    from osengine.evaluation import perplexity_on_windows
+
+    model = massive_token_llama()
+    windows = torch.randint(20, 64, (2, 12))
+    plain = perplexity_on_windows(model, windows, progress=False)
+    model.osengine_prefix = [11]
+    behind = perplexity_on_windows(model, windows, progress=False)
+    assert behind["tokens"] == plain["tokens"] == 2 * 11 and behind["prefix"] == [11]
+    with torch.no_grad():
+        nll = 0.0
+        for w in windows:
+            logits = model(input_ids=torch.cat([torch.tensor([11]), w]).unsqueeze(0)).logits[0, 1:-1]
+            nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
+    assert behind["nll"] == pytest.approx(nll / 22, rel=1e-6) and behind["nll"] != plain["nll"]
+
+
+def test_what_does_not_run_a_prefix_yet_says_so(tmp_path):
+    import osengine
+    from osengine.io.export import ExportError, export
+    from osengine.quant.layers import EngineConversionError
+    from osengine.runtime.convert import convert_to_engine
+
+    model = massive_token_llama()
+    osengine.quantize(model, "w8a8-static", "minmax", calibration=sink_led_samples(), prefix=[11], n_samples=8,
+                      seq_len=24, progress=False, out=tmp_path / "q")
+    with pytest.raises(EngineConversionError, match="full-precision prefix \\[11\\]"):
+        convert_to_engine(model)
+    with pytest.raises(ExportError, match="full-precision KV prefix \\[11\\]"):
+        export(tmp_path / "q", out=tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    from osengine import _C
+    if _C.has_native_runtime():
+        from osengine.runtime.native import LoadError, load_native
+        with pytest.raises(LoadError, match="full-precision prefix of outlier tokens"):
+            load_native(tmp_path / "q")
+    with pytest.raises(ValueError, match="prefix token ids must be integers in \\[0, 64\\)"):
+        osengine.quantize(massive_token_llama(), "w8a8-static", "minmax", calibration=sink_led_samples(),
+                          prefix=[99], n_samples=8, seq_len=24, progress=False)
+    with pytest.raises(ValueError, match="prefix must be 'auto', 'none' or a list"):
+        osengine.quantize(massive_token_llama(), "w8a8-static", "minmax", calibration=sink_led_samples(),
+                          prefix="sometimes", n_samples=8, seq_len=24, progress=False)

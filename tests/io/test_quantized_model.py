@@ -28,7 +28,7 @@ def test_codes_are_stored_and_reload_exactly(tmp_path, recipe):
     model = osengine.quantize(model, recipe=recipe, strategy="minmax", calibration=calib, n_samples=2, seq_len=16,
                               out=tmp_path / "q", progress=False)
     manifest = json.loads((tmp_path / "q" / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     tensors = load_file(str(tmp_path / "q" / TENSORS_FILE))
     layers = manifest["layers"]
     assert len(layers) == 7  # q, k, v, o, gate, up, down
@@ -138,7 +138,7 @@ def test_upgrade_rewrites_a_version_1_folder_in_the_current_format(tmp_path):
     (tmp_path / "q" / "report.md").write_text("the report")
     upgrade_quantized(tmp_path / "q", tmp_path / "q2")
     manifest = json.loads((tmp_path / "q2" / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == 2 and manifest["strategy"] == "minmax"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["strategy"] == "minmax"
     assert all(entry["weight_storage"] == "codes" for entry in manifest["layers"].values())
     assert "osengine.migrations.0.attn.scale" in manifest["tensors"]
     assert (tmp_path / "q2" / "report.md").read_text() == "the report"
@@ -149,4 +149,4 @@ def test_upgrade_rewrites_a_version_1_folder_in_the_current_format(tmp_path):
         upgrade_quantized(tmp_path / "q", tmp_path / "q2")
     from osengine.cli.main import main
     assert main(["upgrade", str(tmp_path / "q"), "--out", str(tmp_path / "q3")]) == 0
-    assert json.loads((tmp_path / "q3" / MANIFEST_FILE).read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "q3" / MANIFEST_FILE).read_text())["format_version"] == FORMAT_VERSION

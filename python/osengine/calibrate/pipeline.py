@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from ..plugins.api import Architecture, PluginError, SiteData, Strategy
 from ..quant.layers import install_bmm_quantization, quantize_block, wrap_linears
-from ..quant.observers import ActQuantizer, set_observing, set_token_mask
+from ..quant.observers import ActQuantizer, set_fp_prefix, set_observing, set_token_mask
 from ..quant.recipes import Recipe
 from .blocks import capture_block_inputs, check_finite, hidden_states, run_block, with_hidden_states
 from .clipping import search_clipping
 from .data import calibration_batches
 from .folding import apply_migration
 from .hessians import gptq_block
+from .prefix import with_prefix
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BlockState:
     calls: list                 # the block's input calls (args, kwargs), one per calibration batch
     masks: list                 # per batch: [batch, tokens] mask of the real tokens, or None
     search_batches: int = 1
+    prefix_length: int = 0      # leading tokens of every calibration sequence kept in full precision
     sites: list = field(default_factory=list)
     rounded_weights: dict = field(default_factory=dict)   # linear name in the block -> GPTQ weight
 
@@ -103,6 +105,7 @@ def migrate_sites(state: BlockState) -> list:
         n_search = min(state.search_batches, len(xs))
         data = SiteData(model=model, site=site, weight_spec=recipe.weights, act_spec=recipe.activations,
                         inputs=xs, search_inputs=xs[:n_search], token_masks=state.masks,
+                        fp_prefix=state.prefix_length,
                         calls=site_calls[site.name][:n_search] or [None] * n_search,
                         quantized=[not recipe.keeps_fp(c) for c in site.consumers],
                         scale_search_min=arch.scale_search_min, smoothquant_alpha=arch.smoothquant_alpha,
@@ -148,6 +151,7 @@ def round_weights_gptq(state: BlockState) -> list:
 def quantize_weights(state: BlockState) -> None:
     """Fake-quantize the weights of the linears the recipe quantizes and attach their activation quantizers."""
     quantize_block(state.block, state.name, state.recipe, state.rounded_weights)
+    set_fp_prefix(state.block, state.prefix_length)
 
 
 @torch.no_grad()
@@ -208,20 +212,36 @@ def _prepare_bmm_quantization(model: nn.Module, arch: Architecture, recipe: Reci
 @torch.no_grad()
 def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, strategy: Strategy,
                         token_ids, batch_size: int = 4, search_batches: int = 1,
-                        progress: bool = True, steps: tuple = BLOCK_STEPS) -> dict:
+                        progress: bool = True, steps: tuple = BLOCK_STEPS, prefix: Sequence[int] = ()) -> dict:
     """Quantize `model` in place, block by block, running `steps` on each block. Returns the report: the records
     of each step under its report key (per-site migrations and channel ranges, clipping, GPTQ errors) and the time
     each step took. token_ids: [n, T] ids, or a dict with input_ids and attention_mask (padded samples: padding
-    tokens are left out of the channel ranges, the strategy's error and the activation observers)."""
+    tokens are left out of the channel ranges, the strategy's error and the activation observers).
+
+    prefix: token ids (calibrate/prefix.py) that every sample runs after, kept in full precision: the activation
+    quantizers leave their positions unquantized, and no statistic (channel ranges, the strategy's error,
+    observers, GPTQ Hessians, clipping) counts them. The quantized model then needs the same prefix in front of
+    every sequence (model.osengine_prefix; evaluate() adds it)."""
     device = next(model.parameters()).device
+    prefix = [int(t) for t in prefix]
+    if prefix and recipe.bmm_inputs:
+        raise PluginError("a full-precision prefix cannot be combined with recipe field 'bmm_inputs' (quantized "
+                          "attention inputs) in this version")
+    if prefix:
+        token_ids = with_prefix(token_ids, prefix)
     batches, masks = calibration_batches(token_ids, batch_size, device)
+    if prefix:  # the prefix positions are attended to but never measured
+        masks = [torch.ones_like(b["input_ids"], dtype=torch.bool) if m is None else m.clone()
+                 for b, m in zip(batches, masks)]
+        for m in masks:
+            m[:, :len(prefix)] = False
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     block_names = arch.blocks(model)
     if not block_names:
         raise PluginError(f"architecture {arch.name} found no blocks in the model")
     _prepare_bmm_quantization(model, arch, recipe)
-    report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(),
+    report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "prefix": prefix,
               **{s.report: [] for s in steps if s.report}, "step_seconds": {s.name: 0.0 for s in steps}}
     t0 = time.time()
     calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
@@ -231,7 +251,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     for index, block_name in enumerate(bar):
         state = BlockState(model=model, arch=arch, recipe=recipe, strategy=strategy, index=index, name=block_name,
                            block=model.get_submodule(block_name), calls=calls, masks=masks,
-                           search_batches=search_batches)
+                           search_batches=search_batches, prefix_length=len(prefix))
         for step in steps:
             started = time.time()
             records = step.run(state)
@@ -240,4 +260,5 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 report[step.report] += records
         calls = state.calls
     report["calibration_seconds"] = time.time() - t0
+    model.osengine_prefix = prefix
     return report

@@ -81,11 +81,18 @@ def _measured_linears(model: nn.Module, arch: Architecture, block_index: int) ->
             if isinstance(m, nn.Linear) and f"{block_name}.{name}" not in shared]
 
 
-def _with_prefix(input_ids: torch.Tensor, prefix: Sequence[int]) -> torch.Tensor:
-    if not prefix:
-        return input_ids
-    front = torch.tensor(list(prefix), dtype=input_ids.dtype, device=input_ids.device)
-    return torch.cat([front.expand(input_ids.shape[0], -1), input_ids], dim=1)
+def with_prefix(token_ids, prefix: Sequence[int]) -> dict:
+    """Calibration samples run after `prefix`: {input_ids, attention_mask} with the prefix in front of every
+    sample (attended to by every token). Samples that all begin with the prefix's first token (text the model
+    generated from its BOS) lose that token: the prefix is their beginning."""
+    if isinstance(token_ids, dict):
+        ids, mask = token_ids["input_ids"], token_ids["attention_mask"]
+    else:
+        ids, mask = token_ids, torch.ones_like(token_ids)
+    if prefix and ids.shape[1] > 1 and bool((ids[:, 0] == prefix[0]).all()) and bool(mask[:, 0].all()):
+        ids, mask = ids[:, 1:], mask[:, 1:]
+    front = torch.tensor(list(prefix), dtype=ids.dtype).expand(ids.shape[0], -1)
+    return {"input_ids": torch.cat([front, ids], dim=1), "attention_mask": torch.cat([torch.ones_like(front), mask], 1)}
 
 
 @torch.no_grad()
@@ -99,6 +106,10 @@ def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torc
                                f"{tuple(input_ids.shape)}")
     if not threshold > 1.0:
         raise ValueError(f"outlier threshold must be > 1 (a ratio to the median token), got {threshold}")
+    if prefix:
+        placed = with_prefix({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids) if
+                              attention_mask is None else attention_mask}, prefix)
+        input_ids, attention_mask = placed["input_ids"][:, len(prefix):], placed["attention_mask"][:, len(prefix):]
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     n_blocks = len(arch.blocks(model))
     linears = {b: _measured_linears(model, arch, b) for b in range(n_blocks)}
@@ -116,7 +127,9 @@ def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torc
     device = next(model.parameters()).device
     try:
         for i in range(0, input_ids.shape[0], batch_size):
-            ids = _with_prefix(input_ids[i:i + batch_size].to(device), prefix)
+            sample = input_ids[i:i + batch_size].to(device)
+            front = torch.tensor(list(prefix), dtype=sample.dtype, device=device).expand(sample.shape[0], -1)
+            ids = torch.cat([front, sample], dim=1)
             attn = torch.cat([torch.ones(ids.shape[0], p, dtype=torch.long, device=device),
                               mask[i:i + batch_size].long().to(device)], dim=1)
             model(input_ids=ids, attention_mask=attn)

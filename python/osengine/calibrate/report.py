@@ -6,11 +6,24 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+def _prefix_lines(report: dict) -> list:
+    """The full-precision prefix the model was calibrated behind, with what detection measured."""
+    if not report.get("prefix"):
+        return []
+    line = f"full-precision prefix (outlier tokens): {report['prefix']}"
+    detection = report.get("prefix_detection")
+    if detection:
+        before, after = max(detection[0]["block_worst"], default=0), max(detection[-1]["block_worst"], default=0)
+        line += f"; worst token / median token {before:g} without it, {after:g} behind it"
+    return [line, ""]
+
+
 def markdown_table(report: dict) -> str:
     lines = [f"# osengine calibration report: {report['strategy']} / {report['recipe']['name']} "
              f"({report['architecture']})", "",
              f"calibration: {report.get('calibration_tokens', '?')} tokens, "
              f"{report.get('calibration_seconds', 0):.1f} s, peak RSS {report.get('peak_rss_mib', 0):.0f} MiB", "",
+             *_prefix_lines(report),
              "| block | site | shift | t | max scale | max abs before | max abs after | error before | error after |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in report["sites"]:

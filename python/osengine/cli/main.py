@@ -19,6 +19,16 @@ def _options(pairs):
     return out
 
 
+def _prefix_arg(value):
+    """--prefix auto | none | ID,ID,..."""
+    if value in (None, "none", "auto"):
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--prefix must be auto, none or comma-separated token ids, got {value!r}") from None
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -30,12 +40,13 @@ def cmd_quantize(args) -> int:
                      keep_fp=args.keep_fp or (), strategy_options=_options(args.option),
                      weight_rounding=args.weight_rounding, n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
-                     device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json)
+                     device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json,
+                     prefix=_prefix_arg(args.prefix))
     report = model.osengine_report
     files = write_report(report, args.report or args.out, args.plot_sites) if (args.report or args.out) else {}
     summary = {"model": args.model, "recipe": report["recipe"]["name"], "strategy": report["strategy"],
                "architecture": report["architecture"], "out": args.out,
-               "calibration_seconds": round(report["calibration_seconds"], 2),
+               "calibration_seconds": round(report["calibration_seconds"], 2), "prefix": report.get("prefix", []),
                "peak_rss_mib": round(report["peak_rss_mib"], 1), **files}
     if args.json:
         print(json.dumps(summary))
@@ -244,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--search-batches", type=int, default=1, help="batches on which OS+ scores its t grid")
+    q.add_argument("--prefix", default=None, metavar="auto|none|IDS",
+                   help="full-precision prefix of outlier tokens in front of every sequence: auto (detected on the "
+                        "calibration data, see osengine outliers), none (default), or comma-separated token ids")
     q.add_argument("--device", default=None, help="cpu (default) or cuda")
     q.add_argument("--threads", type=int, default=None)
     q.add_argument("--report", help="folder for the report (default: --out)")

@@ -1,6 +1,6 @@
 """The osengine checkpoint: a folder with safetensors tensors and a JSON manifest.
 
-    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 2, ...,
+    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 3, ...,
                                "tensors": {name: {dtype, shape}}}
     DIR/model.safetensors     every tensor the manifest lists
     DIR/<other files>         source model config, tokenizer files, ...
@@ -21,8 +21,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 FORMAT_NAME = "osengine-checkpoint"
 # 1: every weight in floating point (fake-quantized values). 2: the quantized linears' weights as integer codes and
-# scales (layers[L].weight_storage == "codes": L.weight_codes, L.weight_scale). Both load.
-FORMAT_VERSION = 2
+# scales (layers[L].weight_storage == "codes": L.weight_codes, L.weight_scale). 3: may carry "prefix", token ids
+# that every sequence runs behind in full precision (calibrate/prefix.py); readers of 2 would ignore it. All load.
+FORMAT_VERSION = 3
 MANIFEST_FILE = "osengine.json"
 TENSORS_FILE = "model.safetensors"
 

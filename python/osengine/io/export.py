@@ -366,6 +366,10 @@ def export(source: Union[str, Path], format: str = "compressed-tensors", out: Un
     if manifest.get("residual_restores"):
         raise ExportError("the model restores its residual stream (X' * s + z, post-LN encoders such as BERT); "
                           "compressed-tensors cannot express that")
+    if manifest.get("prefix"):
+        raise ExportError(f"the model runs behind a full-precision KV prefix {manifest['prefix']} (its outlier "
+                          "tokens); compressed-tensors and vLLM cannot carry one, and without it the static "
+                          "activation ranges no longer fit: quantize without a prefix (prefix none) to export")
     refuse_existing_output(out, overwrite, ExportError)
     model, tokenizer, _ = load_quantized(source, device=device)
     return export_compressed_tensors(model, tokenizer, out, overwrite=overwrite)

@@ -158,7 +158,9 @@ class SiteData:
     search_inputs  the first few batches, on which `error` evaluates candidates
     calls          the captured calls of site.inspect.module for the search batches (attention sites)
     token_masks    per input batch, a [batch, tokens] boolean mask of the real tokens, or None (no padding);
-                   padding tokens count neither in the channel ranges nor in `error`
+                   padding tokens (and a full-precision prefix) count neither in the channel ranges nor in `error`
+    fp_prefix      the number of leading tokens of every sequence that run in full precision (an outlier-token
+                   prefix): `error` leaves them unquantized
     """
     model: nn.Module
     site: MigrationSite
@@ -172,6 +174,7 @@ class SiteData:
     smoothquant_alpha: float = 0.5       # the architecture's default SmoothQuant migration strength
     shift_foldable: bool = True          # False for RMSNorm / linear-row producers (runtime shift only)
     token_masks: Optional[list] = None
+    fp_prefix: int = 0      # leading tokens of every sequence kept in full precision (not quantized in error())
     _reference: Optional[list] = None
 
     @property
@@ -228,6 +231,7 @@ class SiteData:
                 xs = xs - shift
             if scale is not None:
                 xs = xs / scale
+            transformed = xs
             if quantize:
                 if clip is not None and self.act_spec.granularity == "per-tensor":
                     xs = quantize_with_range(xs, -clip, clip, self.act_spec)
@@ -236,6 +240,8 @@ class SiteData:
                 else:  # static per-tensor without a given clip: the MinMax range of this batch's real tokens
                     real = xs if self._mask(i) is None else xs[self._mask(i).to(xs.device)]
                     xs = quantize_with_range(xs, real.min().item(), real.max().item(), self.act_spec)
+                if self.fp_prefix and xs.dim() == 3:  # the full-precision prefix stays as it is
+                    xs = torch.cat([transformed[:, :self.fp_prefix], xs[:, self.fp_prefix:]], dim=1)
             out = self.site.inspect(self.model, self.site, xs.to(x.dtype), weights, call)
             err = (out.float() - ref.float()).pow(2).sum(-1)
             mask = self._mask(i)

@@ -49,14 +49,20 @@ class FakeQuantLinear(nn.Module):
         if self.input_shift is not None:
             x = x - self.input_shift
         if self.exact_weight is not None and self.act_quant.mode == "quantize":
-            codes, delta = self.act_quant.codes(x.float())
-            shape = x.shape
-            y = integer_exact_linear(codes.reshape(-1, shape[-1]), delta.reshape(-1, delta.shape[-1]),
-                                     *self.exact_weight, self.bias)
-            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            prefix = min(self.act_quant.fp_prefix, x.shape[1]) if x.dim() == 3 else 0
+            if prefix:  # the full-precision prefix: float activations times the (fake-)quantized weight
+                return torch.cat([F.linear(x[:, :prefix], self.weight, self.bias), self._exact(x[:, prefix:])], dim=1)
+            return self._exact(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        codes, delta = self.act_quant.codes(x.float())
+        shape = x.shape
+        y = integer_exact_linear(codes.reshape(-1, shape[-1]), delta.reshape(-1, delta.shape[-1]),
+                                 *self.exact_weight, self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -27,6 +27,9 @@ class ActQuantizer(nn.Module):
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("batches", torch.tensor(0))
         self.token_mask: Optional[torch.Tensor] = None   # [batch, tokens] real tokens of the batch being observed
+        # Linear inputs [batch, tokens, channels]: the first fp_prefix tokens of every sequence are a full-precision
+        # prefix (PrefixQuant's outlier tokens, calibrate/prefix.py): neither quantized nor observed.
+        self.fp_prefix = 0
         self.token_extremes: list = []   # observer "search": (per-token minima, maxima) of each observed batch
 
     def _real_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +39,8 @@ class ActQuantizer(nn.Module):
         if m is None:
             return x
         m = m.to(x.device)
+        if self.fp_prefix and x.dim() == 3 and m.shape[1] == x.shape[1] + self.fp_prefix:
+            m = m[:, self.fp_prefix:]   # x is the part after the prefix
         if x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
             return x[m]
         if x.dim() == 4 and x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1]:
@@ -90,6 +95,12 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
+        if self.fp_prefix and x.dim() == 3:
+            p = min(self.fp_prefix, x.shape[1])
+            return torch.cat([x[:, :p], self._quantize(x[:, p:])], dim=1)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
             return quantize_dynamic(x, self.spec)
         if self.mode == "observe":
@@ -127,6 +138,16 @@ def set_observing(module: nn.Module, observing: bool) -> None:
     for m in module.modules():
         if isinstance(m, ActQuantizer):
             m.mode = "observe" if observing and not m.spec.dynamic else "quantize"
+
+
+def set_fp_prefix(module: nn.Module, length: int) -> None:
+    """Every activation quantizer under `module` leaves the first `length` tokens of each sequence (the
+    full-precision prefix) unquantized and unobserved."""
+    if length < 0:
+        raise ValueError(f"prefix length must be >= 0, got {length}")
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.fp_prefix = int(length)
 
 
 def set_token_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:

@@ -61,6 +61,10 @@ def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = T
                if isinstance(m, FakeQuantLinear) and m.weight_spec is not None and m.act_quant is not None]
     if not targets:
         raise EngineConversionError("convert_to_engine: the model has no quantized linear layers; quantize it first")
+    if getattr(model, "osengine_prefix", None):
+        raise EngineConversionError(f"convert_to_engine: the model was calibrated behind a full-precision prefix "
+                                    f"{model.osengine_prefix} (outlier tokens); the engine-backed model does not run "
+                                    "that prefix yet: evaluate it on the fake-quant path (osengine eval DIR)")
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
