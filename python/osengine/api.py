@@ -218,6 +218,9 @@ def _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size) -> tuple:
     """(prefix token ids, the outlier measurements when they were detected) for quantize()'s `prefix`."""
     if prefix is None or (isinstance(prefix, str) and prefix == "none"):
         return [], None
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError("quantize(): a full-precision prefix is a fixed start of the KV cache, which only causal "
+                         "language models have; use prefix='none' for this model")
     if isinstance(prefix, str):
         if prefix != "auto":
             raise ValueError(f"quantize(): prefix must be 'auto', 'none' or a list of token ids, got {prefix!r}")

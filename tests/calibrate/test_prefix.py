@@ -272,6 +272,10 @@ def test_what_does_not_run_a_prefix_yet_says_so(tmp_path):
     with pytest.raises(ValueError, match="prefix token ids must be integers in \\[0, 64\\)"):
         osengine.quantize(massive_token_llama(), "w8a8-static", "minmax", calibration=sink_led_samples(),
                           prefix=[99], n_samples=8, seq_len=24, progress=False)
+    encoder = build("bert", layers=1, vocab_size=64)
+    with pytest.raises(ValueError, match="only causal language models have"):
+        osengine.quantize(encoder, "w8a8-static", "minmax", calibration=torch.randint(5, 60, (4, 16)),
+                          prefix="auto", n_samples=4, seq_len=16, progress=False)
     with pytest.raises(ValueError, match="prefix must be 'auto', 'none' or a list"):
         osengine.quantize(massive_token_llama(), "w8a8-static", "minmax", calibration=sink_led_samples(),
                           prefix="sometimes", n_samples=8, seq_len=24, progress=False)
