@@ -26,6 +26,7 @@ from .io.quantized_model import (
 from .io.sources import REGISTERED_MODELS, ModelLoadError, load_fp_model, resolve_source
 from .plugins.registry import make_strategy, resolve_architecture
 from .quant.layers import set_integer_exact
+from .quant.observers import checked_prefix
 from .quant.recipes import Recipe, load_recipe
 from .runtime.convert import convert_to_engine
 from .runtime.simulate import simulate_folded_prologues
@@ -228,12 +229,7 @@ def _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size) -> tuple:
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         chosen, reports = choose_prefix(model, arch, input_ids, mask, bos_token_id=bos, batch_size=batch_size)
         return chosen, reports
-    vocab = getattr(model.config, "vocab_size", None)
-    chosen = list(prefix)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab is None or t < vocab)
-               for t in chosen):
-        raise ValueError(f"quantize(): prefix token ids must be integers in [0, {vocab}), got {chosen!r}")
-    return chosen, None
+    return checked_prefix(prefix, getattr(model.config, "vocab_size", None), "quantize()"), None
 
 
 def _quantization_manifest(model, source, recipe, strategy, strategy_options, arch, calibration, ids) -> dict:

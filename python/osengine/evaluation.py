@@ -23,7 +23,8 @@ GENERATED_SEED = 1234  # differs from the calibration seed, so evaluation text i
 
 def model_prefix(model, prefix: Optional[Sequence[int]] = None) -> list:
     """The full-precision prefix a model runs behind (`prefix` if given, else the model's own from calibration)."""
-    return [int(t) for t in (getattr(model, "osengine_prefix", None) or [] if prefix is None else prefix)]
+    chosen = (getattr(model, "osengine_prefix", None) or []) if prefix is None else prefix
+    return [int(t) for t in chosen]
 
 
 @torch.no_grad()

@@ -106,4 +106,26 @@ void Checker::int_range(const TensorView& t, const std::string& argument, std::i
   }
 }
 
+void Checker::scale_strides(const TensorView& t, const char* name, std::int64_t rows, const char* rows_meaning,
+                            std::int64_t groups, std::int64_t& stride_row, std::int64_t& stride_group) const {
+  const std::int64_t count = t.numel();
+  if (count == 1) {
+    stride_row = stride_group = 0;
+  } else if (count == rows && (t.ndim() == 1 || (t.ndim() == 2 && t.size(1) == 1))) {
+    stride_row = 1;
+    stride_group = 0;
+  } else if (groups > 1 && t.ndim() == 2 && t.size(0) == rows && t.size(1) == groups) {
+    stride_row = groups;
+    stride_group = 1;
+  } else {
+    std::ostringstream msg;
+    msg << "must hold one value, one per " << rows_meaning << " ([" << rows << "])";
+    if (groups > 1) msg << " or one per " << rows_meaning << " and group ([" << rows << ", " << groups << "])";
+    msg << "; got shape " << t.shape_string();
+    if (groups == 1 && t.ndim() == 2 && t.size(0) == rows)
+      msg << " (per-group scales need weights packed with that group_size)";
+    fail(name, msg.str());
+  }
+}
+
 }  // namespace osengine::detail

@@ -38,6 +38,10 @@ class Checker {
   void positive_finite(const TensorView& t, const std::string& argument) const;
   void finite(const TensorView& t, const std::string& argument) const;
   void int_range(const TensorView& t, const std::string& argument, std::int64_t lo, std::int64_t hi) const;
+  // A scale-like tensor: one value, one per row ([rows]) or, with groups > 1, one per row and group ([rows,
+  // groups]); its strides (0 where it repeats) or a failure naming `name` and the shapes it accepts.
+  void scale_strides(const TensorView& t, const char* name, std::int64_t rows, const char* rows_meaning,
+                     std::int64_t groups, std::int64_t& stride_row, std::int64_t& stride_group) const;
 
   const char* op() const { return op_; }
 

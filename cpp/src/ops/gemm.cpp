@@ -55,29 +55,6 @@ void check_activations(const detail::Checker& check, const TensorView& a, Activa
   p.weights = &weights;
 }
 
-// Validates a per-row (per-token / per-channel) and optionally per-group scale-like tensor and returns its strides.
-void scale_strides(const detail::Checker& check, const TensorView& t, const char* name, std::int64_t rows,
-                   const char* rows_meaning, std::int64_t groups, std::int64_t& stride_row, std::int64_t& stride_group) {
-  const std::int64_t count = t.numel();
-  if (count == 1) {
-    stride_row = stride_group = 0;
-  } else if (count == rows && (t.ndim() == 1 || (t.ndim() == 2 && t.size(1) == 1))) {
-    stride_row = 1;
-    stride_group = 0;
-  } else if (groups > 1 && t.ndim() == 2 && t.size(0) == rows && t.size(1) == groups) {
-    stride_row = groups;
-    stride_group = 1;
-  } else {
-    std::ostringstream msg;
-    msg << "must hold one value, one per " << rows_meaning << " ([" << rows << "])";
-    if (groups > 1) msg << " or one per " << rows_meaning << " and group ([" << rows << ", " << groups << "])";
-    msg << "; got shape " << t.shape_string();
-    if (groups == 1 && t.ndim() == 2 && t.size(0) == rows)
-      msg << " (per-group scales need weights packed with that group_size)";
-    check.fail(name, msg.str());
-  }
-}
-
 // CUDA-packed weights put the whole op on their GPU; CPU-packed weights keep it on the CPU.
 detail::Checker checker_for(const char* op, const PackedWeights& weights) {
   if (weights.backend() == Backend::cuda) return detail::Checker(op, Device::cuda, weights.device_index());
@@ -100,7 +77,7 @@ void gemm(const GemmArgs& args, const PackedWeights& weights) {
   const std::int64_t groups = weights.num_groups();
 
   check.tensor(args.a_scale, "a_scale", {DType::float32});
-  scale_strides(check, args.a_scale, "a_scale", p.m, "token (row of a)", groups, p.a_scale_stride_m, p.a_scale_stride_g);
+  check.scale_strides(args.a_scale, "a_scale", p.m, "token (row of a)", groups, p.a_scale_stride_m, p.a_scale_stride_g);
   check.positive_finite(args.a_scale, "a_scale");
   p.a_scale = args.a_scale.ptr<const float>();
   if (args.a_zero_point.defined()) {
@@ -129,7 +106,7 @@ void gemm(const GemmArgs& args, const PackedWeights& weights) {
     if (!args.w_scale.defined())
       check.fail("w_scale", "is required: these weights carry no scales (pack them with weight_scale, or pass w_scale)");
     check.tensor(args.w_scale, "w_scale", {DType::float32});
-    scale_strides(check, args.w_scale, "w_scale", p.n, "output channel (row of the weights)", groups,
+    check.scale_strides(args.w_scale, "w_scale", p.n, "output channel (row of the weights)", groups,
                   p.w_scale_stride_n, p.w_scale_stride_g);
     check.positive_finite(args.w_scale, "w_scale");
     p.w_scale = args.w_scale.ptr<const float>();

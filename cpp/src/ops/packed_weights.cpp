@@ -59,19 +59,9 @@ struct PackedWeightsBuilder {
     if (scale.device != Device::cpu)
       check.fail_type("weight_scale", "must be in host memory (it is copied next to the weights, on their device)");
     check.tensor(scale, "weight_scale", {DType::float32});
-    const std::int64_t groups = w.num_groups(), count = scale.numel();
-    std::int64_t columns = 1;
-    if (count == 1 || (count == w.n_ && (scale.ndim() == 1 || (scale.ndim() == 2 && scale.size(1) == 1)))) {
-      columns = 1;
-    } else if (groups > 1 && scale.ndim() == 2 && scale.size(0) == w.n_ && scale.size(1) == groups) {
-      columns = groups;
-    } else {
-      std::ostringstream msg;
-      msg << "must hold one value, one per output channel ([" << w.n_ << "])";
-      if (groups > 1) msg << " or one per output channel and group ([" << w.n_ << ", " << groups << "])";
-      msg << "; got shape " << scale.shape_string();
-      check.fail("weight_scale", msg.str());
-    }
+    std::int64_t stride_row = 0, stride_group = 0;
+    check.scale_strides(scale, "weight_scale", w.n_, "output channel", w.num_groups(), stride_row, stride_group);
+    const std::int64_t count = scale.numel(), columns = stride_group == 1 ? w.num_groups() : 1;
     check.positive_finite(scale, "weight_scale");
     const float* src = scale.ptr<const float>();
     if (count == 1)

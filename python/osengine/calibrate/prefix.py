@@ -55,10 +55,9 @@ class OutlierReport:
     def worst_ratio(self) -> float:
         return max(self.block_worst(), default=0.0)
 
-    def counts(self, later_positions_only: bool = False) -> Counter:
+    def counts(self) -> Counter:
         """Outlier (sample, position) occurrences per token id (each counted once however many linears flag it)."""
-        seen = {(t.sample, t.position, t.token_id) for t in self.tokens
-                if not (later_positions_only and t.position == 0)}
+        seen = {(t.sample, t.position, t.token_id) for t in self.tokens}
         return Counter(token_id for _, _, token_id in seen)
 
     def first_position_samples(self) -> int:
@@ -106,15 +105,13 @@ def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torc
                                f"{tuple(input_ids.shape)}")
     if not threshold > 1.0:
         raise ValueError(f"outlier threshold must be > 1 (a ratio to the median token), got {threshold}")
-    if prefix:
-        placed = with_prefix({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids) if
-                              attention_mask is None else attention_mask}, prefix)
-        input_ids, attention_mask = placed["input_ids"][:, len(prefix):], placed["attention_mask"][:, len(prefix):]
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    p = len(prefix)
+    placed = with_prefix(input_ids if attention_mask is None else
+                         {"input_ids": input_ids, "attention_mask": attention_mask}, prefix)
+    input_ids, mask = placed["input_ids"][:, p:], placed["attention_mask"][:, p:].bool()   # the samples' own
     n_blocks = len(arch.blocks(model))
     linears = {b: _measured_linears(model, arch, b) for b in range(n_blocks)}
     maxima = {(b, name): [] for b in linears for name, _ in linears[b]}   # per batch: [batch, tokens]
-    p = len(prefix)
 
     def hook(key):
         def record(_module, args):
@@ -127,12 +124,8 @@ def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torc
     device = next(model.parameters()).device
     try:
         for i in range(0, input_ids.shape[0], batch_size):
-            sample = input_ids[i:i + batch_size].to(device)
-            front = torch.tensor(list(prefix), dtype=sample.dtype, device=device).expand(sample.shape[0], -1)
-            ids = torch.cat([front, sample], dim=1)
-            attn = torch.cat([torch.ones(ids.shape[0], p, dtype=torch.long, device=device),
-                              mask[i:i + batch_size].long().to(device)], dim=1)
-            model(input_ids=ids, attention_mask=attn)
+            model(input_ids=placed["input_ids"][i:i + batch_size].to(device),
+                  attention_mask=placed["attention_mask"][i:i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

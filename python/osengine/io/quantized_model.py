@@ -18,7 +18,7 @@ from ..quant.layers import (
     quantize_block,
     wrap_linears,
 )
-from ..quant.observers import ActQuantizer, set_fp_prefix
+from ..quant.observers import ActQuantizer, checked_prefix, set_fp_prefix
 from ..quant.recipes import recipe_from_dict
 from ..quant.spec import qparams_from_range, symmetric_weight_codes
 from .checkpoint import (
@@ -190,11 +190,11 @@ def _rebuild_structure(model: nn.Module, manifest: dict) -> None:
         lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype)
     if recipe.bmm_inputs:
         install_bmm_quantization(model, arch.attention_modules(model), recipe.activations)
-    prefix = manifest.get("prefix", [])
-    vocab = getattr(model.config, "vocab_size", None)
-    if not isinstance(prefix, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and
-                                               (vocab is None or t < vocab) for t in prefix):
-        raise CheckpointError(f"osengine.json: prefix must be a list of token ids in [0, {vocab}), got {prefix!r}")
+    try:
+        prefix = checked_prefix(manifest.get("prefix", []), getattr(model.config, "vocab_size", None),
+                                "osengine.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     set_fp_prefix(model, len(prefix))
     model.osengine_prefix = list(prefix)
 

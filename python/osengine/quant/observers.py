@@ -140,6 +140,16 @@ def set_observing(module: nn.Module, observing: bool) -> None:
             m.mode = "observe" if observing and not m.spec.dynamic else "quantize"
 
 
+def checked_prefix(prefix, vocab_size: Optional[int], where: str) -> list:
+    """`prefix` as a list of token ids, or ValueError naming `where` unless every id is an integer in
+    [0, vocab_size)."""
+    ids = list(prefix) if isinstance(prefix, (list, tuple)) else None
+    if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and
+                              (vocab_size is None or t < vocab_size) for t in ids):
+        raise ValueError(f"{where}: prefix token ids must be integers in [0, {vocab_size}), got {prefix!r}")
+    return ids
+
+
 def set_fp_prefix(module: nn.Module, length: int) -> None:
     """Every activation quantizer under `module` leaves the first `length` tokens of each sequence (the
     full-precision prefix) unquantized and unobserved."""
