@@ -41,6 +41,7 @@ py::dict model_info(const rt::Model& model) {
   d["bos_token_id"] = i.bos_token_id;
   d["eos_token_id"] = i.eos_token_id;
   d["recipe"] = i.recipe;
+  d["prefix"] = i.prefix;
   d["quantize_embeddings"] = model.options().quantize_embeddings;
   return d;
 }

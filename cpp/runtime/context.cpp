@@ -82,6 +82,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
     v_cache_[l].allocate(cache);
   }
   n_past_.assign(static_cast<std::size_t>(options_.n_seq), 0);
+  write_prefix();
   row_seq_.resize(nb);
   row_groups_.reserve(nb + 1);
   row_pos_.resize(nb);
@@ -112,6 +113,29 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   int4_codes_.resize(nb * widest_input / 2 + 1);
   a_scale_.resize(nb * widest_input);
   a_zero_point_.resize(nb * widest_input);
+}
+
+// The prefix's stored keys and values at cache positions 0 .. prefix_length() - 1 of every sequence (never
+// overwritten: a sequence's own tokens go after them).
+void Context::write_prefix() {
+  const ModelInfo& info = model_->info();
+  const std::int64_t p_len = prefix_length(), hd = info.head_dim, slots = key_slots();
+  if (p_len == 0) return;
+  for (int layer = 0; layer < info.n_layer; ++layer) {
+    const Block& block = model_->blocks()[static_cast<std::size_t>(layer)];
+    for (std::int64_t seq = 0; seq < options_.n_seq; ++seq)
+      for (std::int64_t g = 0; g < info.n_head_kv; ++g) {
+        float* keys = k_cache_[static_cast<std::size_t>(layer)].get() + (seq * info.n_head_kv + g) * slots * hd;
+        float* values = v_cache_[static_cast<std::size_t>(layer)].get() + (seq * info.n_head_kv + g) * slots * hd;
+        const float* stored_keys = block.prefix_keys.data() + g * p_len * hd;
+        const float* stored_values = block.prefix_values.data() + g * p_len * hd;
+        for (std::int64_t pos = 0; pos < p_len; ++pos)
+          for (std::int64_t i = 0; i < hd; ++i) {
+            keys[detail::key_offset(pos, i, hd)] = stored_keys[pos * hd + i];
+            values[pos * hd + i] = stored_values[pos * hd + i];
+          }
+      }
+  }
 }
 
 void Context::check_seq(int seq, const char* argument) const {
@@ -187,7 +211,7 @@ void Context::decode(const std::int32_t* tokens, std::size_t n, bool all_logits,
     const bool last_chunk = start + static_cast<std::size_t>(m) == n;
     for (int r = 0; r < m; ++r) {
       row_seq_[static_cast<std::size_t>(r)] = seq;
-      row_pos_[static_cast<std::size_t>(r)] = pos0 + static_cast<int>(start) + r;
+      row_pos_[static_cast<std::size_t>(r)] = prefix_length() + pos0 + static_cast<int>(start) + r;
     }
     // every chunk's logits with all_logits (each at its rows); otherwise only the last token's
     forward(tokens + start, m, all_logits ? 0 : (last_chunk ? m - 1 : m), logits + (all_logits ? start * n_vocab : 0));
@@ -217,7 +241,8 @@ void Context::decode_batch(const std::int32_t* tokens, const int* seqs, std::siz
     const int m = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(options_.n_batch), n - start));
     for (int r = 0; r < m; ++r) {
       row_seq_[static_cast<std::size_t>(r)] = seqs[start + static_cast<std::size_t>(r)];
-      row_pos_[static_cast<std::size_t>(r)] = n_past_[static_cast<std::size_t>(seqs[start + static_cast<std::size_t>(r)])];
+      row_pos_[static_cast<std::size_t>(r)] =
+          prefix_length() + n_past_[static_cast<std::size_t>(seqs[start + static_cast<std::size_t>(r)])];
     }
     forward(tokens + start, m, 0, logits + start * n_vocab);
     for (int r = 0; r < m; ++r) ++n_past_[static_cast<std::size_t>(row_seq_[static_cast<std::size_t>(r)])];

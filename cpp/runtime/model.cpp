@@ -21,7 +21,7 @@ using detail::StorageType;
 using detail::TensorEntry;
 using detail::shape_text;
 
-constexpr int kNewestFormatVersion = 3;
+constexpr int kNewestFormatVersion = 4;
 
 class Loader {
  public:
@@ -79,6 +79,25 @@ class Loader {
   std::string dir_;
 };
 
+// The prefix's token ids (osengine.json prefix); a version-3 folder with a prefix lacks its keys and values.
+std::vector<std::int32_t> read_prefix(const Loader& loader, const json& manifest, int n_vocab) {
+  std::vector<std::int32_t> prefix;
+  if (!manifest.contains("prefix")) return prefix;
+  const json& ids = manifest["prefix"];
+  if (!ids.is_array()) loader.fail("osengine.json: prefix must be a list of token ids");
+  for (const json& id : ids) {
+    if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() >= n_vocab)
+      loader.fail("osengine.json: prefix token ids must be integers in [0, " + std::to_string(n_vocab) + "), got " +
+                  id.dump());
+    prefix.push_back(id.get<std::int32_t>());
+  }
+  if (!prefix.empty() && manifest["format_version"].get<int>() < 4)
+    loader.fail("the model runs behind a prefix but was written by an osengine that did not store the prefix's keys "
+                "and values (format version " + std::to_string(manifest["format_version"].get<int>()) +
+                "); quantize it again");
+  return prefix;
+}
+
 ModelInfo read_info(const Loader& loader, const json& config, const json& manifest) {
   ModelInfo info;
   const std::string where = "config.json";
@@ -119,6 +138,7 @@ ModelInfo read_info(const Loader& loader, const json& config, const json& manife
     info.eos_token_id = loader.field_or<std::int32_t>(config, "eos_token_id", -1, where);
   }
   info.recipe = loader.field_or<std::string>(manifest["recipe"], "name", "custom", "osengine.json recipe");
+  info.prefix = read_prefix(loader, manifest, info.n_vocab);
   return info;
 }
 
@@ -142,9 +162,6 @@ void check_manifest(const Loader& loader, const json& manifest) {
   if (manifest.contains("residual_restores") && !manifest["residual_restores"].empty())
     loader.fail("the model has residual restores (a post-LN encoder), which the native runtime does not run");
   if (!manifest.contains("layers") || !manifest["layers"].is_object()) loader.fail("osengine.json has no layers");
-  if (manifest.contains("prefix") && !(manifest["prefix"].is_array() && manifest["prefix"].empty()))
-    loader.fail("the model runs behind a full-precision prefix of outlier tokens (osengine.json prefix), which the "
-                "native runtime does not preload yet; evaluate it with `osengine eval DIR` (fake quant)");
 }
 
 ActivationQuant activation_quant(const Loader& loader, const std::string& name, const json& entry) {
@@ -366,6 +383,17 @@ std::shared_ptr<const Model> Model::load(const std::string& dir, const ModelOpti
       Block block;
       block.attn_norm = loader.floats(file, prefix + "input_layernorm.weight", {d});
       block.mlp_norm = loader.floats(file, prefix + "post_attention_layernorm.weight", {d});
+      if (!info.prefix.empty()) {
+        const std::vector<std::int64_t> shape = {info.n_head_kv, static_cast<std::int64_t>(info.prefix.size()),
+                                                 info.head_dim};
+        const std::string stored = "osengine.prefix." + std::to_string(i) + ".";
+        block.prefix_keys = loader.floats(file, stored + "key", shape);
+        block.prefix_values = loader.floats(file, stored + "value", shape);
+        for (const auto* values : {&block.prefix_keys, &block.prefix_values})
+          if (!std::all_of(values->begin(), values->end(), [](float x) { return std::isfinite(x); }))
+            loader.fail("tensor '" + stored + (values == &block.prefix_keys ? "key" : "value") +
+                        "' holds non-finite values");
+      }
       struct Spec {
         Projection* projection;
         std::string name;
@@ -479,7 +507,8 @@ std::size_t Model::nbytes() const {
     total += quantized_lm_head_->weights.nbytes() + quantized_lm_head_->weights.weight_scales().size() * sizeof(float) +
              embedding_codes_.size() + embedding_row_scale_.size() * sizeof(float);
   for (const auto& block : blocks_) {
-    total += (block.attn_norm.size() + block.mlp_norm.size()) * sizeof(float);
+    total += (block.attn_norm.size() + block.mlp_norm.size() + block.prefix_keys.size() + block.prefix_values.size()) *
+             sizeof(float);
     for (const auto& q : block.fused)
       total += q.weights.nbytes() +
                (q.weights.weight_scales().size() + q.bias.size() + q.input_shift.size()) * sizeof(float);

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .calibrate.data import CalibrationError, load_calibration
 from .calibrate.pipeline import calibrate_blockwise
-from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix
+from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix, run_after_prefix
 from .engine import ops
 from .evaluation import perplexity
 from .io.checkpoint import refuse_existing_output
@@ -71,13 +71,11 @@ def verify_engine(directory: Union[str, Path], prompt: str = "The history of the
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("verify_engine: the prompt gives no tokens")
-    generation = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
     with torch.inference_mode():
-        engine_tokens = engine.generate(ids, **generation)
-        simulated_tokens = simulation.generate(ids, **generation)
-        engine_logits = engine(simulated_tokens).logits     # both over the same sequence
-        simulated_logits = simulation(simulated_tokens).logits
+        engine_tokens = _greedy_tokens(engine, ids, new_tokens)
+        simulated_tokens = _greedy_tokens(simulation, ids, new_tokens)
+        engine_logits = run_after_prefix(engine, simulated_tokens).logits     # both over the same sequence
+        simulated_logits = run_after_prefix(simulation, simulated_tokens).logits
     differing = (engine_tokens != simulated_tokens).nonzero()
     return {"logits_identical": bool(torch.equal(engine_logits, simulated_logits)),
             "logits_max_abs_diff": float((engine_logits - simulated_logits).abs().max()),
@@ -85,6 +83,17 @@ def verify_engine(directory: Union[str, Path], prompt: str = "The history of the
             "tokens_identical": bool(torch.equal(engine_tokens, simulated_tokens)),
             "first_token_difference": None if len(differing) == 0 else int(differing[0, 1]) - ids.shape[1],
             "new_tokens": new_tokens, "backend": backend}
+
+
+def _greedy_tokens(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """ids [1, n] followed by `new_tokens` greedy choices (the first maximum; the end-of-sequence token does not
+    stop it), decoded with the KV cache behind the model's prefix, if it has one."""
+    out = run_after_prefix(model, ids, use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        out = run_after_prefix(model, torch.tensor([[tokens[-1]]]), past=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
 
 
 def verify_native(directory: Union[str, Path], prompt: str = "The history of the city begins",
@@ -126,7 +135,7 @@ def verify_native(directory: Union[str, Path], prompt: str = "The history of the
     # first maximum, as the runtime's sampler takes it), at the cost of one pass instead of a slow step per token.
     sequence = ids + runtime_tokens[:-1]
     with torch.inference_mode():
-        want = simulation(input_ids=torch.tensor([sequence])).logits[0].float().numpy()
+        want = run_after_prefix(simulation, torch.tensor([sequence])).logits[0].float().numpy()
     got = native.context(n_ctx=len(sequence), n_threads=n_threads).decode(sequence, all_logits=True)
     choices = want[len(ids) - 1:].argmax(axis=1).tolist()     # the simulation's choice for each new token
     first = next((i for i, (a, b) in enumerate(zip(runtime_tokens, choices)) if a != b), None)
@@ -171,8 +180,9 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     search_batches calibration batches (of batch_size x seq_len tokens) on which OS+ scores its grid
     prefix         "auto": find the model's outlier tokens on the calibration data and keep the prefix that takes
                    their role in full precision in front of every sequence (calibrate/prefix.py; PrefixQuant);
-                   a list of token ids: that prefix; None or "none": no prefix. The quantized model runs behind it
-                   (model.osengine_prefix; evaluate() adds it; the folder records it)
+                   a list of token ids: that prefix; "none": no prefix; None: the recipe's field `prefix` (where
+                   "auto" means nothing for a model that is not a causal LM). The quantized model runs behind the
+                   prefix's stored keys and values (model.osengine_prefix_kv; the folder stores them)
     out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
                    atomically; an existing folder is replaced only with overwrite=True). Reload it with
                    `load` (engine-backed) or `load_model` (fake quant).
@@ -196,6 +206,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     t0 = time.time()
     ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len, progress=progress)
     t_data = time.time() - t0
+    if prefix is None:
+        prefix = recipe.prefix if _is_causal_lm(model) or recipe.prefix != "auto" else "none"
     prefix_ids, detection = _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -215,11 +227,15 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     return model
 
 
+def _is_causal_lm(model) -> bool:
+    return hasattr(model, "can_generate") and model.can_generate()
+
+
 def _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size) -> tuple:
     """(prefix token ids, the outlier measurements when they were detected) for quantize()'s `prefix`."""
-    if prefix is None or (isinstance(prefix, str) and prefix == "none"):
+    if isinstance(prefix, str) and prefix == "none":
         return [], None
-    if not (hasattr(model, "can_generate") and model.can_generate()):
+    if not _is_causal_lm(model):
         raise ValueError("quantize(): a full-precision prefix is a fixed start of the KV cache, which only causal "
                          "language models have; use prefix='none' for this model")
     if isinstance(prefix, str):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .calibrate.data import generated_samples
+from .calibrate.prefix import run_after_prefix
 
 
 class EvaluationError(ValueError):
@@ -21,31 +22,30 @@ class EvaluationError(ValueError):
 GENERATED_SEED = 1234  # differs from the calibration seed, so evaluation text is not calibration text
 
 
-def model_prefix(model, prefix: Optional[Sequence[int]] = None) -> list:
-    """The full-precision prefix a model runs behind (`prefix` if given, else the model's own from calibration)."""
-    chosen = (getattr(model, "osengine_prefix", None) or []) if prefix is None else prefix
-    return [int(t) for t in chosen]
-
-
 @torch.no_grad()
 def perplexity_on_windows(model, windows: torch.Tensor, progress: bool = True,
                           prefix: Optional[Sequence[int]] = None) -> dict:
-    """exp(mean NLL) of the next-token predictions inside each row of `windows` [n, seq_len]. A model calibrated
-    behind a full-precision prefix (model.osengine_prefix, or `prefix`) reads it in front of every window; only
-    the window's own predictions count, as without one."""
+    """exp(mean NLL) of the next-token predictions inside each row of `windows` [n, seq_len]. A model quantized
+    behind a prefix reads the prefix's stored keys and values in front of every window (calibrate/prefix.py);
+    `prefix` (token ids) puts those tokens in front of every window instead (e.g. the floating-point model behind
+    the prefix a quantized one uses). Only the window's own predictions count, as without one."""
     device = next(model.parameters()).device
-    prefix = model_prefix(model, prefix)
-    front = torch.tensor(prefix, dtype=torch.long, device=device).unsqueeze(0)
+    explicit = [int(t) for t in prefix] if prefix is not None else None
+    front = torch.tensor(explicit or [], dtype=torch.long, device=device).unsqueeze(0)
     nll, count, t0 = 0.0, 0, time.time()
     for window in tqdm(windows, desc="perplexity", disable=not progress):
         window = window.unsqueeze(0).to(device)
-        ids = torch.cat([front, window], dim=1) if prefix else window
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, len(prefix):].float()
+        if explicit:
+            ids = torch.cat([front, window], dim=1)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, len(explicit):].float()
+        else:
+            logits = run_after_prefix(model, window).logits.float()
         nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
         count += window.shape[1] - 1
     mean = nll / count
+    used = explicit if explicit is not None else list(getattr(model, "osengine_prefix", None) or [])
     return {"perplexity": math.exp(mean), "nll": mean, "windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "tokens": count, "seconds": time.time() - t0, "prefix": prefix}
+            "seq_len": int(windows.shape[1]), "tokens": count, "seconds": time.time() - t0, "prefix": used}
 
 
 @torch.no_grad()
@@ -93,6 +93,10 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: 
 def lm_eval_model(model, tokenizer, batch_size: int = 1):
     """Wrap a (fake-quantized) model for lm-evaluation-harness (optional extra `eval`):
         import lm_eval; lm_eval.simple_evaluate(model=lm_eval_model(m, tok), tasks=["piqa"])"""
+    if getattr(model, "osengine_prefix_kv", None):
+        raise EvaluationError(f"lm-evaluation-harness calls the model without the prefix {model.osengine_prefix} "
+                              "it was quantized behind (its keys and values are a fixed start of the KV cache), so "
+                              "its scores would not be this model's: quantize with prefix 'none' to run lm-eval")
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:

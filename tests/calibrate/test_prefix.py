@@ -3,7 +3,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from osengine.calibrate.prefix import OutlierReport, choose_prefix, measure_outlier_tokens, plot_outlier_ratios
+from osengine.calibrate.prefix import (
+    OutlierReport,
+    choose_prefix,
+    measure_outlier_tokens,
+    plot_outlier_ratios,
+    prefix_key_values,
+    run_after_prefix,
+)
 from osengine.plugins.api import Architecture
 
 from tiny_models import build
@@ -217,20 +224,62 @@ def test_calibration_behind_the_prefix_keeps_the_static_ranges_narrow(tmp_path):
     assert models["none"].osengine_prefix == []
     assert ranges["none"] > 30 * ranges["auto"]                # the massive token no longer sets the range
 
-    # the folder records the prefix (format 3) and reloads the same model behind it
+    # the folder records the prefix and its keys and values (format 4) and reloads the same model behind them
     reloaded = osengine.load_model(tmp_path / "auto")[0]
     assert reloaded.osengine_prefix == prefix
+    assert len(reloaded.osengine_prefix_kv) == 2
+    for (k, v), (k2, v2) in zip(models["auto"].osengine_prefix_kv, reloaded.osengine_prefix_kv):
+        assert torch.equal(k, k2) and torch.equal(v, v2) and k.shape == (2, len(prefix), 16)
     window = torch.randint(20, 64, (1, 16))
     with torch.no_grad():
-        front = torch.tensor([prefix])
-        want = models["auto"](input_ids=torch.cat([front, window], 1)).logits
-        got = reloaded(input_ids=torch.cat([front, window], 1)).logits
+        want = run_after_prefix(models["auto"], window).logits
+        got = run_after_prefix(reloaded, window).logits
     assert torch.equal(want, got)
     import json
     manifest = json.loads((tmp_path / "auto" / "osengine.json").read_text())
-    assert manifest["prefix"] == prefix and manifest["format_version"] == 3
+    assert manifest["prefix"] == prefix and manifest["format_version"] == 4
     from osengine.calibrate.report import markdown_table
     assert f"full-precision prefix (outlier tokens): {prefix}" in markdown_table(models["auto"].osengine_report)
+
+
+def test_between_blocks_the_prefix_rows_are_the_fp_models():
+    # the quantized model reads the FP model's prefix keys and values, so calibration feeds each block the FP
+    # model's hidden states at the prefix positions (not what the quantized blocks before it would make of them)
+    import copy
+
+    from osengine.calibrate.blocks import hidden_states
+    from osengine.calibrate.pipeline import BLOCK_STEPS, BlockStep, calibrate_blockwise
+    from osengine.plugins.registry import make_strategy, resolve_architecture
+    from osengine.quant.recipes import load_recipe
+
+    model = massive_token_llama()
+    _, fp_hidden = prefix_key_values(copy.deepcopy(model), [11, 3])
+    seen = []
+    record = BlockStep("record", lambda state: seen.append(hidden_states(state.calls[0])[:, :2].clone()))
+    calibrate_blockwise(model, resolve_architecture(model), load_recipe("w8a8-static"), make_strategy("minmax"),
+                        sink_led_samples(), batch_size=4, progress=False, prefix=[11, 3],
+                        steps=(record,) + BLOCK_STEPS)
+    assert len(seen) == 2
+    for h, want in zip(seen, fp_hidden):
+        torch.testing.assert_close(h, want.expand_as(h), rtol=1e-5, atol=1e-5)
+
+
+def test_the_stored_prefix_stands_for_the_prefix_tokens():
+    # the keys and values of the prefix in front of a sequence's own: as if the prefix tokens were read first
+    model = massive_token_llama().eval()
+    ids = torch.randint(20, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    kv, hidden = prefix_key_values(model, [11, 3])
+    assert len(kv) == 2 and kv[0][0].shape == (2, 2, 16) and len(hidden) == 2 and hidden[0].shape == (1, 2, 64)
+    model.osengine_prefix, model.osengine_prefix_kv = [11, 3], kv
+    with torch.no_grad():
+        got = run_after_prefix(model, ids).logits
+        want = model(input_ids=torch.cat([torch.tensor([[11, 3]] * 2), ids], 1)).logits[:, 2:]
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        # decoding goes on behind it: the cache holds prefix + prompt
+        first = run_after_prefix(model, ids[:, :-1], use_cache=True)
+        assert first.past_key_values.get_seq_length() == 2 + 11
+        step = run_after_prefix(model, ids[:, -1:], past=first.past_key_values).logits
+    assert torch.allclose(step[:, 0], got[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_perplexity_reads_the_prefix_and_counts_only_the_window():
@@ -239,8 +288,7 @@ def test_perplexity_reads_the_prefix_and_counts_only_the_window():
     model = massive_token_llama()
     windows = torch.randint(20, 64, (2, 12))
     plain = perplexity_on_windows(model, windows, progress=False)
-    model.osengine_prefix = [11]
-    behind = perplexity_on_windows(model, windows, progress=False)
+    behind = perplexity_on_windows(model, windows, progress=False, prefix=[11])
     assert behind["tokens"] == plain["tokens"] == 2 * 11 and behind["prefix"] == [11]
     with torch.no_grad():
         nll = 0.0
@@ -248,27 +296,67 @@ def test_perplexity_reads_the_prefix_and_counts_only_the_window():
             logits = model(input_ids=torch.cat([torch.tensor([11]), w]).unsqueeze(0)).logits[0, 1:-1]
             nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
     assert behind["nll"] == pytest.approx(nll / 22, rel=1e-6) and behind["nll"] != plain["nll"]
+    # a model quantized behind the prefix reads its stored keys and values instead: the same predictions
+    model.osengine_prefix, model.osengine_prefix_kv = [11], prefix_key_values(model, [11])[0]
+    stored = perplexity_on_windows(model, windows, progress=False)
+    assert stored["prefix"] == [11] and stored["nll"] == pytest.approx(behind["nll"], rel=1e-5)
 
 
-def test_what_does_not_run_a_prefix_yet_says_so(tmp_path):
+def test_engine_runs_behind_the_prefix_as_the_simulation_does(tmp_path):
     import osengine
-    from osengine.io.export import ExportError, export
-    from osengine.quant.layers import EngineConversionError
-    from osengine.runtime.convert import convert_to_engine
 
     model = massive_token_llama()
     osengine.quantize(model, "w8a8-static", "minmax", calibration=sink_led_samples(), prefix=[11], n_samples=8,
                       seq_len=24, progress=False, out=tmp_path / "q")
-    with pytest.raises(EngineConversionError, match="full-precision prefix \\[11\\]"):
-        convert_to_engine(model)
+    engine = osengine.load(tmp_path / "q")[0]
+    assert engine.osengine_prefix == [11] and len(engine.osengine_prefix_kv) == 2
+    from osengine.api import _greedy_tokens
+    from osengine.quant.layers import set_integer_exact
+    from osengine.runtime.simulate import simulate_folded_prologues
+    simulation = osengine.load_model(tmp_path / "q")[0]
+    set_integer_exact(simulation)
+    simulate_folded_prologues(simulation, engine)
+    ids = torch.randint(20, 64, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        tokens = _greedy_tokens(engine, ids, 12)
+        assert torch.equal(tokens, _greedy_tokens(simulation, ids, 12))
+        assert torch.equal(run_after_prefix(engine, tokens).logits, run_after_prefix(simulation, tokens).logits)
+        # and the prefix matters: without it the same tokens read differently
+        assert not torch.equal(engine(input_ids=tokens).logits, run_after_prefix(engine, tokens).logits)
+
+
+def test_a_recipe_can_ask_for_the_prefix():
+    import osengine
+    from osengine.quant.recipes import load_recipe
+
+    recipe = load_recipe("w8a8-static").to_dict() | {"prefix": "auto"}
+    model = osengine.quantize(massive_token_llama(), recipe, "minmax", calibration=sink_led_samples(), n_samples=8,
+                              seq_len=24, progress=False)
+    assert model.osengine_prefix[0] == 11 and model.osengine_report["recipe"]["prefix"] == "auto"
+    # the argument wins over the recipe
+    model = osengine.quantize(massive_token_llama(), recipe, "minmax", calibration=sink_led_samples(), n_samples=8,
+                              seq_len=24, progress=False, prefix="none")
+    assert model.osengine_prefix == []
+    # "auto" in a recipe means nothing for an encoder (no KV cache to put a prefix in); asked for, it is an error
+    encoder = build("bert", layers=1, vocab_size=64)
+    model = osengine.quantize(encoder, recipe, "minmax", calibration=torch.randint(5, 60, (4, 16)), n_samples=4,
+                              seq_len=16, progress=False)
+    assert getattr(model, "osengine_prefix", []) == []
+
+
+def test_what_cannot_carry_a_prefix_says_so(tmp_path):
+    import osengine
+    from osengine.evaluation import EvaluationError, lm_eval_model
+    from osengine.io.export import ExportError, export
+
+    model = massive_token_llama()
+    osengine.quantize(model, "w8a8-static", "minmax", calibration=sink_led_samples(), prefix=[11], n_samples=8,
+                      seq_len=24, progress=False, out=tmp_path / "q")
     with pytest.raises(ExportError, match="full-precision KV prefix \\[11\\]"):
         export(tmp_path / "q", out=tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
-    from osengine import _C
-    if _C.has_native_runtime():
-        from osengine.runtime.native import LoadError, load_native
-        with pytest.raises(LoadError, match="full-precision prefix of outlier tokens"):
-            load_native(tmp_path / "q")
+    with pytest.raises(EvaluationError, match="without the prefix \\[11\\]"):
+        lm_eval_model(model, None)
     with pytest.raises(ValueError, match="prefix token ids must be integers in \\[0, 64\\)"):
         osengine.quantize(massive_token_llama(), "w8a8-static", "minmax", calibration=sink_led_samples(),
                           prefix=[99], n_samples=8, seq_len=24, progress=False)

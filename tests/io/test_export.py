@@ -301,3 +301,12 @@ def test_export_of_a_saved_folder_and_the_command_line(tmp_path, capsys):
     assert "osengine export: error: " in capsys.readouterr().err and not (tmp_path / "never").exists()
     assert main(["export", str(tmp_path / "ct"), "--out", str(tmp_path / "never")]) == 2
     assert "is not a folder written by osengine quantize" in capsys.readouterr().err
+
+
+def test_a_recipe_with_activation_overrides_is_refused():
+    from osengine.io.export import check_recipe
+
+    for preset in ("w8a8-mixed",):
+        with pytest.raises(ExportError, match=r"\['down_proj'\] otherwise than the other linears"):
+            check_recipe(load_recipe(preset))
+    check_recipe(load_recipe("w8a8-static"))

@@ -28,7 +28,7 @@ def test_codes_are_stored_and_reload_exactly(tmp_path, recipe):
     model = osengine.quantize(model, recipe=recipe, strategy="minmax", calibration=calib, n_samples=2, seq_len=16,
                               out=tmp_path / "q", progress=False)
     manifest = json.loads((tmp_path / "q" / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 3
+    assert manifest["format_version"] == FORMAT_VERSION == 4
     tensors = load_file(str(tmp_path / "q" / TENSORS_FILE))
     layers = manifest["layers"]
     assert len(layers) == 7  # q, k, v, o, gate, up, down

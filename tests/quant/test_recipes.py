@@ -55,12 +55,34 @@ def test_yaml_file(tmp_path):
     ({"weights": {}, "activations": {}, "bmm_inputs": "yes"}, "bmm_inputs"),
     ({"weights": {}, "activations": {}, "keep_fp": ["embeddings"]}, "keep_fp"),
     ({"weights": {}, "activations": {}, "colour": 1}, "colour"),
+    ({"weights": {}, "activations": {}, "prefix": "always"}, "prefix"),
+    ({"weights": {}, "activations": {}, "prefix": [1, -2]}, "prefix"),
+    ({"weights": {}, "activations": {}, "prefix": []}, "prefix"),
+    ({"weights": {}, "activations": {}, "activation_overrides": ["down_proj"]}, "activation_overrides"),
+    ({"weights": {}, "activations": {}, "activation_overrides": {"down_proj": {"bits": 9}}},
+     "activation_overrides.down_proj.bits"),
     ({"weights": {"bitz": 8}, "activations": {}}, "weights.bitz"),
     ({"activations": {}}, "weights"),
 ])
 def test_bad_recipe_names_the_field(raw, field):
     with pytest.raises(RecipeError, match=f"'{field}'"):
         recipe_from_dict(raw)
+
+
+def test_the_prefix_switch_round_trips():
+    assert recipe_from_dict({"weights": {}, "activations": {}}).prefix == "none"
+    for value, kept in (("auto", "auto"), ([1, 216], (1, 216))):
+        r = recipe_from_dict({"weights": {}, "activations": {}, "prefix": value})
+        assert r.prefix == kept and recipe_from_dict(r.to_dict()) == r
+
+
+def test_activation_overrides_pick_a_layers_spec():
+    raw = load_recipe("w8a8-static").to_dict() | {
+        "activation_overrides": {"down_proj": {"bits": 8, "granularity": "per-token", "dynamic": True}}}
+    r = recipe_from_dict(raw)
+    assert r.activation_spec("model.layers.3.mlp.down_proj").dynamic
+    assert not r.activation_spec("model.layers.3.mlp.up_proj").dynamic
+    assert recipe_from_dict(r.to_dict()) == r
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):

@@ -35,12 +35,18 @@ W4A4 = {"name": "w4a4-sym",
 # The engine keeps float16-exact int4 group scales in float16 (half the bytes): the same bits as float32.
 W4A8_GROUP16_F16 = {**W4A8_GROUP16, "name": "w4a8-group16-f16",
                     "weights": {**W4A8_GROUP16["weights"], "scale_dtype": "float16"}}
+# Static inputs except down_proj's, per token (activation_overrides): q/k/v and gate/up stay fused, down_proj alone
+W8A8_STATIC_DOWN_TOKEN = {"name": "w8a8-static-down-token", "weights": {"bits": 8, "granularity": "per-channel"},
+                          "activations": {"bits": 8, "granularity": "per-tensor", "dynamic": False,
+                                          "full_range": True},
+                          "activation_overrides": {"down_proj": {"bits": 8, "granularity": "per-token",
+                                                                 "dynamic": True}}}
 RECIPES = {"w8a8-static": "w8a8-static", "w8a8-token": "w8a8-token", "w4a8": "w4a8", "w4a8-group16": W4A8_GROUP16,
-           "w4a8-group16-f16": W4A8_GROUP16_F16, "w4a4": W4A4}
+           "w4a8-group16-f16": W4A8_GROUP16_F16, "w4a4": W4A4, "w8a8-static-down-token": W8A8_STATIC_DOWN_TOKEN}
 VOCAB = 96
 
 
-def quantized_folder(root, arch="llama", recipe="w8a8-static", **config):
+def quantized_folder(root, arch="llama", recipe="w8a8-static", prefix="none", **config):
     model = build(arch, hidden_size=64, layers=2, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, **config)
     with torch.no_grad():  # outlier channels in the norms, as real models have
@@ -48,10 +54,11 @@ def quantized_folder(root, arch="llama", recipe="w8a8-static", **config):
             if name.endswith("layernorm.weight"):
                 p[[3, 17]] = torch.tensor([12.0, -9.0])
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
-    folder = root / f"{arch}-{recipe if isinstance(recipe, str) else recipe['name']}"
+    name = recipe if isinstance(recipe, str) else recipe["name"]
+    folder = root / f"{arch}-{name}{'' if prefix == 'none' else '-prefix'}"
     osengine.quantize(model, recipe=RECIPES.get(recipe, recipe) if isinstance(recipe, str) else recipe,
                       strategy="osplus", calibration=calib, n_samples=4, seq_len=32, out=folder, progress=False,
-                      strategy_options={"max_grid_steps": 10})
+                      strategy_options={"max_grid_steps": 10}, prefix=prefix)
     return folder
 
 
@@ -280,3 +287,94 @@ def test_folders_it_cannot_run_give_clear_errors(folders, tmp_path):
     (garbage / TENSORS_FILE).write_bytes(b"\xff" * 64)
     with pytest.raises(LoadError, match="more than the 100 MB limit"):
         load_native(garbage)
+
+
+# ---------------------------------------------------------------- a model quantized behind a prefix (PrefixQuant)
+
+@pytest.fixture(scope="module")
+def prefix_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-prefix")
+    return {("llama", "w8a8-static"): quantized_folder(root, "llama", "w8a8-static", prefix=[5, 7]),
+            ("qwen2", "w4a8-group16"): quantized_folder(root, "qwen2", "w4a8-group16", prefix=[5, 7])}
+
+
+@pytest.mark.parametrize("key", [("llama", "w8a8-static"), ("qwen2", "w4a8-group16")])
+def test_the_prefix_is_preloaded_as_the_simulation_reads_it(prefix_folders, key):
+    from osengine.api import _greedy_tokens
+    from osengine.calibrate.prefix import run_after_prefix
+
+    folder = prefix_folders[key]
+    exact = simulation(folder)
+    ids = prompt()
+    with torch.no_grad():
+        want = run_after_prefix(exact, torch.tensor([ids])).logits[0].numpy()
+        without = exact(input_ids=torch.tensor([ids])).logits[0].numpy()
+        greedy = _greedy_tokens(exact, torch.tensor([ids]), 32)[0, len(ids):].tolist()
+    model = load_native(folder)
+    assert model.info["prefix"] == [5, 7]
+    context = model.context(n_ctx=len(ids) + 32)   # the prefix takes none of the context's positions
+    got = context.decode(ids, all_logits=True)
+    assert context.n_past == len(ids)
+    per_position = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+    assert np.median(per_position) <= 1e-5 and per_position.max() <= 1e-3, per_position
+    assert np.abs(got - without).max() > 1e-2        # the prefix is there
+    context.kv_clear()
+    assert context.generate(ids, max_new_tokens=32) == greedy
+    # the cache behind the prefix behaves as without one: prefill + decode, chunks, truncation, batches
+    one = model.context(n_ctx=64)
+    one.decode(ids[:-1])
+    assert np.array_equal(one.decode(ids[-1:]), got[-1:])
+    assert np.array_equal(model.context(n_ctx=64, n_batch=5).decode(ids, all_logits=True), got)
+    one.kv_truncate(10)
+    assert np.array_equal(one.decode(ids[10:]), got[-1:])
+    batched = model.context(n_ctx=64, n_seq=2)
+    batched.decode(ids[:-1], seq=1)
+    batched.decode(ids[:5], seq=0)
+    rows = batched.decode_batch([ids[-1], ids[5]], [1, 0])
+    assert np.array_equal(rows[0], got[-1]) and np.array_equal(rows[1], got[5])
+
+
+def test_prefix_folders_it_cannot_run_give_clear_errors(prefix_folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from osengine.io.checkpoint import CheckpointError
+
+    source = prefix_folders["llama", "w8a8-static"]
+
+    def edited_tensors(name, edit):
+        target = tmp_path / name
+        shutil.copytree(source, target)
+        tensors = load_file(target / TENSORS_FILE)
+        edit(tensors)
+        save_file(tensors, target / TENSORS_FILE)
+        manifest = json.loads((target / MANIFEST_FILE).read_text())
+        manifest["tensors"] = {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+                               for n, t in tensors.items()}
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+        return target
+
+    missing = edited_tensors("missing", lambda t: t.pop("osengine.prefix.1.value"))
+    with pytest.raises(LoadError, match="osengine.prefix.1.value"):
+        load_native(missing)
+    with pytest.raises(CheckpointError, match="'osengine.prefix.1.value' .* is missing"):
+        osengine.load_model(missing)
+    shape = edited_tensors("shape", lambda t: t.update(
+        {"osengine.prefix.0.key": t["osengine.prefix.0.key"][:, :1].contiguous()}))
+    with pytest.raises(LoadError, match="osengine.prefix.0.key"):
+        load_native(shape)
+    with pytest.raises(CheckpointError, match="expected \\[kv_heads, 2 \\(the prefix's length\\), head_dim\\]"):
+        osengine.load_model(shape)
+    nan = edited_tensors("nan", lambda t: t["osengine.prefix.0.value"].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(LoadError, match="non-finite"):
+        load_native(nan)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        osengine.load_model(nan)
+    older = tmp_path / "older"
+    shutil.copytree(source, older)
+    _edit_manifest(older, lambda m: m.update(format_version=3))
+    with pytest.raises(LoadError, match="did not store the prefix's keys and values.*quantize it again"):
+        load_native(older)
+    with pytest.raises(CheckpointError, match="did not store the prefix's keys and values.*quantize the model again"):
+        osengine.load_model(older)

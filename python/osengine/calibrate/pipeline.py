@@ -27,7 +27,7 @@ from .clipping import search_clipping
 from .data import calibration_batches
 from .folding import apply_migration
 from .hessians import gptq_block
-from .prefix import with_prefix
+from .prefix import prefix_key_values, with_prefix
 
 
 @dataclass
@@ -44,6 +44,7 @@ class BlockState:
     masks: list                 # per batch: [batch, tokens] mask of the real tokens, or None
     search_batches: int = 1
     prefix_length: int = 0      # leading tokens of every calibration sequence kept in full precision
+    prefix_hidden: list = field(default_factory=list)   # the FP model's hidden states entering each block there
     sites: list = field(default_factory=list)
     rounded_weights: dict = field(default_factory=dict)   # linear name in the block -> GPTQ weight
 
@@ -103,7 +104,8 @@ def migrate_sites(state: BlockState) -> list:
         for x in xs:
             check_finite(x, f"the input of {site.consumers[0]}")
         n_search = min(state.search_batches, len(xs))
-        data = SiteData(model=model, site=site, weight_spec=recipe.weights, act_spec=recipe.activations,
+        data = SiteData(model=model, site=site, weight_spec=recipe.weights,
+                        act_spec=recipe.activation_spec(site.consumers[0]),
                         inputs=xs, search_inputs=xs[:n_search], token_masks=state.masks,
                         fp_prefix=state.prefix_length,
                         calls=site_calls[site.name][:n_search] or [None] * n_search,
@@ -176,11 +178,16 @@ def clip_activations(state: BlockState) -> list:
 
 @torch.no_grad()
 def propagate(state: BlockState) -> None:
-    """The quantized block's outputs become the next block's inputs."""
+    """The quantized block's outputs become the next block's inputs; at the prefix positions, the floating-point
+    model's (the quantized model reads the prefix's keys and values from the FP model, so it is calibrated so)."""
     calls = []
+    following = state.index + 1
     for call in state.calls:
         h = run_block(state.block, call)
         check_finite(h, f"the output of quantized block {state.name}")
+        if state.prefix_length and following < len(state.prefix_hidden):
+            h = h.clone()
+            h[:, :state.prefix_length] = state.prefix_hidden[following].to(h.dtype)
         calls.append(with_hidden_states(call, h))
     state.calls = calls
 
@@ -220,8 +227,9 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
 
     prefix: token ids (calibrate/prefix.py) that every sample runs after, kept in full precision: the activation
     quantizers leave their positions unquantized, and no statistic (channel ranges, the strategy's error,
-    observers, GPTQ Hessians, clipping) counts them. The quantized model then needs the same prefix in front of
-    every sequence (model.osengine_prefix; evaluate() adds it)."""
+    observers, GPTQ Hessians, clipping) counts them; between blocks they carry the floating-point model's hidden
+    states. The quantized model then runs behind the prefix's keys and values, computed once by the floating-point
+    model (model.osengine_prefix, model.osengine_prefix_kv: calibrate/prefix.py)."""
     device = next(model.parameters()).device
     prefix = [int(t) for t in prefix]
     if prefix and recipe.bmm_inputs:
@@ -229,6 +237,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                           "attention inputs) in this version")
     if prefix:
         token_ids = with_prefix(token_ids, prefix)
+    prefix_kv, prefix_hidden = prefix_key_values(model, prefix)   # before any block changes
     batches, masks = calibration_batches(token_ids, batch_size, device)
     if prefix:  # the prefix positions are attended to but never measured
         masks = [torch.ones_like(b["input_ids"], dtype=torch.bool) if m is None else m.clone()
@@ -251,7 +260,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     for index, block_name in enumerate(bar):
         state = BlockState(model=model, arch=arch, recipe=recipe, strategy=strategy, index=index, name=block_name,
                            block=model.get_submodule(block_name), calls=calls, masks=masks,
-                           search_batches=search_batches, prefix_length=len(prefix))
+                           search_batches=search_batches, prefix_length=len(prefix), prefix_hidden=prefix_hidden)
         for step in steps:
             started = time.time()
             records = step.run(state)
@@ -260,5 +269,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                 report[step.report] += records
         calls = state.calls
     report["calibration_seconds"] = time.time() - t0
+    set_fp_prefix(model, 0)   # the quantized model never computes the prefix: it reads the stored keys and values
     model.osengine_prefix = prefix
+    model.osengine_prefix_kv = prefix_kv
     return report

@@ -17,7 +17,9 @@ in the prefix (e.g. a second BOS) or of rare tokens are reported, not absorbed.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -94,6 +96,10 @@ def with_prefix(token_ids, prefix: Sequence[int]) -> dict:
     return {"input_ids": torch.cat([front, ids], dim=1), "attention_mask": torch.cat([torch.ones_like(front), mask], 1)}
 
 
+class _PastTheLastBlock(Exception):
+    pass
+
+
 @torch.no_grad()
 def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torch.Tensor,
                            attention_mask: Optional[torch.Tensor] = None, prefix: Sequence[int] = (),
@@ -120,12 +126,20 @@ def measure_outlier_tokens(model: nn.Module, arch: Architecture, input_ids: torc
                 maxima[key].append(x[:, p:].detach().abs().amax(dim=-1).float().cpu())
         return record
 
+    def stop(_module, _args, _output):
+        raise _PastTheLastBlock
+
     handles = [m.register_forward_pre_hook(hook((b, name))) for b in linears for name, m in linears[b]]
+    # nothing after the last block is measured: stop there (no lm_head logits over the whole vocabulary)
+    handles.append(model.get_submodule(arch.blocks(model)[-1]).register_forward_hook(stop))
     device = next(model.parameters()).device
     try:
         for i in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=placed["input_ids"][i:i + batch_size].to(device),
-                  attention_mask=placed["attention_mask"][i:i + batch_size].to(device))
+            try:
+                model(input_ids=placed["input_ids"][i:i + batch_size].to(device),
+                      attention_mask=placed["attention_mask"][i:i + batch_size].to(device))
+            except _PastTheLastBlock:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -202,3 +216,75 @@ def plot_outlier_ratios(reports: Sequence[OutlierReport], path, labels: Optional
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- the prefix as a fixed start of the KV cache ----------------------------------------------------------------
+# A quantized model never computes its prefix: the prefix's keys and values come from the floating-point model (one
+# pass before calibration; OS+'s migrations keep every block's output, so this is the migrated model's prefix too)
+# and stand in front of every sequence's cache, as PrefixQuant keeps them. model.osengine_prefix holds the ids,
+# model.osengine_prefix_kv the per-layer (keys, values), each [kv_heads, prefix length, head_dim] in float32, keys
+# after RoPE at positions 0 .. length - 1. The sequence's own tokens follow at positions length, length + 1, ...
+
+
+def _cache_layers(cache) -> list:
+    """[(keys, values)] of a transformers cache, each [batch, kv_heads, tokens, head_dim]."""
+    if hasattr(cache, "layers"):                 # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+@torch.no_grad()
+def prefix_key_values(model: nn.Module, prefix: Sequence[int]) -> tuple:
+    """(the prefix's keys and values per layer as described above, the hidden states entering each block at the
+    prefix positions [1, length, hidden]), from one pass of `model` (the floating-point model) over `prefix`."""
+    if not prefix:
+        return [], []
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+    with _quiet_cache_warnings():
+        out = model(input_ids=ids, use_cache=True, output_hidden_states=True)
+    kv = [(k[0].detach().float().clone(), v[0].detach().float().clone()) for k, v in _cache_layers(out.past_key_values)]
+    for i, (k, v) in enumerate(kv):
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise CalibrationError(f"the prefix {list(prefix)} gives non-finite keys or values in layer {i}")
+    return kv, [h.detach() for h in out.hidden_states[:-1]]
+
+
+def prefix_cache(model: nn.Module, batch: int):
+    """A transformers DynamicCache holding the model's prefix keys and values for `batch` sequences (None for a
+    model without a prefix)."""
+    from transformers import DynamicCache
+
+    kv = getattr(model, "osengine_prefix_kv", None)
+    if not kv:
+        return None
+    param = next(model.parameters())
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.to(param.device, param.dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
+                     v.to(param.device, param.dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), i)
+    return cache
+
+
+@contextmanager
+def _quiet_cache_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")   # transformers 5 renames it
+        yield
+
+
+def run_after_prefix(model: nn.Module, input_ids: torch.Tensor, past=None, **kwargs):
+    """model(input_ids, ...) for a causal LM that may run behind a stored prefix: the first call of a sequence
+    (past None) starts from the prefix's cache; later calls pass the returned past_key_values. Positions and the
+    attention mask cover the prefix; the outputs are the sequence's own. Without a prefix, a plain call."""
+    batch, tokens = input_ids.shape
+    if past is None:
+        past = prefix_cache(model, batch)
+    if past is not None:
+        kwargs["use_cache"] = True
+        seen = past.get_seq_length()
+        kwargs["attention_mask"] = torch.ones(batch, seen + tokens, dtype=torch.long, device=input_ids.device)
+        positions = torch.arange(seen, seen + tokens, device=input_ids.device)
+        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    with _quiet_cache_warnings():
+        return model(input_ids=input_ids, past_key_values=past, **kwargs)

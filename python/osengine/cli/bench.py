@@ -338,27 +338,31 @@ def prefill_once(model, ids, device: str) -> float:
     """ms of one prefill forward pass (the last position's logits only)."""
     import torch
 
+    from ..calibrate.prefix import run_after_prefix
+
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        run_after_prefix(model, ids, use_cache=True, logits_to_keep=1)
         _sync(device)
         return (time.perf_counter() - t0) * 1e3
 
 
 def greedy_decode(model, prompt, new_tokens: int, device: str):
     """(ms for the `new_tokens` decode steps, generated ids [batch, 1 + new_tokens]: the prefill's token, then one per
-    step); the prompt's prefill is untimed."""
+    step); the prompt's prefill is untimed. A model quantized behind a prefix runs behind its stored keys and values."""
     import torch
 
+    from ..calibrate.prefix import run_after_prefix
+
     with torch.inference_mode():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        out = run_after_prefix(model, prompt, use_cache=True, logits_to_keep=1)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         generated = [nxt]
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = run_after_prefix(model, nxt, past=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(nxt)
         _sync(device)

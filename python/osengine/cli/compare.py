@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,31 +60,36 @@ class TorchSide:
     def logits(self, window: np.ndarray) -> np.ndarray:
         import torch
 
+        from ..calibrate.prefix import run_after_prefix
+
         with torch.inference_mode():
             ids = torch.from_numpy(np.asarray(window, dtype=np.int64)).unsqueeze(0)
-            return self.model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+            return run_after_prefix(self.model, ids).logits[0].float().numpy()
 
     def prefill_ms(self, ids: np.ndarray) -> float:
         import torch
 
+        from ..calibrate.prefix import run_after_prefix
+
         with torch.inference_mode():
             x = torch.from_numpy(np.asarray(ids, dtype=np.int64)).unsqueeze(0)
             t0 = time.perf_counter()
-            self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+            run_after_prefix(self.model, x, use_cache=True, logits_to_keep=1)
             return (time.perf_counter() - t0) * 1e3
 
     def greedy(self, prompt: list, new_tokens: int) -> tuple:
         """(new ids, seconds of the new_tokens - 1 steps after the prompt's prefill)."""
         import torch
 
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")  # transformers 5 renames it
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        from ..calibrate.prefix import run_after_prefix
+
+        with torch.inference_mode():
+            out = run_after_prefix(self.model, torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
             past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
             new = [nxt]
             t0 = time.perf_counter()
             for _ in range(new_tokens - 1):
-                out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+                out = run_after_prefix(self.model, torch.tensor([[nxt]]), past=past, use_cache=True)
                 past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
                 new.append(nxt)
             return new, time.perf_counter() - t0

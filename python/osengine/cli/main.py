@@ -226,12 +226,13 @@ def cmd_recipes(args) -> int:
     for name in preset_names():
         r = load_recipe(name)
         w, a = r.weights, r.activations
-        print(f"{name:<12} weights {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
+        print(f"{name:<20} weights {w.bits}b {'sym' if w.symmetric else 'asym'} {w.granularity}"
               f"{'/' + str(w.group_size) if w.group_size else ''}{' gptq' if w.rounding == 'gptq' else ''}; "
               f"activations {a.bits}b "
               f"{'sym' if a.symmetric else 'asym'}{' full-range' if a.full_range else ''} "
               f"{a.granularity}{'/' + str(a.group_size) if a.group_size else ''} "
-              f"{'dynamic' if a.dynamic else 'static ' + a.observer}; bmm {'on' if r.bmm_inputs else 'off'}")
+              f"{'dynamic' if a.dynamic else 'static ' + a.observer}; bmm {'on' if r.bmm_inputs else 'off'}"
+              f"{'' if r.prefix == 'none' else '; prefix ' + str(r.prefix)}")
     return 0
 
 
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--search-batches", type=int, default=1, help="batches on which OS+ scores its t grid")
     q.add_argument("--prefix", default=None, metavar="auto|none|IDS",
                    help="full-precision prefix of outlier tokens in front of every sequence: auto (detected on the "
-                        "calibration data, see osengine outliers), none (default), or comma-separated token ids")
+                        "calibration data, see osengine outliers), none, or comma-separated token ids (default: the "
+                        "recipe's field prefix, none in the presets)")
     q.add_argument("--device", default=None, help="cpu (default) or cuda")
     q.add_argument("--threads", type=int, default=None)
     q.add_argument("--report", help="folder for the report (default: --out)")

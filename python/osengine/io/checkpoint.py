@@ -1,6 +1,6 @@
 """The osengine checkpoint: a folder with safetensors tensors and a JSON manifest.
 
-    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 3, ...,
+    DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 4, ...,
                                "tensors": {name: {dtype, shape}}}
     DIR/model.safetensors     every tensor the manifest lists
     DIR/<other files>         source model config, tokenizer files, ...
@@ -22,8 +22,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 FORMAT_NAME = "osengine-checkpoint"
 # 1: every weight in floating point (fake-quantized values). 2: the quantized linears' weights as integer codes and
 # scales (layers[L].weight_storage == "codes": L.weight_codes, L.weight_scale). 3: may carry "prefix", token ids
-# that every sequence runs behind in full precision (calibrate/prefix.py); readers of 2 would ignore it. All load.
-FORMAT_VERSION = 3
+# that every sequence runs behind in full precision (calibrate/prefix.py); readers of 2 would ignore it. 4: a prefix
+# comes with its keys and values per layer (osengine.prefix.{layer}.key / .value); a version-3 folder with a prefix
+# has none and must be quantized again (folders without a prefix, of every version, load).
+FORMAT_VERSION = 4
 MANIFEST_FILE = "osengine.json"
 TENSORS_FILE = "model.safetensors"
 

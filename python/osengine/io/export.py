@@ -97,6 +97,9 @@ def check_recipe(recipe) -> None:
                           f"probabilities); the compressed-tensors export does not express that. Use a recipe "
                           f"with bmm_inputs: false")
     problem = _spec_problem(recipe.weights, recipe.activations, shifted=False)
+    if recipe.activation_overrides:
+        problem = (f"it quantizes the inputs of {[name for name, _ in recipe.activation_overrides]} otherwise than "
+                   "the other linears (activation_overrides); the export writes one activation scheme")
     if problem:
         raise ExportError(f"recipe {recipe.name!r} cannot be exported as compressed-tensors: {problem}")
 

@@ -18,7 +18,7 @@ from ..quant.layers import (
     quantize_block,
     wrap_linears,
 )
-from ..quant.observers import ActQuantizer, checked_prefix, set_fp_prefix
+from ..quant.observers import ActQuantizer, checked_prefix
 from ..quant.recipes import recipe_from_dict
 from ..quant.spec import qparams_from_range, symmetric_weight_codes
 from .checkpoint import (
@@ -85,6 +85,48 @@ def migration_tensors(report: Optional[dict]) -> dict:
         if entry.get("scale_values") is not None:
             out[f"{prefix}.scale"] = entry["scale_values"].float()
     return out
+
+
+def prefix_tensors(model: nn.Module) -> dict:
+    """The prefix's keys and values per layer (calibrate/prefix.py), as osengine.prefix.{layer}.key / .value."""
+    out = {}
+    for i, (k, v) in enumerate(getattr(model, "osengine_prefix_kv", None) or []):
+        out[f"osengine.prefix.{i}.key"] = k.detach().float().cpu().contiguous()
+        out[f"osengine.prefix.{i}.value"] = v.detach().float().cpu().contiguous()
+    return out
+
+
+def _prefix_key_values(path: Path, manifest: dict, tensors: dict, prefix: list, n_layers: int) -> list:
+    """The stored prefix keys and values, checked: one key and one value per layer, each [kv_heads, len(prefix),
+    head_dim], all alike and finite."""
+    where = f"osengine checkpoint {str(path)!r}"
+    if not prefix:
+        return []
+    if manifest.get("format_version", 0) < 4:
+        raise CheckpointError(f"{where}: it runs behind the prefix {prefix} but was written by an osengine that did "
+                              "not store the prefix's keys and values (format version "
+                              f"{manifest.get('format_version')}); quantize the model again")
+    kv, shape = [], None
+    for i in range(n_layers):
+        pair = []
+        for part in ("key", "value"):
+            name = f"osengine.prefix.{i}.{part}"
+            t = tensors.get(name)
+            if t is None:
+                raise CheckpointError(f"{where}: tensor {name!r} (the prefix's {part}s of layer {i}) is missing")
+            shape = shape or tuple(t.shape)
+            if t.dim() != 3 or tuple(t.shape) != shape or t.shape[1] != len(prefix):
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}; expected [kv_heads, "
+                                      f"{len(prefix)} (the prefix's length), head_dim] like layer 0's {shape}")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{where}: tensor {name!r} holds non-finite values")
+            pair.append(t.float())
+        kv.append(tuple(pair))
+    extra = sorted(k for k in tensors if k.startswith("osengine.prefix.") and
+                   not any(k == f"osengine.prefix.{i}.{p}" for i in range(n_layers) for p in ("key", "value")))
+    if extra:
+        raise CheckpointError(f"{where}: prefix tensors {extra} do not belong to any of the model's {n_layers} layers")
+    return kv
 
 
 def _weight_codes_tensors(tensors: dict, layers: dict) -> None:
@@ -156,6 +198,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
     layers = layer_manifest(model)
     _weight_codes_tensors(tensors, layers)
     tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
+    tensors.update(prefix_tensors(model))
     tensors.update(extra_tensors or {})
     full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layers}
     if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
@@ -195,7 +238,6 @@ def _rebuild_structure(model: nn.Module, manifest: dict) -> None:
                                 "osengine.json")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    set_fp_prefix(model, len(prefix))
     model.osengine_prefix = list(prefix)
 
 
@@ -216,6 +258,8 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
     model = cls.from_config(config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     _rebuild_structure(model, manifest)
+    model.osengine_prefix_kv = _prefix_key_values(path, manifest, tensors, model.osengine_prefix,
+                                                  len(resolve_architecture(model).blocks(model)))
     state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
     _weights_from_codes(path, manifest, state)
     for alias, stored in manifest.get("tied", {}).items():

@@ -83,11 +83,12 @@ def quantize_block(block: nn.Module, block_name: str, recipe: Recipe, weights: O
     quantized = []
     for name, m in block.named_modules():
         if isinstance(m, FakeQuantLinear) and not recipe.keeps_fp(f"{block_name}.{name}"):
-            for spec, where in ((recipe.weights, "weights"), (recipe.activations, "activations")):
+            activations = recipe.activation_spec(f"{block_name}.{name}")
+            for spec, where in ((recipe.weights, "weights"), (activations, "activations")):
                 if spec.granularity == "per-group" and m.in_features % spec.group_size:
                     raise RecipeError(f"recipe field '{where}.group_size' ({spec.group_size}) does not divide "
                                       f"the {m.in_features} input channels of {block_name}.{name}")
-            m.quantize(recipe.weights, recipe.activations, weight=(weights or {}).get(name))
+            m.quantize(recipe.weights, activations, weight=(weights or {}).get(name))
             quantized.append(name)
     return quantized
 

@@ -26,22 +26,42 @@ class Recipe:
     bmm_inputs: bool = False
     keep_fp: tuple = ALWAYS_FP
     description: str = ""
+    # Outlier tokens kept as a full-precision KV prefix (calibrate/prefix.py): "none", "auto" (detected on the
+    # calibration data; causal language models only, nothing for others) or a tuple of token ids.
+    prefix: Union[str, tuple] = "none"
+    # Block linears (by name suffix, as keep_fp) whose inputs are quantized otherwise than `activations`, e.g.
+    # {"down_proj": per-token dynamic} in a static recipe: ((suffix, QuantSpec), ...), the first match wins.
+    activation_overrides: tuple = ()
+
+    def activation_spec(self, linear_name: str) -> QuantSpec:
+        """The activation spec of a block linear: its override, else the recipe's."""
+        for suffix, spec in self.activation_overrides:
+            if _matches(linear_name, suffix):
+                return spec
+        return self.activations
 
     def to_dict(self) -> dict:
         w = {k: v for k, v in self.weights.to_dict().items()
              if k in ("bits", "symmetric", "granularity", "group_size", "observer", "rounding", "scale_dtype")}
-        a = {k: v for k, v in self.activations.to_dict().items() if k not in ("rounding", "scale_dtype")}
+        a = _activation_dict(self.activations)
         return {"name": self.name, "weights": w, "activations": a,
-                "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp)}
+                "bmm_inputs": self.bmm_inputs, "keep_fp": list(self.keep_fp),
+                "prefix": self.prefix if isinstance(self.prefix, str) else list(self.prefix),
+                "activation_overrides": {k: _activation_dict(v) for k, v in self.activation_overrides}}
 
     def keeps_fp(self, linear_name: str) -> bool:
         """True when a block linear (e.g. "mlp.down_proj") matches a keep_fp entry (by its last name components)."""
-        parts = linear_name.split(".")
-        for entry in self.keep_fp:
-            e = entry.split(".")
-            if parts[-len(e):] == e:
-                return True
-        return False
+        return any(_matches(linear_name, entry) for entry in self.keep_fp)
+
+
+def _matches(linear_name: str, suffix: str) -> bool:
+    """True when `suffix` (e.g. "down_proj" or "mlp.down_proj") names the last components of `linear_name`."""
+    e = suffix.split(".")
+    return linear_name.split(".")[-len(e):] == e
+
+
+def _activation_dict(spec: QuantSpec) -> dict:
+    return {k: v for k, v in spec.to_dict().items() if k not in ("rounding", "scale_dtype")}
 
 
 def preset_names() -> list:
@@ -117,7 +137,8 @@ def _spec(raw: Any, where: str, is_weight: bool) -> QuantSpec:
 def recipe_from_dict(raw: Any, default_name: str = "custom") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping with fields weights/activations, got {type(raw).__name__}")
-    allowed = {"name", "description", "weights", "activations", "bmm_inputs", "keep_fp"}
+    allowed = {"name", "description", "weights", "activations", "bmm_inputs", "keep_fp", "prefix",
+               "activation_overrides"}
     unknown = set(raw) - allowed
     if unknown:
         raise RecipeError(f"recipe field '{sorted(unknown)[0]}' is unknown (allowed: {sorted(allowed)})")
@@ -137,7 +158,24 @@ def recipe_from_dict(raw: Any, default_name: str = "custom") -> Recipe:
     acts = _spec(raw["activations"], "activations", is_weight=False)
     return Recipe(name=str(raw.get("name", default_name)), weights=_spec(raw["weights"], "weights", True),
                   activations=acts, bmm_inputs=bmm, keep_fp=tuple(dict.fromkeys(keep)),
-                  description=str(raw.get("description", "")))
+                  description=str(raw.get("description", "")), prefix=_prefix_field(raw.get("prefix", "none")),
+                  activation_overrides=_overrides_field(raw.get("activation_overrides", {})))
+
+
+def _overrides_field(value: Any) -> tuple:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise RecipeError("recipe field 'activation_overrides' must map layer names (e.g. down_proj) to activation "
+                          f"specs, got {value!r}")
+    return tuple((name, _spec(spec, f"activation_overrides.{name}", is_weight=False)) for name, spec in value.items())
+
+
+def _prefix_field(value: Any) -> Union[str, tuple]:
+    if value in ("none", "auto"):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        return tuple(value)
+    raise RecipeError(f"recipe field 'prefix' must be auto, none or a list of token ids, got {value!r}")
 
 
 def load_recipe(recipe: Union[str, Path, dict, Recipe], keep_fp: tuple = (),

@@ -47,7 +47,8 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
 def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = True,
                       quantize_embeddings: bool = False) -> nn.Module:
     """Swap every calibrated FakeQuantLinear of a quantized model for an EngineLinear (in place): the model then runs
-    its quantized linears with real int arithmetic. Layers kept in floating point stay as they are.
+    its quantized linears with real int arithmetic. Layers kept in floating point stay as they are. A model quantized
+    behind a prefix keeps its stored prefix keys and values (calibrate/prefix.run_after_prefix runs it behind them).
 
     fuse                 linears that read the same input with the same activation quantizer (q/k/v, gate/up) share
                          one quantization and one GEMM (the outputs are the same; fewer, larger calls)
@@ -61,10 +62,6 @@ def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = T
                if isinstance(m, FakeQuantLinear) and m.weight_spec is not None and m.act_quant is not None]
     if not targets:
         raise EngineConversionError("convert_to_engine: the model has no quantized linear layers; quantize it first")
-    if getattr(model, "osengine_prefix", None):
-        raise EngineConversionError(f"convert_to_engine: the model was calibrated behind a full-precision prefix "
-                                    f"{model.osengine_prefix} (outlier tokens); the engine-backed model does not run "
-                                    "that prefix yet: evaluate it on the fake-quant path (osengine eval DIR)")
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -40,7 +40,8 @@ class Context {
   const Model& model() const { return *model_; }
   const ContextOptions& options() const { return options_; }
   // Forget a sequence's KV cache (kv_clear; -1: every sequence) or every position from `pos` on (kv_truncate:
-  // decoding goes on from there).
+  // decoding goes on from there). Positions count the sequence's own tokens: a model's prefix (ModelInfo::prefix)
+  // stays in front of every sequence, whatever is cleared.
   void kv_clear(int seq = -1);
   void kv_truncate(int pos, int seq = 0);
 
@@ -65,7 +66,11 @@ class Context {
   // KV cache: per layer [n_seq][n_head_kv][key_slots()][head_dim]; the keys in blocks of 8 positions transposed
   // ([key_slots() / 8][head_dim][8], the attention kernel's layout), the values one row per position.
   std::vector<FloatBuffer> k_cache_, v_cache_;
-  int key_slots() const { return (options_.n_ctx + 7) / 8 * 8; }
+  // The model's prefix (ModelInfo::prefix) fills positions 0 .. prefix_length() - 1 of every sequence's cache; a
+  // sequence's own position p lies at cache position prefix_length() + p.
+  int prefix_length() const { return static_cast<int>(model_->info().prefix.size()); }
+  int key_slots() const { return (prefix_length() + options_.n_ctx + 7) / 8 * 8; }
+  void write_prefix();
   int attention_slots_ = 1;        // threads the attention scratch has room for
   std::vector<int> row_groups_;    // first row of each attention row group, then m
   // scratch, sized for n_batch tokens

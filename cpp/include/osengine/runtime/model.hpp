@@ -1,4 +1,4 @@
-// A quantized model loaded from the folder `osengine quantize --out DIR` writes (checkpoint format version 2):
+// A quantized model loaded from the folder `osengine quantize --out DIR` writes (checkpoint format version 2-4):
 // immutable once loaded, shareable by several contexts and threads.
 #pragma once
 #include <cstdint>
@@ -29,6 +29,10 @@ struct ModelInfo {
   std::int32_t bos_token_id = -1;  // -1: not given
   std::int32_t eos_token_id = -1;
   std::string recipe;        // e.g. "w8a8-static"
+  // Token ids every sequence runs behind (osengine.json prefix, format 4: the outlier tokens PrefixQuant keeps in
+  // full precision). Their keys and values are stored (Block::prefix_keys / prefix_values) and stand at positions
+  // 0 .. prefix.size() - 1 of every sequence's KV cache; a sequence's own tokens follow them.
+  std::vector<std::int32_t> prefix;
 };
 
 // How one linear layer's input is quantized (from the manifest's activation spec and calibration).
@@ -74,6 +78,8 @@ struct Block {
   std::vector<float> attn_norm, mlp_norm;  // RMSNorm weights [n_embd]
   std::vector<QuantizedLinear> fused;      // the block's quantized GEMMs (q/k/v fused when they can be, etc.)
   Projection q, k, v, o, gate, up, down;
+  // The prefix's keys (after RoPE) and values, [n_head_kv][prefix length][head_dim]; empty without a prefix.
+  std::vector<float> prefix_keys, prefix_values;
 };
 
 // Choices made when a folder is loaded (the folder itself is never changed).
