@@ -10,6 +10,9 @@ Every configuration runs in its own process, so its calibration time and peak me
     python benchmarks/accuracy.py --json                  # one JSON object per configuration, then a summary
     python benchmarks/accuracy.py --configs osplus:w8a8-static minmax:w4a4-token:down_proj --no-sst2
     python benchmarks/accuracy.py --configs osplus:w6a6-token+gptq --no-sst2   # weights rounded by GPTQ
+    python benchmarks/accuracy.py --configs fp+prefix osplus:w8a8-static+prefix --no-sst2
+        # +prefix: behind the outlier-token prefix detected on the calibration data (PrefixQuant; fp: the FP model
+        # reading that prefix in front of every window); without it, the recipe's field prefix decides
 """
 from __future__ import annotations
 
@@ -44,44 +47,65 @@ def _peak_mib() -> float:
 
 
 def _parse(config: str):
-    """fp | strategy[+key=value...]:preset[+gptq][:keep_fp,...] -> (strategy, preset, keep_fp, options, rounding)"""
+    """fp[+prefix] | strategy[+key=value...]:preset[+gptq|+nearest][+prefix][:keep_fp,...] -> (strategy, preset,
+    keep_fp, options, rounding, prefix)"""
     import yaml
 
     parts = config.split(":")
-    if parts[0] == "fp":
-        return "fp", None, [], {}, None
+    if parts[0] in ("fp", "fp+prefix"):
+        return "fp", None, [], {}, None, parts[0] == "fp+prefix"
     if len(parts) < 2:
-        raise SystemExit(f"--configs entry {config!r} must be fp or strategy[+key=value]:preset[+gptq][:keep_fp,...]")
+        raise SystemExit(f"--configs entry {config!r} must be fp[+prefix] or "
+                         "strategy[+key=value]:preset[+gptq][+prefix][:keep_fp,...]")
     strategy, *opts = parts[0].split("+")
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts)}
-    preset, _, rounding = parts[1].partition("+")
-    if rounding not in ("", "gptq", "nearest"):
-        raise SystemExit(f"--configs entry {config!r}: a preset may end in +gptq or +nearest (weight rounding), "
-                         f"got +{rounding}")
-    return strategy, preset, parts[2].split(",") if len(parts) > 2 else [], options, rounding or None
+    preset, *suffixes = parts[1].split("+")
+    unknown = [x for x in suffixes if x not in ("gptq", "nearest", "prefix")]
+    if unknown:
+        raise SystemExit(f"--configs entry {config!r}: a preset may end in +gptq or +nearest (weight rounding) and "
+                         f"+prefix, got +{unknown[0]}")
+    rounding = next((x for x in suffixes if x != "prefix"), None)
+    return strategy, preset, parts[2].split(",") if len(parts) > 2 else [], options, rounding, "prefix" in suffixes
 
 
 def run_lm(config: str, args) -> dict:
     import torch
 
     from osengine import api
-    from osengine.evaluation import perplexity
+    from osengine.evaluation import perplexity, perplexity_on_windows
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep, options, rounding = _parse(config)
+    strategy, preset, keep, options, rounding, prefix = _parse(config)
     model, tok = api.load_model(args.model)
     result = {"model": args.model, "config": config, "strategy": strategy, "recipe": preset,
-              "weight_rounding": rounding or "recipe", "keep_fp": keep, "options": options,
+              "weight_rounding": rounding or "recipe", "keep_fp": keep, "options": options, "prefix": [],
               "calibration_seconds": 0.0}
+    fp_prefix = None
+    if strategy == "fp" and prefix:   # the prefix quantize(prefix="auto") would choose on the same data
+        fp_prefix = api.find_outlier_tokens(model, args.calib, tokenizer=tok, n_samples=args.samples, seq_len=512,
+                                            batch_size=args.batch_size, progress=False)["prefix"]
+        result["prefix"] = fp_prefix
     if strategy != "fp":
         options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=args.calib, tokenizer=tok, keep_fp=keep,
                      weight_rounding=rounding, n_samples=args.samples, seq_len=512, batch_size=args.batch_size,
-                     strategy_options=options, progress=False)
+                     strategy_options=options, progress=False, prefix="auto" if prefix else None)
         result["calibration_seconds"] = round(model.osengine_report["calibration_seconds"], 1)
-    ppl = perplexity(model, tok, WIKI_TEST, seq_len=512, windows=16, progress=False)
-    result.update(perplexity=round(ppl["perplexity"], 3), peak_rss_mib=round(_peak_mib(), 0))
+        result["prefix"] = list(model.osengine_prefix)
+    ppl = perplexity(model, tok, WIKI_TEST, seq_len=512, windows=16, progress=False, prefix=fp_prefix)
+    other = perplexity_on_windows(model, _other_corpus_windows(tok), progress=False, prefix=fp_prefix)
+    result.update(perplexity=round(ppl["perplexity"], 3), perplexity_sst2=round(other["perplexity"], 3),
+                  peak_rss_mib=round(_peak_mib(), 0))
     return result
+
+
+def _other_corpus_windows(tokenizer, windows: int = 16, seq_len: int = 512):
+    """Text unlike the WikiText calibration data: the SST-2 dev sentences (movie reviews), one per line, in 16
+    windows of 512 tokens."""
+    sentences = [line.split("\t")[0] for line in (SST2 / "dev.tsv").read_text().splitlines()[1:]]
+    ids = tokenizer("\n".join(sentences), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = min(windows, ids.numel() // seq_len)
+    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 def _sst2(split: str, limit: int):
@@ -99,7 +123,7 @@ def run_sst2(config: str, args) -> dict:
     from osengine.evaluation import sentence_embeddings
 
     torch.set_num_threads(args.threads)
-    strategy, preset, keep, options, rounding = _parse(config)
+    strategy, preset, keep, options, rounding, _ = _parse(config)   # encoders take no prefix
     model, tok = api.load_model("minilm-l6")
     train_x, train_y = _sst2("train", args.sst2_train)
     dev_x, dev_y = _sst2("dev", 10_000)
@@ -135,18 +159,20 @@ def _child(kind: str, config: str, args) -> dict:
 
 
 def markdown(rows: list) -> str:
-    lines = ["| model | strategy | recipe | kept in FP | metric | value | calibration s | peak RSS MiB |",
-             "|---|---|---|---|---|---:|---:|---:|"]
+    lines = ["| model | strategy | recipe | kept in FP | prefix | metric | value | calibration s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| | {r['config']} | | | error | {r['error']} | | |")
+            lines.append(f"| | {r['config']} | | | | error | {r['error']} | | |")
             continue
         metric = "perplexity" if "perplexity" in r else "sst2_accuracy"
+        value = f"{r[metric]} (SST-2 text {r['perplexity_sst2']})" if "perplexity_sst2" in r else r[metric]
         opts = "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
         rounding = r.get("weight_rounding", "recipe")
         recipe = (r["recipe"] or "-") + ("" if rounding == "recipe" else f" +{rounding}")
+        prefix = r.get("prefix") or "-"
         lines.append(f"| {r['model']} | {r['strategy']}{opts} | {recipe} | {','.join(r['keep_fp']) or '-'} "
-                     f"| {metric} | {r[metric]} | {r['calibration_seconds']} | {r['peak_rss_mib']:.0f} |")
+                     f"| {prefix} | {metric} | {value} | {r['calibration_seconds']} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
