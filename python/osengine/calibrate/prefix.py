@@ -280,11 +280,12 @@ def run_after_prefix(model: nn.Module, input_ids: torch.Tensor, past=None, **kwa
     batch, tokens = input_ids.shape
     if past is None:
         past = prefix_cache(model, batch)
-    if past is not None:
-        kwargs["use_cache"] = True
-        seen = past.get_seq_length()
-        kwargs["attention_mask"] = torch.ones(batch, seen + tokens, dtype=torch.long, device=input_ids.device)
-        positions = torch.arange(seen, seen + tokens, device=input_ids.device)
-        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    if past is None:   # no prefix, first call: a plain call (models without a KV cache argument work too)
+        return model(input_ids=input_ids, **kwargs)
+    kwargs["use_cache"] = True
+    seen = past.get_seq_length()
+    kwargs["attention_mask"] = torch.ones(batch, seen + tokens, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(seen, seen + tokens, device=input_ids.device)
+    kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
     with _quiet_cache_warnings():
         return model(input_ids=input_ids, past_key_values=past, **kwargs)
