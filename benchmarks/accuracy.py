@@ -102,8 +102,7 @@ def run_lm(config: str, args) -> dict:
 def _other_corpus_windows(tokenizer, windows: int = 16, seq_len: int = 512):
     """Text unlike the WikiText calibration data: the SST-2 dev sentences (movie reviews), one per line, in 16
     windows of 512 tokens."""
-    sentences = [line.split("\t")[0] for line in (SST2 / "dev.tsv").read_text().splitlines()[1:]]
-    ids = tokenizer("\n".join(sentences), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = tokenizer("\n".join(_sst2("dev", 10_000)[0]), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     n = min(windows, ids.numel() // seq_len)
     return ids[: n * seq_len].reshape(n, seq_len)
 

@@ -122,8 +122,8 @@ def _prefix_key_values(path: Path, manifest: dict, tensors: dict, prefix: list, 
                 raise CheckpointError(f"{where}: tensor {name!r} holds non-finite values")
             pair.append(t.float())
         kv.append(tuple(pair))
-    extra = sorted(k for k in tensors if k.startswith("osengine.prefix.") and
-                   not any(k == f"osengine.prefix.{i}.{p}" for i in range(n_layers) for p in ("key", "value")))
+    expected = {f"osengine.prefix.{i}.{part}" for i in range(n_layers) for part in ("key", "value")}
+    extra = sorted(k for k in tensors if k.startswith("osengine.prefix.") and k not in expected)
     if extra:
         raise CheckpointError(f"{where}: prefix tensors {extra} do not belong to any of the model's {n_layers} layers")
     return kv

@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .observers import checked_prefix
 from .spec import GRANULARITIES, OBSERVERS, WEIGHT_OBSERVERS, WEIGHT_ROUNDINGS, WEIGHT_SCALE_DTYPES, QuantSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -172,10 +173,13 @@ def _overrides_field(value: Any) -> tuple:
 def _prefix_field(value: Any) -> Union[str, tuple]:
     if value in ("none", "auto"):
         return value
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-        return tuple(value)
-    raise RecipeError(f"recipe field 'prefix' must be auto, none or a list of token ids, got {value!r}")
+    try:
+        ids = checked_prefix(value, None, "recipe field 'prefix'")
+    except ValueError:
+        ids = []
+    if not ids:
+        raise RecipeError(f"recipe field 'prefix' must be auto, none or a list of token ids, got {value!r}")
+    return tuple(ids)
 
 
 def load_recipe(recipe: Union[str, Path, dict, Recipe], keep_fp: tuple = (),
