@@ -9,27 +9,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import osengine
-from osengine.io.checkpoint import MANIFEST_FILE, TENSORS_FILE, CheckpointError
+from osengine.io.checkpoint import MANIFEST_FILE, TENSORS_FILE, CheckpointError, write_manifest
 from osengine.quant.layers import set_integer_exact
 from osengine.runtime.linear import EngineLinear
 from osengine.runtime.simulate import simulate_folded_prologues
 
-from tiny_models import build, tiny_llama
-
-
-def tiny_llama_folder(root):
-    """A tiny LLaMA with outlier channels and tied embeddings, saved as a Hugging Face folder with a tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_llama(tied=True, vocab_size=64, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(61)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model.save_pretrained(root / "base")
-    fast.save_pretrained(root / "base")
-    return root / "base"
+from tiny_models import build, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +115,7 @@ def test_broken_folders_give_clear_errors(saved, tmp_path):
     shutil.copytree(root / "q", newer)
     manifest = json.loads((newer / MANIFEST_FILE).read_text())
     manifest["format_version"] = 99
-    (newer / MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_manifest(newer, manifest)
     with pytest.raises(CheckpointError, match="newer than this osengine supports"):
         osengine.load(newer)
 

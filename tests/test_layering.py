@@ -16,7 +16,7 @@ LAYERS = {
     "quant": 1,
     "plugins": 2,
     "calibrate": 3, "runtime": 3, "io": 3,
-    "evaluation": 4,
+    "evaluation": 4, "train": 4,
     "api": 5, "plugin_api": 5, "ops": 5,
     "cli": 6,
     "__init__": 7,

@@ -81,3 +81,18 @@ def tiny_llama(tied=False, **config):
 def model_output(model, ids):
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tiny_llama_folder(root):
+    """A tiny LLaMA with outlier channels and tied embeddings, saved as a Hugging Face folder with a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_llama(tied=True, vocab_size=64, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model.save_pretrained(root / "base")
+    fast.save_pretrained(root / "base")
+    return root / "base"

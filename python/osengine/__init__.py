@@ -1,8 +1,8 @@
 """osengine: Outlier Suppression+ quantization of transformer language models, with an int8 / int4 engine.
 
 The engine's ops (numpy arrays or torch tensors, no copies) are available at the top level; the quantization front
-end (`quantize`, `evaluate`, `load_model`, `load`, `find_outlier_tokens`) and the native runtime (`load_native`) are
-imported lazily so that `import osengine` stays light.
+end (`quantize`, `train_qat`, `evaluate`, `load_model`, `load`, `find_outlier_tokens`) and the native runtime
+(`load_native`) are imported lazily so that `import osengine` stays light.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .engine.ops import (
 )
 from .engine.ops import quantize as quantize_activations
 
-_FRONT_END = {"quantize": "api", "evaluate": "api", "load_model": "api", "load": "api",
+_FRONT_END = {"quantize": "api", "train_qat": "api", "evaluate": "api", "load_model": "api", "load": "api",
               "find_outlier_tokens": "api", "load_native": "runtime.native"}
 
 

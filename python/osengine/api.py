@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate.data import CalibrationError, load_calibration
-from .calibrate.pipeline import calibrate_blockwise
+from .calibrate.pipeline import BLOCK_STEPS, calibrate_blockwise, given_activation_ranges
 from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix, run_after_prefix
 from .engine import ops
 from .evaluation import perplexity
@@ -24,6 +24,7 @@ from .io.quantized_model import (
     structure_manifest,
 )
 from .io.sources import REGISTERED_MODELS, ModelLoadError, load_fp_model, resolve_source
+from .plugins.api import PluginError
 from .plugins.registry import make_strategy, resolve_architecture
 from .quant.layers import set_integer_exact
 from .quant.observers import checked_prefix
@@ -167,7 +168,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
              strategy_options: Optional[dict] = None, weight_rounding: Optional[str] = None, n_samples: int = 16,
              seq_len: int = 512, batch_size: int = 4, search_batches: int = 1, device: Optional[str] = None,
              out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True,
-             prefix: Union[str, Sequence[int], None] = None) -> nn.Module:
+             prefix: Union[str, Sequence[int], None] = None, activation_ranges: Optional[dict] = None,
+             manifest_extra: Optional[dict] = None) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
@@ -183,6 +185,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                    a list of token ids: that prefix; "none": no prefix; None: the recipe's field `prefix` (where
                    "auto" means nothing for a model that is not a causal LM). The quantized model runs behind the
                    prefix's stored keys and values (model.osengine_prefix_kv; the folder stores them)
+    activation_ranges  {block linear full name: (lo, hi)}: the static activation ranges to use instead of observing
+                   them on the calibration data (e.g. learned by train_qat); the clipping search is then skipped
     out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
                    atomically; an existing folder is replaced only with overwrite=True). Reload it with
                    `load` (engine-backed) or `load_model` (fake quant).
@@ -201,6 +205,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
+    recipe = _adapted_recipe(strat, recipe, model, arch)
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
     t0 = time.time()
@@ -211,8 +216,12 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     prefix_ids, detection = _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.reset_peak_memory_stats()
+    steps = BLOCK_STEPS
+    if activation_ranges is not None:
+        steps = tuple(given_activation_ranges(activation_ranges) if s.name == "observe" else s
+                      for s in BLOCK_STEPS if s.name != "clip")
     report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
-                                 search_batches=search_batches, progress=progress, prefix=prefix_ids)
+                                 search_batches=search_batches, progress=progress, prefix=prefix_ids, steps=steps)
     if detection is not None:
         report["prefix_detection"] = [r.to_dict() for r in detection]
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
@@ -223,8 +232,114 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     model.osengine_report = report
     if out is not None:
         manifest = _quantization_manifest(model, source, recipe, strat, strategy_options, arch, calibration, ids)
+        manifest.update(manifest_extra or {})
         save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
     return model
+
+
+def qat_state_dir(out: Union[str, Path]) -> Path:
+    """Where train_qat keeps its training state for the output folder `out` (beside it: out must not exist yet)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.qat-state"
+
+
+def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Path, dict, Recipe] = "w4a4-token",
+              out: Union[str, Path], tokenizer=None, steps: int = 300, batch_size: int = 4, seq_len: int = 256,
+              lr: float = 2e-5, range_lr: float = 1e-3, kurtosis_weight: float = 1e-5, warmup_steps: int = 10,
+              init_quantile: float = 0.999, save_every: int = 25, seed: int = 0, keep_fp: Sequence[str] = (),
+              weight_rounding: Optional[str] = None, calibration_samples: int = 16, resume: bool = False,
+              state_dir: Optional[Union[str, Path]] = None, stop_after: Optional[int] = None,
+              device: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> nn.Module:
+    """Quantization-aware training (train/qat.py: learned clipping ranges of static inputs, straight-through
+    rounding, a kurtosis penalty on the linears' outputs), then post-training weight quantization (round to nearest,
+    or GPTQ with weight_rounding="gptq") with the learned ranges as the static activation ranges; the result is
+    saved to `out` like any quantized folder and returned (fake quant; `load(out)` runs it on the engine).
+
+    data        a UTF-8 text file that training windows of seq_len tokens are cut from (every whole window), or
+                token ids [n, seq_len]; the first calibration_samples windows also calibrate the weight quantization
+    state_dir   training state, saved every save_every steps (default: beside out, OUT.qat-state); a state from an
+                earlier run is continued with resume=True (it must be the same model, recipe, data and settings),
+                refused otherwise; removed once the run has finished and out is written
+    device      where to train and then quantize (cpu, cuda)
+    stop_after  train only up to this step of the `steps`-step schedule, keep the state and write the model of that
+                point to `out` (a learning curve: call again with resume=True and a later stop_after)
+    """
+    import hashlib
+
+    from .calibrate.data import read_text_file, text_samples
+    from .train.qat import QATConfig, QATError, train
+
+    refuse_existing_output(out, overwrite)
+    source = None
+    if not isinstance(model, nn.Module):
+        source = str(model)
+        if is_checkpoint(source):
+            raise ModelLoadError(f"model {source!r} is already quantized; QAT starts from the floating-point model")
+        model, tokenizer = load_fp_model(source, device=device or "cpu")
+    elif device is not None:
+        model = model.to(device)
+    config = QATConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, range_lr=range_lr,
+                       kurtosis_weight=kurtosis_weight, warmup_steps=warmup_steps, init_quantile=init_quantile,
+                       save_every=save_every, seed=seed)
+    config.check()
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or not 1 <= stop_after <= steps):
+        raise QATError(f"train_qat: stop_after must be an integer in [1, steps={steps}], got {stop_after!r}")
+    if not _is_causal_lm(model):
+        raise QATError("train_qat: QAT trains on the next-token loss; the model must be a causal language model")
+    recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
+    if recipe.bmm_inputs or (recipe.prefix != "none"):
+        raise QATError(f"train_qat: recipe {recipe.name!r} quantizes attention inputs or uses a prefix, which QAT does "
+                       "not train in this version; use a recipe with bmm_inputs: false and prefix: none")
+    arch = resolve_architecture(model)
+    if isinstance(data, torch.Tensor):
+        windows = data
+    else:
+        if tokenizer is None:
+            raise QATError("train_qat: `tokenizer` is needed to turn the training text into tokens")
+        if not Path(str(data)).is_file():
+            raise QATError(f"train_qat: training text file {str(data)!r} does not exist")
+        text = read_text_file(Path(data), "train_qat: training text file", QATError)
+        try:
+            windows = text_samples(text, tokenizer, n_samples=2 ** 31 - 1, seq_len=seq_len)
+        except CalibrationError as e:
+            raise QATError(f"train_qat: training text file {str(data)!r}: {e}") from None
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.dtype not in (torch.int64, torch.int32):
+        raise QATError(f"train_qat: training data must be integer token ids [n, seq_len >= 2], got "
+                       f"{tuple(windows.shape)} {windows.dtype}")
+    windows = windows.long()
+    run_id = {"model": source or type(model).__name__, "architecture": arch.name,
+              "data_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    state = Path(state_dir) if state_dir is not None else qat_state_dir(out)
+    t0 = time.time()
+    ranges, history = train(model, arch.blocks(model), recipe, windows, config, state, run_id, resume=resume,
+                            progress=progress, stop_after=stop_after)
+    training_seconds = time.time() - t0
+    finished = len(history) >= steps
+    training = {"method": "qat", "steps_done": len(history), "steps": steps, "finished": finished,
+                "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+                "training_seconds_this_run": round(training_seconds, 1), "history": history}
+    calibration = windows[:max(1, calibration_samples)].to(next(model.parameters()).device)
+    extra = {"training": training}
+    if source is not None:
+        extra["base_model"] = source if source in REGISTERED_MODELS else str(resolve_source(source))
+    quantized = quantize(model, recipe=recipe, strategy="minmax", calibration=calibration, tokenizer=tokenizer,
+                         batch_size=4, progress=progress, prefix="none", activation_ranges=ranges, out=out,
+                         overwrite=overwrite, manifest_extra=extra)
+    quantized.osengine_report["training"] = training
+    if finished:
+        import shutil
+        shutil.rmtree(state, ignore_errors=True)
+    return quantized
+
+
+def _adapted_recipe(strategy, recipe: Recipe, model, arch) -> Recipe:
+    """The strategy's own version of the recipe (Strategy.adapt_recipe), checked to be a Recipe."""
+    adapted = strategy.adapt_recipe(recipe, model, arch)
+    if not isinstance(adapted, Recipe):
+        raise PluginError(f"strategy {strategy.name}: adapt_recipe() must return a Recipe, got "
+                          f"{type(adapted).__name__}")
+    return adapted
 
 
 def _is_causal_lm(model) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibrate.data import generated_samples
+from .calibrate.data import generated_samples, read_text_file
 from .calibrate.prefix import run_after_prefix
 
 
@@ -65,7 +65,7 @@ def perplexity(model, tokenizer, text_file, seq_len: int = 512, windows: Optiona
     path = Path(text_file)
     if not path.is_file():
         raise EvaluationError(f"--ppl file {str(path)!r} does not exist (or say 'generated')")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path, "--ppl file", EvaluationError)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     available = ids.numel() // seq_len
     if available == 0:

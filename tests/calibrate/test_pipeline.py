@@ -60,14 +60,16 @@ def test_llama_runtime_shift_on_chosen_sites_with_quantile_extremes(tokens):
         assert e["migration"]["runtime_shift"] == (e["site"] != "down")
 
 
+@pytest.mark.parametrize("strategy", ["osplus", "os1", "outliertune"])
 @pytest.mark.parametrize("preset", preset_names())
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_every_preset_runs(preset, kind, tokens):
+def test_every_preset_runs(preset, kind, strategy, tokens):
     recipe = preset
     if preset == "w4a4-group":  # tiny models have 64 channels
         recipe = {"weights": {"bits": 4, "symmetric": False, "granularity": "per-group", "group_size": 32},
                   "activations": {"bits": 4, "symmetric": False, "granularity": "per-group", "group_size": 32}}
-    err, model = _error(kind, recipe, "osplus", tokens, strategy_options={"max_grid_steps": 10})
+    options = {"max_grid_steps": 10} if strategy == "osplus" else None
+    err, model = _error(kind, recipe, strategy, tokens, strategy_options=options)
     assert err == err and err < 1e3  # finite
     if preset == "w8a8-paper":
         assert any(hasattr(m, "osengine_bmm") for m in model.modules())

@@ -13,6 +13,7 @@ from osengine import _C
 from osengine.cli import compare as compare_module
 from osengine.cli import main
 from osengine.cli.bench_native import perplexity_from
+from osengine.io.checkpoint import write_manifest
 
 from tiny_models import make_model
 
@@ -120,7 +121,7 @@ def test_clear_errors(folders, tmp_path, capsys):
     for f in (folders / "q").iterdir():
         (orphan / f.name).write_bytes(f.read_bytes())
     manifest = json.loads((orphan / "osengine.json").read_text())
-    (orphan / "osengine.json").write_text(json.dumps({**manifest, "base_model": "(in-memory module)"}))
+    write_manifest(orphan, {**manifest, "base_model": "(in-memory module)"})
     assert main(["compare", str(orphan), *SMALL]) == 2
     assert "give it with --base MODEL" in capsys.readouterr().err
     r = run_json(capsys, str(orphan), "--base", str(folders / "model"), "--ppl", str(folders / "text.txt"), *SMALL)

@@ -14,6 +14,7 @@ from osengine.io.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
+    write_manifest,
 )
 
 
@@ -74,7 +75,7 @@ def test_newer_format_version(tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt", tensors(), {})
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     manifest["format_version"] = FORMAT_VERSION + 1
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     with pytest.raises(CheckpointError, match="is newer than this osengine supports"):
         load_checkpoint(folder)
 
@@ -83,12 +84,12 @@ def test_missing_and_mismatched_tensors(tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt", tensors(), {})
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     manifest["tensors"]["extra.weight"] = {"dtype": "float32", "shape": [3]}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     with pytest.raises(CheckpointError, match=r"1 tensor\(s\) listed in the manifest are missing.*extra.weight"):
         load_checkpoint(folder)
     del manifest["tensors"]["extra.weight"]
     manifest["tensors"]["norm.weight"]["shape"] = [17]
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     with pytest.raises(CheckpointError, match=r"tensor 'norm.weight' is torch.float32 \[16\] but the manifest says"):
         load_checkpoint(folder)
 

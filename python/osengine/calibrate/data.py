@@ -13,6 +13,20 @@ class CalibrationError(ValueError):
     """Calibration data is missing, empty, too short or not finite."""
 
 
+def read_text_file(path: Path, what: str, error: type = CalibrationError) -> str:
+    """The UTF-8 text of `path`; `error` naming the file (as `what`) when it is not UTF-8 or looks binary, instead of
+    calibrating or evaluating on replacement characters."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    "convert it to UTF-8 first") from None
+    if "\x00" in text:
+        raise error(f"{what} {str(path)!r} looks binary (it contains NUL bytes), not text")
+    return text
+
+
 def text_samples(text: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """n_samples windows of seq_len tokens drawn (without overlap, reproducibly) from the tokenized text."""
     if not text.strip():
@@ -121,7 +135,7 @@ def load_calibration(source, model, tokenizer, n_samples: int = 16, seq_len: int
         path = Path(source)
         if not path.is_file():
             raise CalibrationError(f"calibration file {str(path)!r} does not exist (or say 'generated')")
-        return text_samples(path.read_text(encoding="utf-8", errors="replace"), tokenizer, n_samples, seq_len)
+        return text_samples(read_text_file(path, "calibration file"), tokenizer, n_samples, seq_len)
     raise CalibrationError(f"calibration must be a file path, 'generated', a list of strings or token ids; "
                            f"got {type(source).__name__}")
 

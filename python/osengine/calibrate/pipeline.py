@@ -192,6 +192,23 @@ def propagate(state: BlockState) -> None:
     state.calls = calls
 
 
+def given_activation_ranges(ranges: dict) -> BlockStep:
+    """A step in place of "observe": every static activation quantizer of a block linear takes its range from
+    `ranges` ({linear full name: (lo, hi)}, e.g. learned by quantization-aware training) instead of observing."""
+    @torch.no_grad()
+    def run(state: BlockState) -> None:
+        for name, m in state.block.named_modules():
+            if isinstance(m, ActQuantizer) and not m.spec.dynamic:
+                linear = f"{state.name}.{name.rpartition('.')[0]}"
+                if linear not in ranges:
+                    raise PluginError(f"no activation range given for {linear} (static activation quantizer "
+                                      f"{state.name}.{name})")
+                lo, hi = ranges[linear]
+                m.set_range(float(lo), float(hi))
+        set_observing(state.block, False)
+    return BlockStep("observe", run)
+
+
 BLOCK_STEPS = (
     BlockStep("wrap", wrap_block),
     BlockStep("migrate", migrate_sites, report="sites"),

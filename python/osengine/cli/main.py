@@ -1,4 +1,5 @@
-"""Command line: osengine quantize | outliers | eval | check | run | export | upgrade | bench | plugins | recipes."""
+"""Command line: osengine quantize | train-qat | outliers | eval | check | run | export | upgrade | bench | plugins |
+recipes."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,33 @@ def cmd_quantize(args) -> int:
     else:
         print(markdown_table(report))
         print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_train_qat(args) -> int:
+    import torch
+
+    from ..api import train_qat
+    from ..calibrate.report import write_report
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = train_qat(args.model, args.data, recipe=args.recipe, out=args.out, steps=args.steps,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, range_lr=args.range_lr,
+                      kurtosis_weight=args.kurtosis_weight, warmup_steps=args.warmup, save_every=args.save_every,
+                      seed=args.seed, keep_fp=args.keep_fp or (), weight_rounding=args.weight_rounding,
+                      resume=args.resume, state_dir=args.state, stop_after=args.stop_after,
+                      device=args.device, overwrite=args.overwrite, progress=not args.json)
+    report = model.osengine_report
+    training = report["training"]
+    history = training["history"]
+    files = write_report(report, args.out)
+    summary = {"model": args.model, "recipe": report["recipe"]["name"], "out": args.out,
+               "steps_done": training["steps_done"], "steps": training["steps"], "finished": training["finished"],
+               "first_cross_entropy": round(history[0]["cross_entropy"], 4) if history else None,
+               "last_cross_entropy": round(history[-1]["cross_entropy"], 4) if history else None,
+               "training_seconds_this_run": training["training_seconds_this_run"],
+               "peak_rss_mib": round(report["peak_rss_mib"], 1), **files}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
 
 
@@ -266,6 +294,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot-sites", nargs="+", metavar="BLOCK.SITE", help="sites to plot, e.g. 11.down 3.attn")
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("train-qat", help="quantization-aware training (learned input ranges + kurtosis penalty), "
+                                         "then weight quantization; writes a quantized folder")
+    t.add_argument("model", help="floating-point model: Hugging Face folder, .gguf file, or registered name")
+    t.add_argument("--data", required=True, help="UTF-8 training text file (cut into --seq-len windows)")
+    t.add_argument("--out", required=True, help="quantized folder to write")
+    t.add_argument("--recipe", default="w4a4-token", help="preset name or YAML file (default w4a4-token)")
+    t.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    t.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    t.add_argument("--lr", type=float, default=2e-5, help="weights' learning rate, cosine after warmup")
+    t.add_argument("--range-lr", type=float, default=1e-3, help="learning rate of static clipping ranges")
+    t.add_argument("--kurtosis-weight", type=float, default=1e-5, help="lambda of the kurtosis term (default 1e-5)")
+    t.add_argument("--warmup", type=int, default=10, help="warmup steps (default 10)")
+    t.add_argument("--save-every", type=int, default=25, help="steps between saved training states (default 25)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point")
+    t.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
+                   help="how the trained weights are quantized (default: the recipe's)")
+    t.add_argument("--resume", action="store_true", help="continue the training state of an interrupted run")
+    t.add_argument("--state", default=None, help="training state folder (default: OUT.qat-state beside --out)")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="train up to this step of the schedule, keep the state, write that point's model")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--json", action="store_true", help="print a JSON summary")
+    t.set_defaults(func=cmd_train_qat)
 
     o = sub.add_parser("outliers", help="find the outlier tokens (massive activations) of a floating-point model and "
                                         "the full-precision prefix that takes their role")

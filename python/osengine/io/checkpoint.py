@@ -1,17 +1,22 @@
 """The osengine checkpoint: a folder with safetensors tensors and a JSON manifest.
 
     DIR/osengine.json         {"format": "osengine-checkpoint", "format_version": 4, ...,
-                               "tensors": {name: {dtype, shape}}}
+                               "tensors": {name: {dtype, shape}}, "tensors_sha256": hex digest,
+                               "manifest_sha256": hex digest of the rest of the manifest}
     DIR/model.safetensors     every tensor the manifest lists
     DIR/<other files>         source model config, tokenizer files, ...
 
 Saving is atomic: everything is written into a temporary sibling folder, flushed, and renamed into place, so an
 interrupted save leaves either the previous checkpoint or the new one, never a half-written folder. Loading validates
 the manifest and every tensor before anything is used, and reports a clear CheckpointError otherwise. Tensors are read
-with safetensors only (never pickle).
+with safetensors only (never pickle). The SHA-256 of model.safetensors and of the manifest's content, recorded at
+saving, are checked on loading, so flipped bytes in the tensor data or in a number of the manifest (which no format
+check can see) are an error, not a silently different model; folders saved before the digests existed load without
+that check. A tool that edits a manifest on purpose writes it with `write_manifest`, which records the new digest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,17 +55,40 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, Any], ma
         contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         save_file(contiguous, str(staging / TENSORS_FILE))
         full_manifest = dict(manifest)
+        full_manifest["tensors_sha256"] = file_sha256(staging / TENSORS_FILE)
         full_manifest["format"] = FORMAT_NAME
         full_manifest["format_version"] = FORMAT_VERSION
         full_manifest["tensors"] = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
                                     for name, t in contiguous.items()}
-        with open(staging / MANIFEST_FILE, "w") as f:
-            json.dump(full_manifest, f, indent=2, sort_keys=True)
+        write_manifest(staging, full_manifest)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / name)
 
     write_folder_atomically(target, write, "saving")
     return target
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """The digest of a manifest's content (its own digest field left out), independent of the file's layout."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Write `manifest` as DIR/osengine.json with the digest of its content."""
+    path = Path(directory) / MANIFEST_FILE
+    sealed = {**manifest, "manifest_sha256": manifest_sha256(manifest)}
+    with open(path, "w") as f:
+        json.dump(sealed, f, indent=2, sort_keys=True)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def refuse_existing_output(path: str | os.PathLike, overwrite: bool, error: type = FileExistsError) -> None:
@@ -110,6 +138,11 @@ def read_manifest(directory: str | os.PathLike) -> Dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {MANIFEST_FILE} does not describe an osengine "
                               f"checkpoint (format = {found!r})")
+    recorded = manifest.get("manifest_sha256")
+    if recorded is not None and recorded != manifest_sha256(manifest):
+        raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {MANIFEST_FILE} is corrupt (its content does not "
+                              "match the SHA-256 recorded when it was saved; a deliberate edit must be written with "
+                              "osengine.io.checkpoint.write_manifest)")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: format_version is missing or not an integer")
@@ -131,6 +164,10 @@ def load_checkpoint(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[
     path = folder / TENSORS_FILE
     if not path.is_file():
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {TENSORS_FILE} is missing")
+    recorded = manifest.get("tensors_sha256")
+    if recorded is not None and recorded != file_sha256(path):
+        raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {TENSORS_FILE} is truncated or corrupt (its "
+                              "SHA-256 differs from the one recorded when it was saved)")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -142,6 +179,9 @@ def load_checkpoint(directory: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[
         raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {len(missing)} tensor(s) listed in the manifest "
                               f"are missing from {TENSORS_FILE}, e.g. {missing[:3]}")
     for name, meta in expected.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)):
+            raise CheckpointError(f"osengine checkpoint {str(folder)!r}: {MANIFEST_FILE} entry tensors[{name!r}] must "
+                                  f"be {{\"dtype\": str, \"shape\": [int, ...]}}, got {meta!r}")
         t = tensors[name]
         if list(t.shape) != list(meta.get("shape", [])) or str(t.dtype).replace("torch.", "") != meta.get("dtype"):
             raise CheckpointError(f"osengine checkpoint {str(folder)!r}: tensor {name!r} is {str(t.dtype)} "

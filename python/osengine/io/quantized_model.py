@@ -160,16 +160,36 @@ def weights_from_codes(codes: torch.Tensor, scale: torch.Tensor, spec: dict) -> 
     return values * scale
 
 
+def _checked_weight_spec(path: Path, name: str, entry, recipe) -> dict:
+    """A layer entry's weight spec, which must be the recipe's (what the rebuilt layer quantizes with)."""
+    where = f"osengine checkpoint {str(path)!r}: osengine.json layers[{name!r}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("weight"), dict):
+        raise CheckpointError(f"{where} must be a mapping with a 'weight' spec, got {entry!r}")
+    spec, want = entry["weight"], recipe.weights
+    for key in ("bits", "symmetric", "granularity", "group_size"):
+        if spec.get(key) != getattr(want, key):
+            raise CheckpointError(f"{where}.weight.{key} is {spec.get(key)!r} but the recipe says "
+                                  f"{getattr(want, key)!r}")
+    return spec
+
+
 def _weights_from_codes(path: Path, manifest: dict, state: dict) -> None:
     """Put back `L.weight` for each layer stored as codes (format version 2), checking the codes and scales."""
-    for name, entry in manifest.get("layers", {}).items():
+    recipe = recipe_from_dict(manifest["recipe"])
+    layers = manifest.get("layers", {})
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: osengine.json 'layers' must be a mapping")
+    for name, entry in layers.items():
+        spec = _checked_weight_spec(path, name, entry, recipe)
+        if entry.get("weight_storage", "float") not in ("codes", "float"):   # version 1: no field, float
+            raise CheckpointError(f"osengine checkpoint {str(path)!r}: osengine.json layers[{name!r}].weight_storage "
+                                  f"must be 'codes' or 'float', got {entry.get('weight_storage')!r}")
         if entry.get("weight_storage") != "codes":
             continue
         codes, scale = state.pop(f"{name}.weight_codes", None), state.pop(f"{name}.weight_scale", None)
         if codes is None or scale is None:
             raise CheckpointError(f"osengine checkpoint {str(path)!r}: layer {name!r} is stored as codes but "
                                   f"{name}.weight_codes or {name}.weight_scale is missing")
-        spec = entry["weight"]
         qmax = 2 ** (spec["bits"] - 1) - 1
         groups = {"per-channel": (codes.shape[0],), "per-tensor": (1,),
                   "per-group": (codes.shape[0], codes.shape[-1] // (spec.get("group_size") or 1))}
@@ -257,16 +277,20 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
     cls = AutoModelForCausalLM if is_causal(config) else AutoModel
     model = cls.from_config(config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    _rebuild_structure(model, manifest)
-    model.osengine_prefix_kv = _prefix_key_values(path, manifest, tensors, model.osengine_prefix,
-                                                  len(resolve_architecture(model).blocks(model)))
-    state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
-    _weights_from_codes(path, manifest, state)
-    for alias, stored in manifest.get("tied", {}).items():
-        if stored not in state:
-            raise CheckpointError(f"osengine checkpoint {str(path)!r}: tied tensor {alias!r} refers to "
-                                  f"{stored!r}, which is not stored")
-        state[alias] = state[stored]
+    try:
+        _rebuild_structure(model, manifest)
+        model.osengine_prefix_kv = _prefix_key_values(path, manifest, tensors, model.osengine_prefix,
+                                                      len(resolve_architecture(model).blocks(model)))
+        state = {k: v for k, v in tensors.items() if not k.startswith("osengine.")}
+        _weights_from_codes(path, manifest, state)
+        for alias, stored in manifest.get("tied", {}).items():
+            if stored not in state:
+                raise CheckpointError(f"osengine checkpoint {str(path)!r}: tied tensor {alias!r} refers to "
+                                      f"{stored!r}, which is not stored")
+            state[alias] = state[stored]
+    except (KeyError, TypeError, AttributeError, IndexError) as e:   # a field missing or of the wrong type
+        raise CheckpointError(f"osengine checkpoint {str(path)!r}: {MANIFEST_FILE} is malformed "
+                              f"({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

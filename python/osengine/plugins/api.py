@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quant.recipes import Recipe
 from ..quant.spec import QuantSpec, quantize_dynamic, quantize_weight, quantize_with_range
 
 
@@ -203,9 +204,14 @@ class SiteData:
             out.append((m.weight.detach().float(), None if m.bias is None else m.bias.detach().float()))
         return out
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The consumers' dtype, which the inspected module computes in (weights() are fp32 for statistics)."""
+        return self.model.get_submodule(self.site.consumers[0]).weight.dtype
+
     def reference(self) -> list:
         if self._reference is None:
-            w = self.weights()
+            w = [(w.to(self._dtype), None if b is None else b.to(self._dtype)) for w, b in self.weights()]
             self._reference = [self.site.inspect(self.model, self.site, x, w, c)
                                for x, c in zip(self.search_inputs, self.calls)]
         return self._reference
@@ -223,7 +229,7 @@ class SiteData:
             w_new = w * scale if scale is not None else w
             if quantize and q:
                 w_new = quantize_weight(w_new, self.weight_spec)
-            weights.append((w_new, b_new))
+            weights.append((w_new.to(self._dtype), None if b_new is None else b_new.to(self._dtype)))
         total, tokens = 0.0, 0
         for i, (x, call, ref) in enumerate(zip(self.search_inputs, self.calls, self.reference())):
             xs = x.float()
@@ -266,6 +272,12 @@ class Strategy(ABC):
     @abstractmethod
     def migrate(self, data: SiteData) -> Optional[Migration]:
         ...
+
+    def adapt_recipe(self, recipe: Recipe, model: nn.Module, arch: "Architecture") -> Recipe:
+        """The recipe this strategy's method calibrates with, given the one the user chose: a method that prescribes
+        an observer or which linears stay per-token dynamic says so here (dataclasses.replace on the recipe). Called
+        once before calibration; the returned recipe is the one reported and saved. Default: unchanged."""
+        return recipe
 
 
 @dataclass(frozen=True)

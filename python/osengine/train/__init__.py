@@ -1,0 +1,1 @@
+"""Training stages: quantization-aware training (qat.py)."""
