@@ -245,7 +245,7 @@ def qat_state_dir(out: Union[str, Path]) -> Path:
 
 def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Path, dict, Recipe] = "w4a4-token",
               out: Union[str, Path], tokenizer=None, steps: int = 300, batch_size: int = 4, seq_len: int = 256,
-              lr: float = 2e-5, range_lr: float = 1e-3, kurtosis_weight: float = 1e-5, warmup_steps: int = 10,
+              lr: float = 1e-4, range_lr: float = 1e-3, kurtosis_weight: float = 1e-7, warmup_steps: int = 10,
               init_quantile: float = 0.999, save_every: int = 25, seed: int = 0, keep_fp: Sequence[str] = (),
               weight_rounding: Optional[str] = None, calibration_samples: int = 16, resume: bool = False,
               state_dir: Optional[Union[str, Path]] = None, stop_after: Optional[int] = None,
