@@ -309,7 +309,7 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
                        f"{tuple(windows.shape)} {windows.dtype}")
     windows = windows.long()
     run_id = {"model": source or type(model).__name__, "architecture": arch.name,
-              "data_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+              "data_sha256": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
     state = Path(state_dir) if state_dir is not None else qat_state_dir(out)
     t0 = time.time()
     ranges, history = train(model, arch.blocks(model), recipe, windows, config, state, run_id, resume=resume,
