@@ -194,14 +194,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     """
     if out is not None:  # fail before calibrating, not after
         refuse_existing_output(out, overwrite)
-    source = None
-    if not isinstance(model, nn.Module):
-        source = str(model)
-        if is_checkpoint(source):
-            raise ModelLoadError(f"model {source!r} is already quantized; give the floating-point model")
-        model, tokenizer = load_fp_model(source, device=device or "cpu")
-    elif device is not None:
-        model = model.to(device)
+    model, tokenizer, source = _floating_point_model(model, tokenizer, device)
     recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
@@ -237,6 +230,23 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     return model
 
 
+def _floating_point_model(model, tokenizer, device: Optional[str]) -> tuple:
+    """(model, tokenizer, source name or None): `model` itself (moved to `device` if given), or the floating-point
+    model `load_fp_model` reads from a source name; a quantized folder is refused."""
+    if isinstance(model, nn.Module):
+        return (model if device is None else model.to(device)), tokenizer, None
+    source = str(model)
+    if is_checkpoint(source):
+        raise ModelLoadError(f"model {source!r} is already quantized; give the floating-point model")
+    model, tokenizer = load_fp_model(source, device=device or "cpu")
+    return model, tokenizer, source
+
+
+def _base_model_name(source: str) -> str:
+    """How a saved folder names its floating-point source: a registered name as is, else the resolved path."""
+    return source if source in REGISTERED_MODELS else str(resolve_source(source))
+
+
 def qat_state_dir(out: Union[str, Path]) -> Path:
     """Where train_qat keeps its training state for the output folder `out` (beside it: out must not exist yet)."""
     out = Path(out)
@@ -270,14 +280,7 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
     from .train.qat import QATConfig, QATError, train
 
     refuse_existing_output(out, overwrite)
-    source = None
-    if not isinstance(model, nn.Module):
-        source = str(model)
-        if is_checkpoint(source):
-            raise ModelLoadError(f"model {source!r} is already quantized; QAT starts from the floating-point model")
-        model, tokenizer = load_fp_model(source, device=device or "cpu")
-    elif device is not None:
-        model = model.to(device)
+    model, tokenizer, source = _floating_point_model(model, tokenizer, device)
     config = QATConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, range_lr=range_lr,
                        kurtosis_weight=kurtosis_weight, warmup_steps=warmup_steps, init_quantile=init_quantile,
                        save_every=save_every, seed=seed)
@@ -322,7 +325,7 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
     calibration = windows[:max(1, calibration_samples)].to(next(model.parameters()).device)
     extra = {"training": training}
     if source is not None:
-        extra["base_model"] = source if source in REGISTERED_MODELS else str(resolve_source(source))
+        extra["base_model"] = _base_model_name(source)
     quantized = quantize(model, recipe=recipe, strategy="minmax", calibration=calibration, tokenizer=tokenizer,
                          batch_size=4, progress=progress, prefix="none", activation_ranges=ranges, out=out,
                          overwrite=overwrite, manifest_extra=extra)
@@ -365,8 +368,7 @@ def _resolve_prefix(prefix, model, arch, ids, tokenizer, batch_size) -> tuple:
 
 def _quantization_manifest(model, source, recipe, strategy, strategy_options, arch, calibration, ids) -> dict:
     """What a saved folder records about how it was made (and what load_quantized must rebuild)."""
-    base = "(in-memory module)" if source is None else (
-        source if source in REGISTERED_MODELS else str(resolve_source(source)))
+    base = "(in-memory module)" if source is None else _base_model_name(source)
     ids_only = ids["input_ids"] if isinstance(ids, dict) else ids
     return {"base_model": base, "recipe": recipe.to_dict(), "prefix": list(getattr(model, "osengine_prefix", [])),
             "strategy": strategy.name, "strategy_options": dict(strategy_options or {}),
