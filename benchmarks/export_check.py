@@ -15,6 +15,9 @@ code flipping at a rounding tie, into a different set of rounding decisions in t
 
     python benchmarks/export_check.py                        # w8a8-static (-restricted), w8a8-token: a table
     python benchmarks/export_check.py --samples 4 --json     # cheaper calibration; one JSON object per recipe
+    python benchmarks/export_check.py --recipes w4a8-group-asym w4a8-group          # W4A8 (pack-quantized)
+    python benchmarks/export_check.py --recipes w4a8-group --weights-only          # W4A16: against our model
+                                                                                   # with activations in float
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ EXTRA_RECIPES = {
                                "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
                                "activations": {"bits": 8, "symmetric": True, "granularity": "per-tensor",
                                                "dynamic": False}},
+    "w4a8-group-asym": {"name": "w4a8-group-asym",
+                        "weights": {"bits": 4, "symmetric": True, "granularity": "per-group", "group_size": 32,
+                                    "scale_dtype": "float16"},
+                        "activations": {"bits": 8, "symmetric": False, "granularity": "per-token", "dynamic": True}},
     "w8a8-token-sym": {"name": "w8a8-token-sym",
                        "weights": {"bits": 8, "symmetric": True, "granularity": "per-channel"},
                        "activations": {"bits": 8, "symmetric": True, "granularity": "per-token", "dynamic": True}},
@@ -131,6 +138,12 @@ def check(recipe_name: str, args) -> dict:
     api.quantize(model, recipe=recipe, strategy=args.strategy, calibration=str(WIKI_CALIB), tokenizer=tokenizer,
                  n_samples=args.samples, seq_len=args.seq_len, batch_size=2, strategy_options=options, progress=False)
     t_quant = time.time() - t0
+    if args.weights_only:   # the export carries the weights alone: compare with our model's activations in float
+        from osengine.quant.observers import ActQuantizer
+
+        for m in model.modules():
+            if isinstance(m, ActQuantizer):
+                m.mode = "off"
     with torch.no_grad():
         ours = model(input_ids=ids).logits
         with int8_full_range():
@@ -139,7 +152,7 @@ def check(recipe_name: str, args) -> dict:
     out = Path(args.out) / recipe_name if args.out else work / "ct"
     try:
         t0 = time.time()
-        summary = export_compressed_tensors(model, tokenizer, out, overwrite=True)
+        summary = export_compressed_tensors(model, tokenizer, out, overwrite=True, weights_only=args.weights_only)
         t_export = time.time() - t0
         size_mib = sum(p.stat().st_size for p in out.iterdir()) / 2 ** 20
         t0 = time.time()
@@ -154,7 +167,8 @@ def check(recipe_name: str, args) -> dict:
             nudged = model(inputs_embeds=model.get_input_embeddings()(ids) * (1 + 1e-6)).logits
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": args.model, "strategy": args.strategy, "recipe": recipe_name, "tokens": int(ids.shape[1]),
+    return {"model": args.model, "strategy": args.strategy, "recipe": recipe_name, "scheme": summary["scheme"],
+            "tensor_parallel_sizes": summary["tensor_parallel_sizes"], "tokens": int(ids.shape[1]),
             "calibration": f"{args.samples} x {args.seq_len} tokens of {WIKI_CALIB.name}"
                            + (f", OS+ grid {args.grid_steps}" if args.strategy == "osplus" else ""),
             "rel_err_export_vs_ours": _relative(theirs, ours),
@@ -183,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid-steps", type=int, default=50, help="OS+ max_grid_steps (as benchmarks/accuracy.py)")
     p.add_argument("--tokens", type=int, default=512, help="WikiText-2 test tokens whose logits are compared")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights-only", action="store_true",
+                   help="export the weights alone (W4A16 / W8A16) and compare with our model's activations in float")
     p.add_argument("--out", help="keep the exported folders here (default: a temporary folder, removed)")
     p.add_argument("--json", action="store_true", help="one JSON object per recipe")
     args = p.parse_args(argv)
@@ -206,12 +222,14 @@ def main(argv=None) -> int:
               f"{transformers.__version__} + compressed-tensors {compressed_tensors.__version__}; "
               f"{rows[0]['tokens']} WikiText-2 test tokens "
               f"(calibration: {rows[0]['calibration']})\n")
-        print("| recipe | per linear, max (median) | same, int8 clamp at -128 | logits | same, int8 clamp at -128 "
+        print("| recipe (scheme) | per linear, max (median) | same, int8 clamp at -128 | logits "
+              "| same, int8 clamp at -128 "
               "| logits noise floor | top-1 agree | osengine vs FP | ppl FP | ppl osengine | ppl export | size MiB "
               "| quantize s | export s | load s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['recipe']} | {r['per_linear_max_rel_err']:.1e} ({r['per_linear_median_rel_err']:.0e}) | "
+            print(f"| {r['recipe']} ({r['scheme']}) | {r['per_linear_max_rel_err']:.1e} "
+                  f"({r['per_linear_median_rel_err']:.0e}) | "
                   f"{r['per_linear_max_rel_err_int8_range']:.1e} | {r['rel_err_export_vs_ours']:.2e} | "
                   f"{r['rel_err_export_vs_ours_int8_range']:.2e} | {r['rel_err_ours_vs_ours_nudged']:.2e} | "
                   f"{r['top1_agreement']:.4f} | "

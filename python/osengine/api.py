@@ -2,6 +2,8 @@
 osengine.find_outlier_tokens (and verify_engine / verify_native, behind `osengine check`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import time
 from pathlib import Path
@@ -16,6 +18,14 @@ from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix, run_after_prefix
 from .engine import ops
 from .evaluation import perplexity
 from .io.checkpoint import refuse_existing_output
+from .io.progress import (
+    CalibrationProgress,
+    ProgressError,
+    progress_folder,
+    remove_stale_staging,
+    state_digest,
+    tensor_digest,
+)
 from .io.quantized_model import (
     is_checkpoint,
     load_quantized,
@@ -169,7 +179,7 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
              seq_len: int = 512, batch_size: int = 4, search_batches: int = 1, device: Optional[str] = None,
              out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True,
              prefix: Union[str, Sequence[int], None] = None, activation_ranges: Optional[dict] = None,
-             manifest_extra: Optional[dict] = None) -> nn.Module:
+             manifest_extra: Optional[dict] = None, resume: bool = False) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
@@ -189,11 +199,18 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                    them on the calibration data (e.g. learned by train_qat); the clipping search is then skipped
     out            folder for the checkpoint (model.safetensors, osengine.json, config and tokenizer; written
                    atomically; an existing folder is replaced only with overwrite=True). Reload it with
-                   `load` (engine-backed) or `load_model` (fake quant).
+                   `load` (engine-backed) or `load_model` (fake quant). With `out`, the progress is saved after
+                   every block in OUT.progress (osengine.io.progress) and removed once the folder is saved
+    resume         continue the interrupted run that wrote OUT.progress from its last finished block (same
+                   arguments; the result equals an uninterrupted run's); without progress to resume, start afresh.
+                   Without resume, existing progress is an error (nothing is deleted)
     The report (per-site migrations, channel ranges, timing, peak memory) is at `model.osengine_report`.
     """
     if out is not None:  # fail before calibrating, not after
         refuse_existing_output(out, overwrite)
+    elif resume:
+        raise ValueError("quantize(resume=True): resuming needs the output folder `out` (--out) whose progress "
+                         "it continues")
     model, tokenizer, source = _floating_point_model(model, tokenizer, device)
     recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
     strat = make_strategy(strategy, strategy_options)
@@ -201,8 +218,30 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     recipe = _adapted_recipe(strat, recipe, model, arch)
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
+    checkpoints = None
+    if out is not None:
+        identity = {"model_state_sha256": state_digest(model), "recipe": recipe.to_dict(), "strategy": strat.name,
+                    "strategy_options": _jsonable(strategy_options or {}),
+                    "calibration": _calibration_identity(calibration), "n_samples": n_samples, "seq_len": seq_len,
+                    "batch_size": batch_size, "search_batches": search_batches, "prefix": _jsonable(prefix),
+                    "activation_ranges": None if activation_ranges is None else _ranges_digest(activation_ranges),
+                    "blocks": arch.blocks(model)}
+        checkpoints = CalibrationProgress(progress_folder(out), identity, recipe)
+        if resume:
+            remove_stale_staging(out)
+        if checkpoints.exists() and not resume:
+            raise ProgressError(f"{str(checkpoints.folder)!r} holds the progress of an interrupted run writing "
+                                f"{str(out)!r}; pass resume=True (--resume) to continue it, or delete that folder "
+                                "to start over")
     t0 = time.time()
-    ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len, progress=progress)
+    if checkpoints is not None and checkpoints.exists():
+        checkpoints.check_identity()
+        ids = checkpoints.calibration_ids()
+    else:
+        ids = load_calibration(calibration, model, tokenizer, n_samples=n_samples, seq_len=seq_len,
+                               progress=progress)
+        if checkpoints is not None:
+            checkpoints.start(ids)
     t_data = time.time() - t0
     if prefix is None:
         prefix = recipe.prefix if _is_causal_lm(model) or recipe.prefix != "auto" else "none"
@@ -214,7 +253,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         steps = tuple(given_activation_ranges(activation_ranges) if s.name == "observe" else s
                       for s in BLOCK_STEPS if s.name != "clip")
     report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
-                                 search_batches=search_batches, progress=progress, prefix=prefix_ids, steps=steps)
+                                 search_batches=search_batches, progress=progress, prefix=prefix_ids, steps=steps,
+                                 checkpoints=checkpoints)
     if detection is not None:
         report["prefix_detection"] = [r.to_dict() for r in detection]
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
@@ -227,7 +267,33 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         manifest = _quantization_manifest(model, source, recipe, strat, strategy_options, arch, calibration, ids)
         manifest.update(manifest_extra or {})
         save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
+        checkpoints.remove()
     return model
+
+
+def _jsonable(value):
+    """A JSON-comparable form of an argument recorded in a run's identity."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def _calibration_identity(calibration):
+    """The calibration argument as a run's identity records it: text arguments as given, token ids by digest."""
+    if isinstance(calibration, torch.Tensor):
+        return {"token_ids_sha256": tensor_digest(calibration)}
+    if isinstance(calibration, dict):
+        return {f"{k}_sha256": tensor_digest(v) for k, v in sorted(calibration.items())}
+    return _jsonable(calibration)
+
+
+def _ranges_digest(ranges: dict) -> str:
+    text = json.dumps({k: [float(v) for v in r] for k, r in sorted(ranges.items())})
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _floating_point_model(model, tokenizer, device: Optional[str]) -> tuple:

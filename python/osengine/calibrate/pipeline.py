@@ -236,7 +236,8 @@ def _prepare_bmm_quantization(model: nn.Module, arch: Architecture, recipe: Reci
 @torch.no_grad()
 def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, strategy: Strategy,
                         token_ids, batch_size: int = 4, search_batches: int = 1,
-                        progress: bool = True, steps: tuple = BLOCK_STEPS, prefix: Sequence[int] = ()) -> dict:
+                        progress: bool = True, steps: tuple = BLOCK_STEPS, prefix: Sequence[int] = (),
+                        checkpoints=None) -> dict:
     """Quantize `model` in place, block by block, running `steps` on each block. Returns the report: the records
     of each step under its report key (per-site migrations and channel ranges, clipping, GPTQ errors) and the time
     each step took. token_ids: [n, T] ids, or a dict with input_ids and attention_mask (padded samples: padding
@@ -246,7 +247,12 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     quantizers leave their positions unquantized, and no statistic (channel ranges, the strategy's error,
     observers, GPTQ Hessians, clipping) counts them; between blocks they carry the floating-point model's hidden
     states. The quantized model then runs behind the prefix's keys and values, computed once by the floating-point
-    model (model.osengine_prefix, model.osengine_prefix_kv: calibrate/prefix.py)."""
+    model (model.osengine_prefix, model.osengine_prefix_kv: calibrate/prefix.py).
+
+    checkpoints: an object with `restore(model, block_names)` -> None or (finished blocks, the next block's input
+    calls, the report so far), called once the model is prepared (it puts the finished blocks back), and
+    `save(index, model, block_names, calls, report)`, called after each block (osengine.io.progress: resumable
+    runs)."""
     device = next(model.parameters()).device
     prefix = [int(t) for t in prefix]
     if prefix and recipe.bmm_inputs:
@@ -270,11 +276,22 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "prefix": prefix,
               **{s.report: [] for s in steps if s.report}, "step_seconds": {s.name: 0.0 for s in steps}}
     t0 = time.time()
-    calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
-    for c in calls:
-        check_finite(hidden_states(c), "the embeddings")
-    bar = tqdm(block_names, desc=f"calibrating ({strategy.name}, {recipe.name})", disable=not progress)
-    for index, block_name in enumerate(bar):
+    restored = checkpoints.restore(model, block_names) if checkpoints is not None else None
+    start = 0
+    if restored is not None:
+        start, calls, saved = restored
+        report.update({k: v for k, v in saved.items() if k in report})
+        report["resumed_at_block"] = start
+        for name in block_names[:start]:   # as observe_activations and quantize_weights left them
+            set_observing(model.get_submodule(name), False)
+            set_fp_prefix(model.get_submodule(name), len(prefix))
+    else:
+        calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
+        for c in calls:
+            check_finite(hidden_states(c), "the embeddings")
+    bar = tqdm(block_names[start:], desc=f"calibrating ({strategy.name}, {recipe.name})", disable=not progress,
+               initial=start, total=len(block_names))
+    for index, block_name in enumerate(bar, start=start):
         state = BlockState(model=model, arch=arch, recipe=recipe, strategy=strategy, index=index, name=block_name,
                            block=model.get_submodule(block_name), calls=calls, masks=masks,
                            search_batches=search_batches, prefix_length=len(prefix), prefix_hidden=prefix_hidden)
@@ -285,6 +302,10 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
             if step.report and records:
                 report[step.report] += records
         calls = state.calls
+        if checkpoints is not None:
+            started = time.time()
+            checkpoints.save(index, model, block_names, calls, report)
+            report["progress_seconds"] = report.get("progress_seconds", 0.0) + time.time() - started
     report["calibration_seconds"] = time.time() - t0
     set_fp_prefix(model, 0)   # the quantized model never computes the prefix: it reads the stored keys and values
     model.osengine_prefix = prefix

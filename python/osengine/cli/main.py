@@ -42,7 +42,7 @@ def cmd_quantize(args) -> int:
                      weight_rounding=args.weight_rounding, n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
                      device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json,
-                     prefix=_prefix_arg(args.prefix))
+                     prefix=_prefix_arg(args.prefix), resume=args.resume)
     report = model.osengine_report
     files = write_report(report, args.report or args.out, args.plot_sites) if (args.report or args.out) else {}
     summary = {"model": args.model, "recipe": report["recipe"]["name"], "strategy": report["strategy"],
@@ -194,16 +194,19 @@ def cmd_export(args) -> int:
     from ..io.export import export
 
     torch.set_num_threads(args.threads) if args.threads else None
-    summary = export(args.model, args.format, args.out, overwrite=args.overwrite)
+    summary = export(args.model, args.format, args.out, overwrite=args.overwrite, weights_only=args.weights_only)
     if args.json:
         print(json.dumps(summary))
     else:
-        a = summary["input_activations"]
-        print(f"{summary['out']}: {summary['format']} W8A8, {summary['quantized_linears']} int8 linears "
-              f"(weights per {summary['weights']['strategy']}, activations "
-              f"{'dynamic per token' if a['dynamic'] else 'static per tensor'} "
-              f"{'symmetric' if a['symmetric'] else 'asymmetric'}), {summary['ignored_linears']} kept in floating "
-              f"point")
+        w, a = summary["weights"], summary["input_activations"]
+        grouping = f"groups of {w['group_size']}" if w["strategy"] == "group" else w["strategy"]
+        activations = "activations in floating point" if a is None else (
+            f"activations {'dynamic per token' if a['dynamic'] else 'static per tensor'} "
+            f"{'symmetric' if a['symmetric'] else 'asymmetric'}")
+        print(f"{summary['out']}: {summary['format']} {summary['scheme']} ({summary['compression']}), "
+              f"{summary['quantized_linears']} int{w['num_bits']} linears (weights per {grouping}, {activations}), "
+              f"{summary['ignored_linears']} kept in floating point; tensor-parallel sizes "
+              f"{', '.join(map(str, summary['tensor_parallel_sizes'])) or 'none'}")
     return 0
 
 
@@ -276,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="checkpoint folder (model.safetensors, osengine.json, config, tokenizer) plus "
                                  "report.md and activation_ranges.png")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished block (the progress saved in "
+                        "OUT.progress); same arguments, same result as an uninterrupted run")
     q.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point, e.g. down_proj")
     q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="override the recipe's weights.rounding: gptq rounds weights by GPTQ on the calibration data")
@@ -393,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
     x.add_argument("--out", required=True, help="output folder (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.add_argument("--weights-only", action="store_true",
+                   help="write the quantized weights alone (W4A16 / W8A16): activations stay in floating point")
     x.add_argument("--threads", type=int, default=None)
     x.add_argument("--json", action="store_true", help="print a JSON summary")
     x.set_defaults(func=cmd_export)
