@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .calibrate.data import CalibrationError, load_calibration
+from .calibrate.distributed import reduction_from_environment
 from .calibrate.pipeline import BLOCK_STEPS, calibrate_blockwise, given_activation_ranges
 from .calibrate.prefix import OUTLIER_THRESHOLD, choose_prefix, run_after_prefix
 from .engine import ops
@@ -30,10 +31,12 @@ from .io.quantized_model import (
     is_checkpoint,
     load_quantized,
     load_quantized_manifest,
+    migration_tensors,
     save_quantized,
     structure_manifest,
 )
 from .io.sources import REGISTERED_MODELS, ModelLoadError, load_fp_model, resolve_source
+from .io.streaming import StreamingError, load_streamed, parse_memory, save_streamed
 from .plugins.api import PluginError
 from .plugins.registry import make_strategy, resolve_architecture
 from .quant.layers import set_integer_exact
@@ -179,7 +182,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
              seq_len: int = 512, batch_size: int = 4, search_batches: int = 1, device: Optional[str] = None,
              out: Optional[Union[str, Path]] = None, overwrite: bool = False, progress: bool = True,
              prefix: Union[str, Sequence[int], None] = None, activation_ranges: Optional[dict] = None,
-             manifest_extra: Optional[dict] = None, resume: bool = False) -> nn.Module:
+             manifest_extra: Optional[dict] = None, resume: bool = False,
+             max_memory: Union[str, int, None] = None) -> nn.Module:
     """Quantize a model (in place) with a recipe and a calibration strategy; returns the fake-quantized model.
 
     model          nn.Module (then give `tokenizer` for text calibration) or anything `load_model` accepts
@@ -204,6 +208,9 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     resume         continue the interrupted run that wrote OUT.progress from its last finished block (same
                    arguments; the result equals an uninterrupted run's); without progress to resume, start afresh.
                    Without resume, existing progress is an error (nothing is deleted)
+    max_memory     e.g. "1.5GiB": calibrate a model larger than memory block by block from its safetensors files
+                   (osengine.io.streaming; needs `out` and a model folder or name); fails early when the estimated
+                   peak exceeds it. The returned model's blocks are then empty: reload the folder to run it
     The report (per-site migrations, channel ranges, timing, peak memory) is at `model.osengine_report`.
     """
     if out is not None:  # fail before calibrating, not after
@@ -211,15 +218,70 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
     elif resume:
         raise ValueError("quantize(resume=True): resuming needs the output folder `out` (--out) whose progress "
                          "it continues")
-    model, tokenizer, source = _floating_point_model(model, tokenizer, device)
     recipe = load_recipe(recipe, keep_fp=tuple(keep_fp), weight_rounding=weight_rounding)
+    streamed = None
+    if max_memory is not None:
+        _check_streaming(model, out, resume, recipe, prefix, calibration, device)
+        source = str(model)
+        model, loaded_tokenizer, streamed = load_streamed(source, parse_memory(max_memory), n_samples, seq_len,
+                                                          batch_size)
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        model, tokenizer, source = _floating_point_model(model, tokenizer, device)
+    try:
+        return _calibrate_and_save(model, tokenizer, source, recipe, strategy, strategy_options, calibration,
+                                   n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
+                                   search_batches=search_batches, device=device, out=out, overwrite=overwrite,
+                                   progress=progress, prefix=prefix, activation_ranges=activation_ranges,
+                                   manifest_extra=manifest_extra, resume=resume, streamed=streamed)
+    finally:
+        if streamed is not None:
+            streamed.cleanup()
+
+
+def _check_streaming(model, out, resume, recipe, prefix, calibration, device) -> None:
+    """What streaming (max_memory) needs, checked before anything is loaded."""
+    if isinstance(model, nn.Module):
+        raise StreamingError("max_memory streams a model from its safetensors files: give its folder or registered "
+                             "name, not a module in memory")
+    if out is None:
+        raise StreamingError("max_memory writes the quantized model block by block: it needs the output folder `out` "
+                             "(--out)")
+    if resume:
+        raise StreamingError("resume is not supported together with max_memory in this version")
+    if recipe.bmm_inputs:
+        raise StreamingError(f"recipe {recipe.name!r} quantizes the attention BMM inputs; max_memory does not stream "
+                             "those in this version")
+    effective_prefix = recipe.prefix if prefix is None else prefix
+    if effective_prefix != "none" and list(effective_prefix) != []:
+        raise StreamingError("a full-precision prefix is computed by the whole floating-point model; max_memory runs "
+                             "without one (prefix none)")
+    if isinstance(calibration, str) and calibration == "generated":
+        raise StreamingError("calibration 'generated' needs the whole model to write its samples; give max_memory a "
+                             "calibration text file")
+    if device not in (None, "cpu"):
+        raise StreamingError("max_memory streams on the CPU in this version (device cpu)")
+
+
+def _calibrate_and_save(model, tokenizer, source, recipe, strategy, strategy_options, calibration, *, n_samples,
+                        seq_len, batch_size, search_batches, device, out, overwrite, progress, prefix,
+                        activation_ranges, manifest_extra, resume, streamed) -> nn.Module:
+    """quantize() once the floating-point model is loaded (in memory, or streamed)."""
     strat = make_strategy(strategy, strategy_options)
     arch = resolve_architecture(model)
     recipe = _adapted_recipe(strat, recipe, model, arch)
     if tokenizer is None and not isinstance(calibration, (torch.Tensor, dict)):
         raise CalibrationError("quantize(): `tokenizer` is needed to turn the calibration text into tokens")
+    reduction = reduction_from_environment(device or str(next(model.parameters()).device))
+    if reduction is not None and resume:
+        raise ValueError("quantize(resume=True) is not supported with several processes (torch.distributed) in "
+                         "this version")
+    if reduction is not None and streamed is not None:
+        raise StreamingError("max_memory is not supported with several processes (torch.distributed) in this "
+                             "version")
+    progress = progress and (reduction is None or reduction.rank == 0)   # one progress bar for several processes
     checkpoints = None
-    if out is not None:
+    if out is not None and reduction is None and streamed is None:
         identity = {"model_state_sha256": state_digest(model), "recipe": recipe.to_dict(), "strategy": strat.name,
                     "strategy_options": _jsonable(strategy_options or {}),
                     "calibration": _calibration_identity(calibration), "n_samples": n_samples, "seq_len": seq_len,
@@ -242,6 +304,8 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                                progress=progress)
         if checkpoints is not None:
             checkpoints.start(ids)
+    if reduction is not None:   # every process calibrates on rank 0's samples (generated text may differ)
+        ids = _same_on_every_process(ids, reduction)
     t_data = time.time() - t0
     if prefix is None:
         prefix = recipe.prefix if _is_causal_lm(model) or recipe.prefix != "auto" else "none"
@@ -253,8 +317,10 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
         steps = tuple(given_activation_ranges(activation_ranges) if s.name == "observe" else s
                       for s in BLOCK_STEPS if s.name != "clip")
     report = calibrate_blockwise(model, arch, recipe, strat, ids, batch_size=batch_size,
-                                 search_batches=search_batches, progress=progress, prefix=prefix_ids, steps=steps,
-                                 checkpoints=checkpoints)
+                                 search_batches=search_batches, progress=progress,
+                                 prefix=prefix_ids, steps=steps, checkpoints=checkpoints, reduction=reduction,
+                                 residency=streamed)
+    report["processes"] = 1 if reduction is None else reduction.world_size
     if detection is not None:
         report["prefix_detection"] = [r.to_dict() for r in detection]
     n_tokens = int(ids["attention_mask"].sum()) if isinstance(ids, dict) else int(ids.numel())
@@ -262,13 +328,30 @@ def quantize(model: Union[nn.Module, str, Path], recipe: Union[str, Path, dict, 
                   strategy_options=dict(strategy_options or {}), peak_rss_mib=_peak_rss_mib())
     if next(model.parameters()).is_cuda:
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    report["streamed"] = streamed is not None
     model.osengine_report = report
     if out is not None:
         manifest = _quantization_manifest(model, source, recipe, strat, strategy_options, arch, calibration, ids)
         manifest.update(manifest_extra or {})
-        save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
-        checkpoints.remove()
+        if streamed is not None:
+            save_streamed(streamed, tokenizer, out, manifest, migration_tensors(report), overwrite=overwrite)
+            report["peak_rss_mib"] = _peak_rss_mib()   # writing included
+        elif reduction is None or reduction.rank == 0:   # every process holds the same model: rank 0 writes it
+            save_quantized(model, tokenizer, out, manifest, overwrite=overwrite)
+        if checkpoints is not None:
+            checkpoints.remove()
+        if reduction is not None:
+            reduction.barrier()   # the folder is complete when any process returns
     return model
+
+
+def _same_on_every_process(ids, reduction):
+    """Rank 0's calibration ids (a tensor, or a dict of input_ids and attention_mask) on every process."""
+    if isinstance(ids, dict):
+        return {k: _same_on_every_process(v, reduction) for k, v in sorted(ids.items())}
+    shape = reduction.broadcast(torch.tensor(list(ids.shape), dtype=torch.int64))
+    local = ids if tuple(ids.shape) == tuple(shape.tolist()) else torch.zeros(shape.tolist(), dtype=ids.dtype)
+    return reduction.broadcast(local)
 
 
 def _jsonable(value):

@@ -12,6 +12,7 @@ from .plugins.api import (
                           Migration,
                           MigrationSite,
                           PluginError,
+                          Reduction,
                           SiteData,
                           Strategy,
                           grid,
@@ -33,7 +34,8 @@ from .quant.layers import ResidualRestore, install_residual_restore
 
 __all__ = [
     "ARCHITECTURE_GROUP", "Architecture", "AttentionOutput", "GatedMLP", "GatedOutput", "Inspector", "LinearOutput",
-    "Migration", "MigrationSite", "PLUGIN_GUIDE", "PluginError", "PluginInfo", "Registry", "ResidualRestore",
-    "STRATEGY_GROUP", "SiteData", "Strategy", "apply_migration", "architectures", "grid", "install_residual_restore",
-    "make_strategy", "register_architecture", "register_strategy", "resolve_architecture", "strategies",
+    "Migration", "MigrationSite", "PLUGIN_GUIDE", "PluginError", "PluginInfo", "Reduction", "Registry",
+    "ResidualRestore", "STRATEGY_GROUP", "SiteData", "Strategy", "apply_migration", "architectures", "grid",
+    "install_residual_restore", "make_strategy", "register_architecture", "register_strategy", "resolve_architecture",
+    "strategies",
 ]

@@ -3,6 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from osengine.plugin_api import Reduction
 from osengine_plugins.strategies.osplus import OSPlus
 
 
@@ -13,6 +14,7 @@ class FakeSite:
         self.lo, self.hi, self.best_t, self.scale_search_min = lo, hi, best_t, search_min
         self.shift_foldable = True
         self.calls = 0
+        self.reduction = Reduction()   # one process, as SiteData's default
 
     def channel_min(self):
         return self.lo

@@ -42,6 +42,7 @@ class OSPlus(Strategy):
     name = "osplus"
     description = ("Outlier Suppression+: shift + scale from a t grid search on the inspected output, folded "
                    "(options: shift=auto|fold|runtime|none, shift_quantile, shift_sites, max_grid_steps)")
+    distributed = True   # channel_min / channel_max / error, except shift_quantile (refused with several processes)
 
     def __init__(self, shift: str = "auto", max_grid_steps: int = 100, min_t: Optional[float] = None,
                  shift_quantile: float = 0.0, shift_sites=None):
@@ -74,6 +75,9 @@ class OSPlus(Strategy):
         if mode == "none" or (self.shift_sites is not None and data.site.name not in self.shift_sites):
             return None, False
         if self.shift_quantile > 0:
+            if data.reduction.world_size > 1:
+                raise PluginError("osplus option 'shift_quantile' needs every calibration token in one process; "
+                                  "it is not supported with several processes (torch.distributed)")
             lo, hi = channel_quantiles(data, self.shift_quantile)
         else:
             lo, hi = data.channel_min().float(), data.channel_max().float()

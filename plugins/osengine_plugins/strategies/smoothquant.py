@@ -10,6 +10,7 @@ from osengine.plugin_api import Migration, PluginError, Strategy
 class SmoothQuant(Strategy):
     name = "smoothquant"
     description = "scale-only migration s = max|X|^alpha / max|W|^(1-alpha) (alpha: architecture default)"
+    distributed = True   # channel_min / channel_max and the weights only
 
     def __init__(self, alpha: Optional[float] = None):
         if alpha is not None and not 0.0 <= float(alpha) <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..plugins.api import Reduction
 from ..quant.gptq import gptq_quantize_weight
 from ..quant.layers import FakeQuantLinear
 from ..quant.recipes import Recipe
@@ -12,10 +13,12 @@ from .blocks import run_block
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list) -> dict:
+def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list,
+                     reduction: Reduction = None) -> dict:
     """For each linear of the block that will be quantized: the sum over the real calibration tokens of x x^T
     (fp32, [in, in]), x being its input as the quantizer will see it (after a runtime shift). One pass of the block
-    in floating point; linears reading the same tensor (q/k/v, gate/up) share one sum."""
+    in floating point; linears reading the same tensor (q/k/v, gate/up) share one sum. Batches are summed in float64,
+    so that the sum does not depend on its order (several processes: `reduction` adds theirs)."""
     linears = {n: m for n, m in block.named_modules()
                if isinstance(m, FakeQuantLinear) and not recipe.keeps_fp(f"{block_name}.{n}")}
     sums, owner, seen, current_mask = {}, {}, [], [None]
@@ -30,7 +33,7 @@ def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: l
         mask = current_mask[0]
         rows = x[mask] if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
         rows = rows.float()
-        sums[name] = sums.get(name, 0) + rows.T @ rows
+        sums[name] = sums.get(name, 0) + (rows.T @ rows).double()
         owner[name] = name
 
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in linears.items()]
@@ -42,13 +45,16 @@ def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: l
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[owner[n]] for n in linears if n in owner}
+    reduction = reduction or Reduction()
+    totals = {name: reduction.sum(total).float() for name, total in sums.items()}
+    return {n: totals[owner[n]] for n in linears if n in owner}
 
 
-def gptq_block(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list) -> tuple:
+def gptq_block(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list,
+               reduction: Reduction = None) -> tuple:
     """(GPTQ-rounded weights by linear name, report entries): each entry gives the layer's output error
     sum ||(W - Q) x||^2 over the calibration tokens for round-to-nearest and for GPTQ, relative to sum ||W x||^2."""
-    hessians = collect_hessians(block, block_name, recipe, calls, masks)
+    hessians = collect_hessians(block, block_name, recipe, calls, masks, reduction)
     weights, entries = {}, []
     for name, h in hessians.items():
         w = block.get_submodule(name).weight.detach()

@@ -18,13 +18,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..plugins.api import Architecture, PluginError, SiteData, Strategy
+from ..plugins.api import Architecture, PluginError, Reduction, SiteData, Strategy
 from ..quant.layers import install_bmm_quantization, quantize_block, wrap_linears
 from ..quant.observers import ActQuantizer, set_fp_prefix, set_observing, set_token_mask
 from ..quant.recipes import Recipe
 from .blocks import capture_block_inputs, check_finite, hidden_states, run_block, with_hidden_states
 from .clipping import search_clipping
 from .data import calibration_batches
+from .distributed import local_batches, reduce_observed_ranges
 from .folding import apply_migration
 from .hessians import gptq_block
 from .prefix import prefix_key_values, with_prefix
@@ -47,6 +48,7 @@ class BlockState:
     prefix_hidden: list = field(default_factory=list)   # the FP model's hidden states entering each block there
     sites: list = field(default_factory=list)
     rounded_weights: dict = field(default_factory=dict)   # linear name in the block -> GPTQ weight
+    reduction: Reduction = field(default_factory=Reduction)   # several processes: their statistics combined
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def migrate_sites(state: BlockState) -> list:
                               f"is {site.consumers[0]} inside the block?")
         for x in xs:
             check_finite(x, f"the input of {site.consumers[0]}")
-        n_search = min(state.search_batches, len(xs))
+        n_search = min(state.search_batches, len(xs))   # with several processes: the search batches held here
         data = SiteData(model=model, site=site, weight_spec=recipe.weights,
                         act_spec=recipe.activation_spec(site.consumers[0]),
                         inputs=xs, search_inputs=xs[:n_search], token_masks=state.masks,
@@ -112,7 +114,8 @@ def migrate_sites(state: BlockState) -> list:
                         quantized=[not recipe.keeps_fp(c) for c in site.consumers],
                         scale_search_min=arch.scale_search_min, smoothquant_alpha=arch.smoothquant_alpha,
                         shift_foldable=site.producer_kind == "layernorm" and
-                        getattr(model.get_submodule(site.producer), "bias", None) is not None)
+                        getattr(model.get_submodule(site.producer), "bias", None) is not None,
+                        reduction=state.reduction)
         lo, hi = data.channel_min(), data.channel_max()
         migration = state.strategy.migrate(data)
         entry = {"block": state.index, "site": site.name, "consumers": site.consumers,
@@ -145,7 +148,8 @@ def round_weights_gptq(state: BlockState) -> list:
     one report record per linear with both roundings' output errors."""
     if state.recipe.weights.rounding != "gptq":
         return []
-    state.rounded_weights, records = gptq_block(state.block, state.name, state.recipe, state.calls, state.masks)
+    state.rounded_weights, records = gptq_block(state.block, state.name, state.recipe, state.calls, state.masks,
+                                                state.reduction)
     return records
 
 
@@ -167,6 +171,8 @@ def observe_activations(state: BlockState) -> None:
             set_token_mask(block, mask)
             run_block(block, call)
         set_token_mask(block, None)
+        if state.reduction.world_size > 1:
+            reduce_observed_ranges(block, state.reduction)
     set_observing(block, False)
 
 
@@ -237,7 +243,7 @@ def _prepare_bmm_quantization(model: nn.Module, arch: Architecture, recipe: Reci
 def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, strategy: Strategy,
                         token_ids, batch_size: int = 4, search_batches: int = 1,
                         progress: bool = True, steps: tuple = BLOCK_STEPS, prefix: Sequence[int] = (),
-                        checkpoints=None) -> dict:
+                        checkpoints=None, reduction: Optional[Reduction] = None, residency=None) -> dict:
     """Quantize `model` in place, block by block, running `steps` on each block. Returns the report: the records
     of each step under its report key (per-site migrations and channel ranges, clipping, GPTQ errors) and the time
     each step took. token_ids: [n, T] ids, or a dict with input_ids and attention_mask (padded samples: padding
@@ -252,7 +258,14 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     checkpoints: an object with `restore(model, block_names)` -> None or (finished blocks, the next block's input
     calls, the report so far), called once the model is prepared (it puts the finished blocks back), and
     `save(index, model, block_names, calls, report)`, called after each block (osengine.io.progress: resumable
-    runs)."""
+    runs).
+
+    reduction: several processes (calibrate/distributed.py): each calls this with the same token_ids, keeps its
+    share of the batches and combines the statistics of every block with the others.
+
+    residency: a model larger than memory (osengine.io.streaming): `release_outside()` once the first block's
+    inputs are captured, `load_block(model, index, name)` before a block's steps and `release_block(model, index,
+    name)` after them (the block's tensors go to disk)."""
     device = next(model.parameters()).device
     prefix = [int(t) for t in prefix]
     if prefix and recipe.bmm_inputs:
@@ -267,6 +280,15 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
                  for b, m in zip(batches, masks)]
         for m in masks:
             m[:, :len(prefix)] = False
+    reduction = reduction or Reduction()
+    if reduction.world_size > 1:
+        if not strategy.distributed:
+            raise PluginError(f"strategy {strategy.name} computes statistics of its own that are not combined "
+                              "across processes; it runs in one process only (strategies that run distributed: "
+                              "those with distributed = True, e.g. minmax, smoothquant, osplus)")
+        if checkpoints is not None:
+            raise PluginError("resumable progress is not supported with several processes in this version")
+        batches, masks, search_batches = local_batches(batches, masks, search_batches, reduction)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     block_names = arch.blocks(model)
@@ -289,12 +311,17 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
         calls = capture_block_inputs(model, model.get_submodule(block_names[0]), batches)
         for c in calls:
             check_finite(hidden_states(c), "the embeddings")
+    if residency is not None:
+        residency.release_outside()
     bar = tqdm(block_names[start:], desc=f"calibrating ({strategy.name}, {recipe.name})", disable=not progress,
                initial=start, total=len(block_names))
     for index, block_name in enumerate(bar, start=start):
+        if residency is not None:
+            residency.load_block(model, index, block_name)
         state = BlockState(model=model, arch=arch, recipe=recipe, strategy=strategy, index=index, name=block_name,
                            block=model.get_submodule(block_name), calls=calls, masks=masks,
-                           search_batches=search_batches, prefix_length=len(prefix), prefix_hidden=prefix_hidden)
+                           search_batches=search_batches, prefix_length=len(prefix), prefix_hidden=prefix_hidden,
+                           reduction=reduction)
         for step in steps:
             started = time.time()
             records = step.run(state)
@@ -306,6 +333,8 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
             started = time.time()
             checkpoints.save(index, model, block_names, calls, report)
             report["progress_seconds"] = report.get("progress_seconds", 0.0) + time.time() - started
+        if residency is not None:
+            residency.release_block(model, index, block_name)
     report["calibration_seconds"] = time.time() - t0
     set_fp_prefix(model, 0)   # the quantized model never computes the prefix: it reads the stored keys and values
     model.osengine_prefix = prefix

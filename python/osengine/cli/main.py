@@ -42,12 +42,15 @@ def cmd_quantize(args) -> int:
                      weight_rounding=args.weight_rounding, n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
                      device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json,
-                     prefix=_prefix_arg(args.prefix), resume=args.resume)
+                     prefix=_prefix_arg(args.prefix), resume=args.resume, max_memory=args.max_memory)
     report = model.osengine_report
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return 0   # torchrun: every process holds the same model; rank 0 reports
     files = write_report(report, args.report or args.out, args.plot_sites) if (args.report or args.out) else {}
     summary = {"model": args.model, "recipe": report["recipe"]["name"], "strategy": report["strategy"],
                "architecture": report["architecture"], "out": args.out,
                "calibration_seconds": round(report["calibration_seconds"], 2), "prefix": report.get("prefix", []),
+               "processes": report["processes"],
                "peak_rss_mib": round(report["peak_rss_mib"], 1), **files}
     if args.json:
         print(json.dumps(summary))
@@ -282,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last finished block (the progress saved in "
                         "OUT.progress); same arguments, same result as an uninterrupted run")
+    q.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="calibrate a model larger than memory block by block from its safetensors files within SIZE "
+                        "(e.g. 1.5GiB); fails early when the estimate does not fit")
     q.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point, e.g. down_proj")
     q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="override the recipe's weights.rounding: gptq rounds weights by GPTQ on the calibration data")

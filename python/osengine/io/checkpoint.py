@@ -48,18 +48,30 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, Any], ma
     """
     from safetensors.torch import save_file
 
+    def write_tensors(path: Path) -> dict:
+        contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        save_file(contiguous, str(path))
+        return {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+                for name, t in contiguous.items()}
+
+    return save_checkpoint_with(directory, write_tensors, manifest, extra_files, overwrite)
+
+
+def save_checkpoint_with(directory: str | os.PathLike, write_tensors, manifest: Mapping[str, Any],
+                         extra_files: Optional[Mapping[str, str | os.PathLike]] = None,
+                         overwrite: bool = False) -> Path:
+    """save_checkpoint with the tensors file written by `write_tensors(path)`, which returns the manifest's tensor
+    table {name: {"dtype", "shape"}} (a writer that streams tensors from disk: io/streaming.py)."""
     target = Path(directory)
     refuse_existing_output(target, overwrite)
 
     def write(staging: Path) -> None:
-        contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        save_file(contiguous, str(staging / TENSORS_FILE))
+        table = write_tensors(staging / TENSORS_FILE)
         full_manifest = dict(manifest)
         full_manifest["tensors_sha256"] = file_sha256(staging / TENSORS_FILE)
         full_manifest["format"] = FORMAT_NAME
         full_manifest["format_version"] = FORMAT_VERSION
-        full_manifest["tensors"] = {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
-                                    for name, t in contiguous.items()}
+        full_manifest["tensors"] = table
         write_manifest(staging, full_manifest)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / name)

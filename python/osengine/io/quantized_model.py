@@ -2,6 +2,7 @@
 checkpoint.py) with what is needed to rebuild it, `load_quantized` rebuilds it from the folder alone."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -56,11 +57,12 @@ def _deduplicated_state(model: nn.Module) -> Tuple[dict, dict]:
     return tensors, tied
 
 
-def layer_manifest(model: nn.Module) -> dict:
+def layer_manifest(model: nn.Module, prefix: str = "") -> dict:
     """Per quantized linear: weight and activation specs, the calibrated activation range and its step / zero
-    point (static), and whether a runtime shift is applied — what the engine and exporters need."""
+    point (static), and whether a runtime shift is applied — what the engine and exporters need. `model` may be one
+    block, whose linears are then named with `prefix`."""
     layers = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(prefix=prefix):
         if not isinstance(m, FakeQuantLinear) or m.weight_spec is None or m.act_quant is None:
             continue
         spec = m.act_quant.spec
@@ -129,7 +131,7 @@ def _prefix_key_values(path: Path, manifest: dict, tensors: dict, prefix: list, 
     return kv
 
 
-def _weight_codes_tensors(tensors: dict, layers: dict) -> None:
+def weight_codes_tensors(tensors: dict, layers: dict) -> None:
     """Replace the fake-quantized float weight of every layer stored as codes by its integer codes (int8, int4
     values in int8) and fp32 scales: what the engine and the native runtime run, at a quarter of the size. The
     fake-quantized weight is codes x scale, which `_weights_from_codes` recomputes on load; a weight that codes x
@@ -216,11 +218,20 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
     folder is self-contained."""
     tensors, tied = _deduplicated_state(model)
     layers = layer_manifest(model)
-    _weight_codes_tensors(tensors, layers)
+    weight_codes_tensors(tensors, layers)
     tensors.update(migration_tensors(getattr(model, "osengine_report", None)))
     tensors.update(prefix_tensors(model))
     tensors.update(extra_tensors or {})
     full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": layers}
+    with model_side_files(model, tokenizer) as side:
+        return save_checkpoint(out_dir, tensors, full, extra_files={**(extra_files or {}), **side},
+                               overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def model_side_files(model: nn.Module, tokenizer):
+    """{file name: path} of the model's config, generation config and tokenizer files, written to a temporary
+    folder that lives as long as the context: what a quantized folder carries beside its tensors."""
     if not getattr(model.config, "architectures", None):  # so that loading rebuilds this class, not the bare base
         model.config.architectures = [type(model).__name__]
     with tempfile.TemporaryDirectory() as side:
@@ -229,8 +240,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Union[str, Path], manif
             model.generation_config.save_pretrained(side)
         if tokenizer is not None:
             tokenizer.save_pretrained(side)
-        extra = {**(extra_files or {}), **{p.name: p for p in Path(side).iterdir() if p.is_file()}}
-        return save_checkpoint(out_dir, tensors, full, extra_files=extra, overwrite=overwrite)
+        yield {p.name: p for p in Path(side).iterdir() if p.is_file()}
 
 
 def _rebuild_structure(model: nn.Module, manifest: dict) -> None:

@@ -150,6 +150,23 @@ class AttentionOutput(Inspector):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Reduction:
+    """How the statistics of one calibration combine over the processes that share its samples (torch.distributed:
+    osengine.calibrate.distributed). This base class is one process: every reduction is the identity. Reductions
+    are collective: every process calls them in the same order."""
+    world_size = 1
+    rank = 0
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 @dataclass
 class SiteData:
     """Calibration data of one site, handed to Strategy.migrate.
@@ -162,6 +179,10 @@ class SiteData:
                    padding tokens (and a full-precision prefix) count neither in the channel ranges nor in `error`
     fp_prefix      the number of leading tokens of every sequence that run in full precision (an outlier-token
                    prefix): `error` leaves them unquantized
+    reduction      with several processes (torch.distributed) each holds a slice of the calibration batches:
+                   channel_min, channel_max and error reduce over all of them (collective calls: every process
+                   makes the same ones); `inputs` and `tokens` are this process's slice only, so a strategy that
+                   computes statistics of its own declares `distributed = False` (the default for plugins)
     """
     model: nn.Module
     site: MigrationSite
@@ -176,6 +197,7 @@ class SiteData:
     shift_foldable: bool = True          # False for RMSNorm / linear-row producers (runtime shift only)
     token_masks: Optional[list] = None
     fp_prefix: int = 0      # leading tokens of every sequence kept in full precision (not quantized in error())
+    reduction: Reduction = field(default_factory=Reduction)
     _reference: Optional[list] = None
 
     @property
@@ -191,10 +213,12 @@ class SiteData:
         return x.reshape(-1, self.channels) if m is None else x[m.to(x.device)]
 
     def channel_min(self) -> torch.Tensor:
-        return torch.stack([self.tokens(i).amin(0) for i in range(len(self.inputs))]).amin(0)
+        """Per channel, the least value over the real calibration tokens (of every process)."""
+        return self.reduction.min(torch.stack([self.tokens(i).amin(0) for i in range(len(self.inputs))]).amin(0))
 
     def channel_max(self) -> torch.Tensor:
-        return torch.stack([self.tokens(i).amax(0) for i in range(len(self.inputs))]).amax(0)
+        """Per channel, the greatest value over the real calibration tokens (of every process)."""
+        return self.reduction.max(torch.stack([self.tokens(i).amax(0) for i in range(len(self.inputs))]).amax(0))
 
     def weights(self) -> list:
         """The consumers' current (weight, bias), fp32."""
@@ -255,6 +279,8 @@ class SiteData:
                 err = err[mask.to(err.device)]
             total += err.sum().item()
             tokens += err.numel()
+        if self.reduction.world_size > 1:
+            total, tokens = self.reduction.sum(torch.tensor([total, float(tokens)], dtype=torch.float64)).tolist()
         return total / max(tokens, 1)
 
 
@@ -268,6 +294,9 @@ class Strategy(ABC):
     __init__, and implement `migrate`. Returning None leaves the site untouched (plain MinMax quantization)."""
     name: str = ""
     description: str = ""
+    # True when migrate() reads the calibration data only through SiteData's channel_min, channel_max and error
+    # (and the weights), which reduce over processes: then the strategy calibrates with torch.distributed.
+    distributed: bool = False
 
     @abstractmethod
     def migrate(self, data: SiteData) -> Optional[Migration]:
