@@ -34,11 +34,11 @@ def make_model(folder: Path) -> None:
     """The random TinyLlama-shaped model, written tensor by tensor so that writing it needs one block at a time."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
-    from osengine.io.sources import resolve_source
+    from osengine.io.sources import load_fp_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    _, tokenizer = load_fp_model("smollm2-135m")   # its tokenizer reads the calibration text
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **SHAPE)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
