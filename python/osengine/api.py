@@ -288,7 +288,7 @@ def _calibrate_and_save(model, tokenizer, source, recipe, strategy, strategy_opt
                     "batch_size": batch_size, "search_batches": search_batches, "prefix": _jsonable(prefix),
                     "activation_ranges": None if activation_ranges is None else _ranges_digest(activation_ranges),
                     "blocks": arch.blocks(model)}
-        checkpoints = CalibrationProgress(progress_folder(out), identity, recipe)
+        checkpoints = CalibrationProgress(progress_folder(out), identity, recipe, arch)
         if resume:
             remove_stale_staging(out)
         if checkpoints.exists() and not resume:

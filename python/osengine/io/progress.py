@@ -6,8 +6,8 @@ and writes the same folder as an uninterrupted run.
                                             options, calibration arguments, blocks; a resume must match it
     OUT.progress/calibration.safetensors    the calibration token ids (a resume does not regenerate or re-read them)
     OUT.progress/blocks/block-NNNNN.safetensors
-                                            after block N: every tensor of block N, and the tensors of block N - 1
-                                            and outside the blocks that changed while block N was calibrated (a
+                                            after block N: every tensor of block N, and those of its migration
+                                            sites' producers outside it that changed while it was calibrated (a
                                             post-LN model folds a shift into the previous block's output norm)
     OUT.progress/step-NNNNN/                the state after N finished blocks: state.json (the structure calibration
                                             added: residual restores, added biases, runtime shifts; the report so
@@ -17,8 +17,8 @@ and writes the same folder as an uninterrupted run.
 Each file is complete before the step folder that needs it is renamed into place (every write goes to a temporary
 name first), and a step folder is complete when it has its name, so a kill at any moment leaves the last finished
 block resumable. The folder is removed once the output is saved. Only safetensors and JSON are read (no pickle).
-What a block's steps may change is assumed to be that block, the previous block and the tensors outside the blocks
-(true of every architecture and strategy here: a migration folds into its site's producer and consumers).
+What a block's steps change is that block and the producers of its migration sites (a migration folds into its
+site's producer and consumers; nothing else is written), so only those are compared before and after each block.
 """
 from __future__ import annotations
 
@@ -123,11 +123,12 @@ class CalibrationProgress:
     """The progress of one calibration run, for `calibrate_blockwise(..., checkpoints=...)`: `save` after each
     block, `restore` at the start of a resumed run."""
 
-    def __init__(self, folder, identity: dict, recipe):
+    def __init__(self, folder, identity: dict, recipe, arch):
         self.folder = Path(folder)
         self.identity = identity
         self.recipe = recipe
-        self._digests: dict = {}    # tensor name -> digest when last saved (previous block, outside the blocks)
+        self.arch = arch
+        self._digests: dict = {}    # watched tensor name -> digest before the current block's steps
 
     # -- starting --------------------------------------------------------------------------------------------
 
@@ -174,21 +175,12 @@ class CalibrationProgress:
         from safetensors.torch import save_file
 
         state = model.state_dict()
-        tensors = {}
-        for name, t in state.items():
-            owner = _owner(name, block_names)
-            if owner == index:
-                tensors[name] = t
-                self._digests.pop(name, None)
-            elif owner == index - 1 or owner is None:
-                digest = tensor_digest(t)
-                if self._digests.setdefault(name, digest) != digest:
-                    tensors[name] = t
-                    self._digests[name] = digest
-        if index + 1 < len(block_names):   # block index becomes "the previous block": its digests, as saved now
-            for name, t in state.items():
-                if _owner(name, block_names) == index:
-                    self._digests[name] = tensor_digest(t)
+        tensors = {name: t for name, t in state.items() if _owner(name, block_names) == index}
+        for name in self._watched(model, block_names, index):   # what its migrations changed or added outside it
+            if self._digests.get(name) != tensor_digest(state[name]):
+                tensors[name] = state[name]
+        if index + 1 < len(block_names):
+            self.baseline(model, block_names, index + 1)
         blocks = self.folder / "blocks"
         blocks.mkdir(exist_ok=True)
         staging = blocks / f".block-{index:05d}.writing"
@@ -209,11 +201,18 @@ class CalibrationProgress:
         for older in self._steps()[:-1]:
             shutil.rmtree(older, ignore_errors=True)
 
-    def baseline(self, model: nn.Module, block_names: list) -> None:
-        """Record the digests of the tensors outside the blocks (before any block changes them)."""
-        for name, t in model.state_dict().items():
-            if _owner(name, block_names) is None:
-                self._digests[name] = tensor_digest(t)
+    def baseline(self, model: nn.Module, block_names: list, index: int) -> None:
+        """Before block `index`: the digests of the tensors outside it that its steps may change, those of its
+        migration sites' producers (a post-LN model's previous output norm, say); all else outside the block stays
+        as it is."""
+        state = model.state_dict()
+        self._digests = {name: tensor_digest(state[name]) for name in self._watched(model, block_names, index)}
+
+    def _watched(self, model: nn.Module, block_names: list, index: int) -> list:
+        """The state entries outside block `index` under its migration sites' producers."""
+        owners = [site.producer for site in self.arch.sites(model, index)]
+        return [name for name in model.state_dict()
+                if _owner(name, block_names) != index and any(name.startswith(o + ".") for o in owners)]
 
     # -- resuming --------------------------------------------------------------------------------------------
 
@@ -224,7 +223,7 @@ class CalibrationProgress:
 
         steps = self._steps()
         if not steps:
-            self.baseline(model, block_names)
+            self.baseline(model, block_names, 0)
             return None
         step = steps[-1]
         state = self._read_json(step / STATE_FILE)
@@ -266,11 +265,8 @@ class CalibrationProgress:
         except Exception as e:
             raise ProgressError(f"the calibration progress at {str(self.folder)!r} is damaged ({step.name}: {e}); "
                                 "delete the folder to start over") from None
-        self.baseline(model, block_names)
         if finished < len(block_names):
-            for name, t in model.state_dict().items():
-                if _owner(name, block_names) == finished - 1:
-                    self._digests[name] = tensor_digest(t)
+            self.baseline(model, block_names, finished)
         return finished, calls, report
 
     def remove(self) -> None:
