@@ -33,9 +33,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..quant.layers import install_residual_restore, quantize_block, wrap_linears
+from ..quant.layers import quantize_block, wrap_linears
 from .checkpoint import write_folder_atomically
-from .quantized_model import structure_manifest
+from .quantized_model import owning_block, restore_structure, structure_manifest
 
 IDENTITY_FILE = "identity.json"
 CALIBRATION_FILE = "calibration.safetensors"
@@ -175,7 +175,7 @@ class CalibrationProgress:
         from safetensors.torch import save_file
 
         state = model.state_dict()
-        tensors = {name: t for name, t in state.items() if _owner(name, block_names) == index}
+        tensors = {name: t for name, t in state.items() if owning_block(name, block_names) == index}
         for name in self._watched(model, block_names, index):   # what its migrations changed or added outside it
             if self._digests.get(name) != tensor_digest(state[name]):
                 tensors[name] = state[name]
@@ -212,7 +212,7 @@ class CalibrationProgress:
         """The state entries outside block `index` under its migration sites' producers."""
         owners = [site.producer for site in self.arch.sites(model, index)]
         return [name for name in model.state_dict()
-                if _owner(name, block_names) != index and any(name.startswith(o + ".") for o in owners)]
+                if owning_block(name, block_names) != index and any(name.startswith(o + ".") for o in owners)]
 
     # -- resuming --------------------------------------------------------------------------------------------
 
@@ -236,16 +236,7 @@ class CalibrationProgress:
             block = model.get_submodule(name)
             wrap_linears(block)
             quantize_block(block, name, self.recipe)
-        structure = state["structure"]
-        for name in structure["residual_restores"]:
-            install_residual_restore(model.get_submodule(name), structure["residual_channels"][name])
-        for name in structure["linears_with_added_bias"]:
-            lin = model.get_submodule(name)
-            if lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=device))
-        for name in structure["runtime_shifted_linears"]:
-            lin = model.get_submodule(name)
-            lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype, device=device)
+        restore_structure(model, state["structure"])
         expected = model.state_dict()
         for index in range(finished):
             path = self.folder / "blocks" / f"block-{index:05d}.safetensors"
@@ -289,14 +280,6 @@ class CalibrationProgress:
         if not isinstance(value, dict):
             raise ProgressError(f"{path} must hold a JSON object; delete {path.parent} to start over")
         return value
-
-
-def _owner(name: str, block_names: list) -> Optional[int]:
-    """The index of the block a state entry belongs to, or None outside the blocks."""
-    for i, block in enumerate(block_names):
-        if name.startswith(block + "."):
-            return i
-    return None
 
 
 def _flush(path: Path) -> None:

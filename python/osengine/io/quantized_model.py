@@ -252,15 +252,7 @@ def _rebuild_structure(model: nn.Module, manifest: dict) -> None:
         block = model.get_submodule(name)
         wrap_linears(block)
         quantize_block(block, name, recipe)
-    for name in manifest.get("residual_restores", []):
-        install_residual_restore(model.get_submodule(name), manifest["residual_channels"][name])
-    for name in manifest.get("linears_with_added_bias", []):
-        lin = model.get_submodule(name)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
-    for name in manifest.get("runtime_shifted_linears", []):
-        lin = model.get_submodule(name)
-        lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype)
+    restore_structure(model, manifest)
     if recipe.bmm_inputs:
         install_bmm_quantization(model, arch.attention_modules(model), recipe.activations)
     try:
@@ -269,6 +261,29 @@ def _rebuild_structure(model: nn.Module, manifest: dict) -> None:
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     model.osengine_prefix = list(prefix)
+
+
+def restore_structure(model: nn.Module, structure: dict) -> None:
+    """Put back what `structure_manifest` recorded (residual restores, added biases, runtime shifts), with zero
+    values that the loaded tensors then replace."""
+    device = next(model.parameters()).device
+    for name in structure.get("residual_restores", []):
+        install_residual_restore(model.get_submodule(name), structure["residual_channels"][name])
+    for name in structure.get("linears_with_added_bias", []):
+        lin = model.get_submodule(name)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=device))
+    for name in structure.get("runtime_shifted_linears", []):
+        lin = model.get_submodule(name)
+        lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype, device=device)
+
+
+def owning_block(name: str, block_names: list) -> Optional[int]:
+    """The index of the block a state entry (or module) name belongs to, or None outside the blocks."""
+    for i, block in enumerate(block_names):
+        if name.startswith(block + "."):
+            return i
+    return None
 
 
 def load_quantized(path: Union[str, Path], device: str = "cpu"):

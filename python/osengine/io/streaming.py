@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .quantized_model import layer_manifest, weight_codes_tensors
+from .quantized_model import layer_manifest, owning_block, weight_codes_tensors
 from .sources import ModelLoadError, is_causal, resolve_source
 
 # safetensors' dtype names
@@ -73,10 +73,7 @@ class SafetensorsFolder:
             raise ModelLoadError(f"model folder {folder} has no .safetensors weights (pickled weights are not loaded)")
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), "pt") as f:
-            return f.get_tensor(name)
+        return read_tensor(self.files[name], name)
 
     def row_chunks(self, name: str, dtype: torch.dtype, chunk_bytes: int = 32 * 2 ** 20):
         """The tensor in pieces of whole rows (about chunk_bytes each) converted to `dtype`: what a writer streams
@@ -104,13 +101,6 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _block_of(name: str, block_names: list) -> Optional[int]:
-    for i, block in enumerate(block_names):
-        if name.startswith(block + "."):
-            return i
-    return None
 
 
 class StreamedModel:
@@ -142,7 +132,7 @@ class StreamedModel:
                                         if value.is_floating_point() else value)
 
     def _state_names(self, index: Optional[int]) -> list:
-        return [n for n in self.model.state_dict() if _block_of(n, self.block_names) == index]
+        return [n for n in self.model.state_dict() if owning_block(n, self.block_names) == index]
 
     def load_outside(self) -> None:
         """The tensors outside the blocks that capturing the first block's inputs needs (embeddings, their norms:
@@ -171,7 +161,7 @@ class StreamedModel:
         """Empty the modules outside the blocks once the first block's inputs are captured: calibration does not
         change them (pre-LN decoders), and they are written from the source at the end."""
         for name, module in self.model.named_modules():
-            inside = _block_of(name, self.block_names) is not None or name in self.block_names
+            inside = owning_block(name, self.block_names) is not None or name in self.block_names
             holds_a_block = any(b.startswith(name + ".") for b in self.block_names) or name == ""
             if not inside and not holds_a_block:
                 module.to("meta")
@@ -203,7 +193,7 @@ class StreamedModel:
     def _outside_tensors(self) -> tuple:
         stored, tied, seen = {}, {}, {}
         for name, param in self.model.named_parameters(remove_duplicate=False):
-            if _block_of(name, self.block_names) is not None:
+            if owning_block(name, self.block_names) is not None:
                 continue
             if id(param) in seen:
                 tied[name] = seen[id(param)]
@@ -211,7 +201,7 @@ class StreamedModel:
             seen[id(param)] = name
             stored[name] = self._names[name]
         for name, _ in self.model.named_buffers():   # persistent ones are in the source
-            if _block_of(name, self.block_names) is None and name in self._names:
+            if owning_block(name, self.block_names) is None and name in self._names:
                 stored[name] = self._names[name]
         return stored, tied
 
@@ -260,8 +250,8 @@ def load_streamed(source, max_memory: int, n_samples: int, seq_len: int, batch_s
     sizes, head = {}, streamed.output_head_names()
     for name, t in model.state_dict().items():
         if name not in head:
-            sizes.setdefault(_block_of(name, block_names), 0)
-            sizes[_block_of(name, block_names)] += t.numel() * 4
+            sizes.setdefault(owning_block(name, block_names), 0)
+            sizes[owning_block(name, block_names)] += t.numel() * 4
     block_bytes = max(v for k, v in sizes.items() if k is not None)
     need = estimated_peak_bytes(config, block_bytes, sizes.get(None, 0), n_samples, seq_len, batch_size)
     if need > max_memory:
@@ -327,7 +317,7 @@ def save_streamed(streamed: StreamedModel, tokenizer, out_dir, manifest: dict, e
                         lambda s=source, d=dtype: streamed.weights.row_chunks(s, d)))
     for path, table in streamed.shards:
         for name, (dtype, shape) in table.items():
-            entries.append((name, dtype, shape, lambda p=path, n=name: _read_one(p, n)))
+            entries.append((name, dtype, shape, lambda p=path, n=name: read_tensor(p, n)))
     for name, t in extra_tensors.items():
         entries.append((name, t.dtype, tuple(t.shape), lambda t=t: t))
     full = {"kind": "fake-quant", **manifest, "tied": tied, "layers": streamed.layers}
@@ -335,7 +325,8 @@ def save_streamed(streamed: StreamedModel, tokenizer, out_dir, manifest: dict, e
         return save_checkpoint_with(out_dir, lambda path: write_safetensors(path, entries), full, side, overwrite)
 
 
-def _read_one(path: Path, name: str) -> torch.Tensor:
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, the others left on disk."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
