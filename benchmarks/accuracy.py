@@ -47,8 +47,8 @@ def _peak_mib() -> float:
 
 
 def _parse(config: str):
-    """fp[+prefix] | strategy[+key=value...]:preset[+gptq|+nearest][+prefix][:keep_fp,...] -> (strategy, preset,
-    keep_fp, options, rounding, prefix)"""
+    """fp[+prefix] | strategy[+strategy][+key=value...]:preset[+gptq|+nearest][+prefix][:keep_fp,...] ->
+    (strategy, preset, keep_fp, options, rounding, prefix)"""
     import yaml
 
     parts = config.split(":")
@@ -57,8 +57,9 @@ def _parse(config: str):
     if len(parts) < 2:
         raise SystemExit(f"--configs entry {config!r} must be fp[+prefix] or "
                          "strategy[+key=value]:preset[+gptq][+prefix][:keep_fp,...]")
-    strategy, *opts = parts[0].split("+")
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts)}
+    segments = parts[0].split("+")   # strategy names (rotate+osplus composes them), then key=value options
+    strategy = "+".join(s for s in segments if "=" not in s)
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in segments if "=" in o)}
     preset, *suffixes = parts[1].split("+")
     unknown = [x for x in suffixes if x not in ("gptq", "nearest", "prefix")]
     if unknown:
@@ -86,7 +87,7 @@ def run_lm(config: str, args) -> dict:
                                             batch_size=args.batch_size, progress=False)["prefix"]
         result["prefix"] = fp_prefix
     if strategy != "fp":
-        options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
+        options = {"max_grid_steps": args.grid, **options} if "osplus" in strategy.split("+") else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=args.calib, tokenizer=tok, keep_fp=keep,
                      weight_rounding=rounding, n_samples=args.samples, seq_len=512, batch_size=args.batch_size,
                      strategy_options=options, progress=False, prefix="auto" if prefix else None)
@@ -135,7 +136,7 @@ def run_sst2(config: str, args) -> dict:
         # calibration: SST-2 training sentences that the probe did not use, one padded sample each ([CLS] ... [SEP],
         # as the encoder sees them at inference; padding is left out of every calibration statistic)
         calib_text = _sst2("train", args.sst2_train + 2000)[0][args.sst2_train:]
-        options = {"max_grid_steps": args.grid, **options} if strategy == "osplus" else options
+        options = {"max_grid_steps": args.grid, **options} if "osplus" in strategy.split("+") else options
         api.quantize(model, recipe=preset, strategy=strategy, calibration=calib_text, tokenizer=tok, keep_fp=keep,
                      weight_rounding=rounding, n_samples=args.sst2_samples, seq_len=128, batch_size=args.sst2_batch,
                      strategy_options=options, progress=False)

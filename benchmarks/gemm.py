@@ -61,6 +61,21 @@ w8a8_gemm (int8 codes in, fp16 out, epilogue included) at least as fast as torch
 every M where _int_mm runs; epilogue cost w8a8_gemm / w8a8_no_epilogue - 1 <= 3%; W4A8 >= 2.5x fp16 at M <= 16.
 
     python benchmarks/gemm.py --device cuda --shapes llama7b --json > cuda7b.json
+
+--rotate: the cost of the online Hadamard rotation (quantize(..., rotate=True), QuaRot's x H / sqrt(K) fused into the
+activation quantization) where it runs, on down_proj's input: x = [gate | up] [M, 2K] fp32, quantized dynamic per
+token asymmetric int8 with the fused SiLU gate, with and without the rotation, against that down_proj's GEMM (int8
+codes in, the w8a8_gemm epilogue, fp32 out). Shapes (N, K): SmolLM2-135M down 576x1536 (1536 = 12 * 128), a 4096-wide
+one (K = 4096, Sylvester only) and LLaMA-3-8B down 4096x14336 (28 * 512); LLaMA-2's 11008 has no Hadamard matrix of
+this construction. M in {1, 16, 64, 512}. Timing as above (copies, round-robin samples, medians):
+
+  quantize          quantize_activations(x, bits=8, symmetric=False, silu_gate=True)
+  quantize_rotate   the same with rotate=True
+  w8a8_gemm         gemm() on the codes, preallocated output
+The rotation's cost is (quantize_rotate - quantize) / w8a8_gemm; target <= 5% at M >= 16.
+
+    python benchmarks/gemm.py --rotate                          # the table and the target
+    python benchmarks/gemm.py --rotate --m 16,64 --json > rotate.json
 """
 from __future__ import annotations
 
@@ -87,6 +102,9 @@ SHAPES = {  # name: (N, K)
                  ("llama70b down", 8192, 28672)],
 }
 DEFAULT_SHAPES = {"cpu": ["smollm2", "llama7b"], "cuda": ["llama7b", "llama70b"]}  # what --shapes all means
+ROTATE_SHAPES = [("smollm2 down", 576, 1536), ("4096-wide", 4096, 4096), ("llama3-8b down", 4096, 14336)]
+ROTATE_IMPLS = ["quantize", "quantize_rotate", "w8a8_gemm"]
+ROTATE_DEFAULT_M = [1, 16, 64, 512]
 IMPLS = ["torch_fp32", "fbgemm_int8", "w8a8", "w8a8_gemm", "w8a8_no_epilogue", "w4a8", "w4a4"]
 SHORT = {"torch_fp32": "fp32", "fbgemm_int8": "fbgemm", "w8a8_no_epilogue": "w8a8_noepi"}
 DEFAULT_M = [1, 16, 128, 512, 2048]
@@ -192,6 +210,101 @@ def build(impl: str, m: int, n: int, k: int, w: torch.Tensor, x: torch.Tensor, b
                                           a_zero_point=q.zero_point, w_scale=w_scale, bias=bias)
         calls.append(call)
     return calls, per
+
+
+def build_rotate(impl: str, m: int, n: int, k: int, w: torch.Tensor, gate_up: torch.Tensor, backend: str):
+    """--rotate: (per-copy closures, bytes per copy) of one impl on down_proj's input gate_up = [gate | up] [M, 2K]."""
+    if impl in ("quantize", "quantize_rotate"):
+        rotate = impl == "quantize_rotate"
+        per = m * 2 * k * 4
+        options = dict(bits=8, symmetric=False, silu_gate=True, rotate=rotate, backend=backend)
+        return [(lambda x=gate_up.clone(): osengine.quantize_activations(x, **options))
+                for _ in range(n_copies(per))], per
+    codes, w_scale = quantize_weights(w, 8)
+    bias = torch.randn(n) * 0.1
+    q = osengine.quantize_activations(gate_up, bits=8, symmetric=False, silu_gate=True, rotate=True, backend=backend)
+    per = n * k + m * k
+    calls = []
+    for _ in range(n_copies(per)):
+        packed = osengine.pack_weights(codes, bits=8, backend=backend)
+        out = torch.empty(m, n)
+        calls.append(lambda q=q, packed=packed, out=out: osengine.gemm(
+            q.codes, packed, a_scale=q.scale, a_zero_point=q.zero_point, w_scale=w_scale, bias=bias, out=out))
+    return calls, per
+
+
+def run_rotate(args) -> list[dict]:
+    device = device_name(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for label, n, k in ROTATE_SHAPES:
+        w = torch.randn(n, k, generator=gen) * 0.02
+        for m in args.m:
+            gate_up = torch.randn(m, 2 * k, generator=gen)
+            builds = {impl: build_rotate(impl, m, n, k, w, gate_up, args.backend) for impl in ROTATE_IMPLS}
+            with torch.inference_mode():
+                timings = measure({impl: calls for impl, (calls, _) in builds.items()}, args.min_time, args.repeats)
+            copies = {impl: len(calls) for impl, (calls, _) in builds.items()}
+            del builds
+            for impl, samples in timings.items():
+                med = statistics.median(samples)
+                q1, q3 = quartiles(samples)
+                rec = {"device": device, "impl": impl, "m": m, "n": n, "k": k, "ms": med * 1e3, "shape": label,
+                       "min_ms": min(samples) * 1e3, "max_ms": max(samples) * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+                       "samples": len(samples), "copies": copies[impl], "backend": args.backend_name}
+                records.append(rec)
+                print(f"  {label:16s} M={m:<5d} {impl:17s} {rec['ms']:10.4f} ms  (x{rec['copies']} copies, "
+                      f"{len(samples)} samples)", file=sys.stderr, flush=True)
+    for rec in records:
+        for key in ("ms", "min_ms", "max_ms", "iqr_ms"):
+            rec[key] = round(rec[key], 5)
+    return records
+
+
+def rotate_points(records: list[dict]) -> dict:
+    """{(shape, n, k, m): {impl: record}} of --rotate records, in measurement order."""
+    rows = {}
+    for r in records:
+        rows.setdefault((r["shape"], r["n"], r["k"], r["m"]), {})[r["impl"]] = r
+    return rows
+
+
+def rotate_cost(row: dict):
+    """(quantize_rotate - quantize) / w8a8_gemm of one point, or None when an impl is missing."""
+    if not all(i in row for i in ROTATE_IMPLS):
+        return None
+    return (row["quantize_rotate"]["ms"] - row["quantize"]["ms"]) / row["w8a8_gemm"]["ms"]
+
+
+def rotate_table(records: list[dict]) -> str:
+    rows = rotate_points(records)
+    key_w = max(len(f"{s} {n}x{k}") for s, n, k, _ in rows) + 2
+    out = ["ms per call (median, +-half the IQR relative to the median); rotation = quantize_rotate - quantize; "
+           "cost = rotation / w8a8_gemm",
+           f"{'shape (N x K)':<{key_w}}{'M':>6}  " + "".join(f"{i:>17}" for i in ROTATE_IMPLS) +
+           f"{'rotation':>12}{'cost':>9}"]
+    for (s, n, k, m), row in rows.items():
+        cells = []
+        for i in ROTATE_IMPLS:
+            r = row.get(i)
+            cells.append(f"{r['ms']:>10.4f} +-{50 * r['iqr_ms'] / r['ms']:>2.0f}%" if r else f"{'-':>17}")
+        cost = rotate_cost(row)
+        extra = (f"{row['quantize_rotate']['ms'] - row['quantize']['ms']:>12.4f}{100 * cost:>8.1f}%"
+                 if cost is not None else f"{'-':>12}{'-':>9}")
+        out.append(f"{s + f' {n}x{k}':<{key_w}}{m:>6}  " + "".join(f"{c:>17}" for c in cells) + extra)
+    return "\n".join(out)
+
+
+def rotate_targets(records: list[dict]) -> list[str]:
+    vals = [(cost, s, n, k, m) for (s, n, k, m), row in rotate_points(records).items()
+            if m >= 16 and (cost := rotate_cost(row)) is not None]
+    desc = "rotation (quantize_rotate - quantize) <= 5% of the down_proj GEMM at M >= 16"
+    if not vals:
+        return ["Targets:", f"  SKIP  {desc}: not measured"]
+    ok = [v for v in vals if v[0] <= 0.05]
+    worst = max(vals)
+    return ["Targets:", f"  {'PASS' if len(ok) == len(vals) else 'FAIL'}  {desc}: worst {100 * worst[0]:+.1f}% at "
+                        f"{worst[1]} N={worst[2]} K={worst[3]} M={worst[4]} ({len(ok)}/{len(vals)} points meet it)"]
 
 
 class Timer:
@@ -630,15 +743,20 @@ def parse_args(argv=None):
                    help="cuda: skip an impl at a larger M when its time at a smaller M, scaled by M, predicts a call "
                         "longer than this (default 2 s)")
     p.add_argument("--json", action="store_true", help="print one JSON list of records instead of the table")
+    p.add_argument("--rotate", action="store_true",
+                   help="cpu: the online Hadamard rotation's cost on down_proj inputs (its own shapes, impls and "
+                        "default M " + ",".join(map(str, ROTATE_DEFAULT_M)) + "; see the docstring)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     impls = CUDA_IMPLS if cuda else IMPLS
+    if args.rotate and (cuda or args.shapes != "all" or args.impl is not None):
+        p.error("--rotate runs on the CPU with its own shapes and impls: drop --device cuda, --shapes and --impl")
     if args.shapes == "all":
         args.shapes = [s for family in DEFAULT_SHAPES[args.device] for s in SHAPES[family]]
     else:
         args.shapes = SHAPES[args.shapes]
     if args.m is None:
-        args.m = ",".join(map(str, CUDA_DEFAULT_M if cuda else DEFAULT_M))
+        args.m = ",".join(map(str, CUDA_DEFAULT_M if cuda else (ROTATE_DEFAULT_M if args.rotate else DEFAULT_M)))
     try:
         args.m = [int(v) for v in args.m.split(",") if v.strip()]
     except ValueError:
@@ -672,6 +790,17 @@ def main(argv=None) -> None:
     print(f"{device_name(args.threads)}; osengine {osengine.__version__} backend {backend}; torch {torch.__version__}",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    if args.rotate:
+        records = run_rotate(args)
+        if args.json:
+            print(json.dumps(records, indent=1))
+            return
+        print(f"{records[0]['device']}; osengine backend {backend}; torch {torch.__version__}; "
+              f"{time.perf_counter() - t0:.0f} s")
+        print(rotate_table(records))
+        print()
+        print("\n".join(rotate_targets(records)))
+        return
     records = run(args)
     if args.json:
         print(json.dumps(records, indent=1))

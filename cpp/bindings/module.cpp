@@ -28,13 +28,13 @@ osengine::ActivationFormat parse_format(const std::string& name) {
 void quantize_static(py::handle x, py::handle shift, py::handle smooth_scale, py::handle delta, py::handle zero_point,
                      py::handle out_codes, int bits, bool symmetric, std::int64_t group_size,
                      const std::string& backend, std::uintptr_t stream, py::handle rms_norm_weight, float rms_norm_eps,
-                     bool silu_gate) {
+                     bool silu_gate, bool rotate) {
   const char* op = "quantize_static";
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vd = to_view(delta, op, "delta"), vz = to_view(zero_point, op, "zero_point"),
            vo = to_view(out_codes, op, "out_codes", true), vn = to_view(rms_norm_weight, op, "rms_norm_weight");
   osengine::QuantizeOptions options{bits,   symmetric, group_size,   backend,
-                                    stream, vn.view,   rms_norm_eps, silu_gate};
+                                    stream, vn.view,   rms_norm_eps, silu_gate, rotate};
   py::gil_scoped_release release;
   osengine::quantize_static(vx.view, vs.view, vsc.view, vd.view, vz.view, vo.view, options);
 }
@@ -42,13 +42,13 @@ void quantize_static(py::handle x, py::handle shift, py::handle smooth_scale, py
 void quantize_dynamic(py::handle x, py::handle shift, py::handle smooth_scale, py::handle out_codes,
                       py::handle out_delta, py::handle out_zero_point, int bits, bool symmetric,
                       std::int64_t group_size, const std::string& backend, std::uintptr_t stream,
-                      py::handle rms_norm_weight, float rms_norm_eps, bool silu_gate) {
+                      py::handle rms_norm_weight, float rms_norm_eps, bool silu_gate, bool rotate) {
   const char* op = "quantize_dynamic";
   HeldView vx = to_view(x, op, "x"), vs = to_view(shift, op, "shift"), vsc = to_view(smooth_scale, op, "smooth_scale"),
            vo = to_view(out_codes, op, "out_codes", true), vd = to_view(out_delta, op, "out_delta", true),
            vz = to_view(out_zero_point, op, "out_zero_point", true), vn = to_view(rms_norm_weight, op, "rms_norm_weight");
   osengine::QuantizeOptions options{bits,   symmetric, group_size,   backend,
-                                    stream, vn.view,   rms_norm_eps, silu_gate};
+                                    stream, vn.view,   rms_norm_eps, silu_gate, rotate};
   py::gil_scoped_release release;
   osengine::quantize_dynamic(vx.view, vs.view, vsc.view, vo.view, vd.view, vz.view, options);
 }
@@ -106,16 +106,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_static", &quantize_static, py::arg("x"), py::arg("shift"), py::arg("smooth_scale"), py::arg("delta"),
         py::arg("zero_point"), py::arg("out_codes"), py::arg("bits"), py::arg("symmetric"), py::arg("group_size"),
         py::arg("backend"), py::arg("stream") = 0, py::arg("rms_norm_weight") = py::none(),
-        py::arg("rms_norm_eps") = 1e-6f, py::arg("silu_gate") = false);
+        py::arg("rms_norm_eps") = 1e-6f, py::arg("silu_gate") = false, py::arg("rotate") = false);
   m.def("quantize_dynamic", &quantize_dynamic, py::arg("x"), py::arg("shift"), py::arg("smooth_scale"),
         py::arg("out_codes"), py::arg("out_delta"), py::arg("out_zero_point"), py::arg("bits"), py::arg("symmetric"),
         py::arg("group_size"), py::arg("backend"), py::arg("stream") = 0, py::arg("rms_norm_weight") = py::none(),
-        py::arg("rms_norm_eps") = 1e-6f, py::arg("silu_gate") = false);
+        py::arg("rms_norm_eps") = 1e-6f, py::arg("silu_gate") = false, py::arg("rotate") = false);
   m.def("gemm", &gemm, py::arg("a"), py::arg("weights"), py::arg("a_scale"), py::arg("w_scale"), py::arg("out"),
         py::arg("a_zero_point"), py::arg("bias"), py::arg("residual"), py::arg("activation"), py::arg("a_format"),
         py::arg("stream") = 0);
   m.def("gemm_accumulate", &gemm_accumulate, py::arg("a"), py::arg("weights"), py::arg("out"), py::arg("a_format"),
         py::arg("stream") = 0);
+  m.def("hadamard_transform", [](py::handle x, py::handle out) {
+    HeldView vx = to_view(x, "hadamard_transform", "x"), vo = to_view(out, "hadamard_transform", "out", true);
+    py::gil_scoped_release release;
+    osengine::hadamard_transform(vx.view, vo.view);
+  }, py::arg("x"), py::arg("out"),
+  "out = x H_K / sqrt(K) per row of float32 [M, K] (CPU), in the order of QuantizeOptions::rotate (cross-checks).");
+  m.def("is_hadamard_order", &osengine::is_hadamard_order, py::arg("n"),
+        "Whether rows of n values can be rotated (rotate=True): n = m * 2^k, m = 1 or a Paley order <= 256.");
   m.def("pack_int4", [](py::handle codes, py::handle out) {
     HeldView vc = to_view(codes, "pack_int4", "codes"), vo = to_view(out, "pack_int4", "out", true);
     py::gil_scoped_release release;

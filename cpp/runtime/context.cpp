@@ -286,6 +286,7 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
     options.symmetric = act.symmetric;
     options.group_size = act.group_size;
     options.silu_gate = silu_gate;
+    options.rotate = q.rotate_input;  // after the norm / the gate, before the shift
     if (norm_weight != nullptr) {
       options.rms_norm_weight = view(norm_weight, {k});
       options.rms_norm_eps = info.rms_norm_eps;

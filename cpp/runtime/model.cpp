@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "osengine/errors.hpp"
+#include "osengine/hadamard.hpp"
 #include "osengine/int4.hpp"
 #include "osengine/runtime/errors.hpp"
 #include "safetensors.hpp"
@@ -258,6 +259,17 @@ LoadedLinear quantized_linear(const Loader& loader, const SafetensorsFile& file,
   if (loader.field_or<bool>(entry, "bias", false, where)) q.bias = loader.floats(file, name + ".bias", {out});
   if (loader.field_or<bool>(entry, "runtime_shift", false, where))
     q.input_shift = loader.floats(file, name + ".input_shift", {in});
+  // "input_rotation": null or absent (folders written before online rotations) = none; "hadamard" = x H / sqrt(in)
+  if (entry.contains("input_rotation") && !entry["input_rotation"].is_null()) {
+    const json& rotation = entry["input_rotation"];
+    if (!rotation.is_string() || rotation.get<std::string>() != "hadamard")
+      loader.fail(where + ": input_rotation " + rotation.dump() +
+                  " is not one the native runtime runs (null or \"hadamard\")");
+    if (!is_hadamard_order(in))
+      loader.fail(where + ": input_rotation \"hadamard\" needs a Hadamard order of inputs (m * 2^k with m = 1 or a "
+                          "Paley order <= 256), got " + std::to_string(in));
+    q.rotate_input = true;
+  }
 
   q.weight_group_size = group;
   return {std::move(q), std::move(codes), std::move(scale)};
@@ -280,7 +292,7 @@ bool same_input_quantization(const QuantizedLinear& a, const QuantizedLinear& b)
   return a.in_features == b.in_features && a.weight_bits == b.weight_bits &&
          a.weight_group_size == b.weight_group_size && x.bits == y.bits && x.symmetric == y.symmetric &&
          x.dynamic == y.dynamic && x.group_size == y.group_size && x.step == y.step && x.zero_point == y.zero_point &&
-         a.input_shift == b.input_shift;
+         a.input_shift == b.input_shift && a.rotate_input == b.rotate_input;
 }
 
 // Pack one layer, or one GEMM over the members' concatenated weights (rows in member order).
@@ -302,6 +314,7 @@ QuantizedLinear pack_fused(const Loader& loader, std::vector<LoadedLinear>& memb
   fused.weight_group_size = first.weight_group_size;
   fused.activation = first.activation;
   fused.input_shift = first.input_shift;
+  fused.rotate_input = first.rotate_input;
   const bool any_bias =
       std::any_of(members.begin(), members.end(), [](const LoadedLinear& m) { return !m.layer.bias.empty(); });
   std::vector<std::int8_t> codes;

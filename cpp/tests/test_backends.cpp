@@ -433,26 +433,29 @@ struct QuantCase {
   int bits = 8;
   std::int64_t group = 0;
   bool per_group_params = false;
+  bool rotate = false;     // the online Hadamard rotation
+  int prologue = 0;        // 0: none, 1: silu_gate (x is [gate | up], 2k columns), 2: rms_norm_weight
   std::uint32_t seed = 1;
 };
 
 void run_quant_case(const QuantCase& c, const std::string& backend) {
-  const std::int64_t m = c.m, k = c.k;
-  std::vector<float> x = random_floats(static_cast<std::size_t>(m * k), c.seed, 3.0f);
+  const std::int64_t m = c.m, k = c.k, x_cols = c.prologue == 1 ? 2 * k : k;
+  std::vector<float> x = random_floats(static_cast<std::size_t>(m * x_cols), c.seed, 3.0f);
   // Outliers, exact zeros, ties of round-half-even and a row of zeros.
   for (std::size_t i = 0; i < x.size(); i += 37) x[i] = 0.0f;
   for (std::size_t i = 5; i < x.size(); i += 101) x[i] = (i % 2 ? 1.0f : -1.0f) * 200.0f;
   for (std::size_t i = 11; i < x.size(); i += 53) x[i] = 2.5f;
   if (m > 2)
-    for (std::int64_t i = 0; i < k; ++i) x[static_cast<std::size_t>(k + i)] = 0.0f;
+    for (std::int64_t i = 0; i < x_cols; ++i) x[static_cast<std::size_t>(x_cols + i)] = 0.0f;
   std::vector<std::uint16_t> xh;
   TensorView xv;
   if (c.bf16) {
     for (float v : x) xh.push_back(detail::float_to_bf16(v));
-    xv = tv(xh.data(), DType::bfloat16, {m, k});
+    xv = tv(xh.data(), DType::bfloat16, {m, x_cols});
   } else {
-    xv = tv(x.data(), DType::float32, {m, k});
+    xv = tv(x.data(), DType::float32, {m, x_cols});
   }
+  std::vector<float> norm = random_floats(static_cast<std::size_t>(k), c.seed + 4, 1.0f);
   std::vector<float> shift = random_floats(static_cast<std::size_t>(k), c.seed + 1, 1.0f);
   std::vector<float> smooth(static_cast<std::size_t>(k));
   {
@@ -466,11 +469,18 @@ void run_quant_case(const QuantCase& c, const std::string& backend) {
   opt.bits = c.bits;
   opt.symmetric = c.symmetric;
   opt.group_size = c.group;
+  opt.rotate = c.rotate;
+  opt.silu_gate = c.prologue == 1;
+  if (c.prologue == 2) {
+    opt.rms_norm_weight = tv(norm.data(), DType::float32, {k});
+    opt.rms_norm_eps = 1e-5f;
+  }
   const std::int64_t groups = c.group > 0 ? k / c.group : 1;
   std::vector<std::int8_t> q_ref(static_cast<std::size_t>(m * k)), q_avx(static_cast<std::size_t>(m * k), 99);
   std::ostringstream what;
   what << "quantize m=" << m << " k=" << k << " bf16=" << c.bf16 << " shift=" << c.shift << " smooth=" << c.smooth
-       << " dyn=" << c.dynamic << " sym=" << c.symmetric << " bits=" << c.bits << " g=" << c.group;
+       << " dyn=" << c.dynamic << " sym=" << c.symmetric << " bits=" << c.bits << " g=" << c.group
+       << " rotate=" << c.rotate << " prologue=" << c.prologue;
   if (c.dynamic) {
     std::vector<float> d_ref(static_cast<std::size_t>(m * groups)), d_avx(static_cast<std::size_t>(m * groups), -1.0f);
     std::vector<std::int32_t> z_ref(static_cast<std::size_t>(m * groups)), z_avx(static_cast<std::size_t>(m * groups), 99);
@@ -535,6 +545,55 @@ BACKEND_TEST(quantize_matches_reference) {
         c.m = 4095, c.k = 64, c.group = 32, c.bf16 = true, c.per_group_params = true;
         run_quant_case(c, backend);
       }
+}
+
+BACKEND_TEST(quantize_rotated_matches_reference) {
+  // The online Hadamard rotation: the orders of real widths (Paley bases 12, 28, 36 and Sylvester blocks of every
+  // length up to 512), every row count the kernels split differently, static / dynamic, symmetric / asymmetric,
+  // groups over the rotated row, bit widths 2..8, the SiLU gate (down_proj's input) and the RMSNorm prologues.
+  std::uint32_t seed = 5000;
+  for (std::int64_t k : {1, 2, 4, 12, 16, 24, 28, 36, 576, 1536, 4096})
+    for (std::int64_t m : {1, 3, 17, 64})
+      for (int variant = 0; variant < 6; ++variant) {
+        QuantCase c;
+        c.m = m, c.k = k, c.rotate = true;
+        c.dynamic = variant % 2 == 0;
+        c.symmetric = variant % 3 != 0;
+        c.prologue = variant < 3 ? 1 : (variant == 3 ? 2 : 0);  // silu_gate in half the cases
+        c.shift = variant >= 2;
+        c.smooth = variant >= 4;
+        c.bf16 = variant == 5;
+        c.bits = 2 + static_cast<int>(seed % 7);
+        // groups: a quarter of the row (the blocks of the rotation straddle them), or one group
+        c.group = (k % 4 == 0 && variant % 2 == 1) ? k / 4 : 0;
+        c.per_group_params = variant % 3 == 1;
+        c.seed = seed++;
+        run_quant_case(c, backend);
+      }
+}
+
+BACKEND_TEST(quantize_rotated_nonfinite_row) {
+  // A NaN anywhere in a row reaches every rotated value: the row is reported, as without the rotation.
+  const std::int64_t m = 9, k = 24;
+  std::vector<float> x = random_floats(static_cast<std::size_t>(m * k), 11, 1.0f);
+  x[static_cast<std::size_t>(6 * k + 17)] = std::nanf("");
+  std::vector<std::int8_t> codes(static_cast<std::size_t>(m * k));
+  std::vector<float> delta(static_cast<std::size_t>(m));
+  std::vector<std::int32_t> zp(static_cast<std::size_t>(m));
+  detail::QuantizeProblem p;
+  p.x = x.data();
+  p.m = m, p.k = k, p.group_size = k, p.qmin = -127, p.qmax = 127, p.dynamic = true;
+  p.out_delta = delta.data(), p.out_zero_point = zp.data(), p.codes = codes.data();
+  p.rotate = true;
+  p.hadamard = detail::hadamard_plan(k);
+  CHECK_EQ(detail::quantize_reference(p), 6);
+  CHECK_EQ(detail::find_kernels(backend)->quantize(p), 6);
+  // finite x whose rotated sums overflow: row 2
+  std::vector<float> x2 = random_floats(static_cast<std::size_t>(m * k), 12, 1.0f);
+  for (std::int64_t i = 0; i < k; ++i) x2[static_cast<std::size_t>(2 * k + i)] = 3e38f;
+  p.x = x2.data();
+  CHECK_EQ(detail::quantize_reference(p), 2);
+  CHECK_EQ(detail::find_kernels(backend)->quantize(p), 2);
 }
 
 BACKEND_TEST(quantize_nonfinite_row) {

@@ -522,6 +522,7 @@ def _quantization_manifest(model, source, recipe, strategy, strategy_options, ar
     return {"base_model": base, "recipe": recipe.to_dict(), "prefix": list(getattr(model, "osengine_prefix", [])),
             "strategy": strategy.name, "strategy_options": dict(strategy_options or {}),
             "architecture": arch.name, **structure_manifest(model),
+            "model_transforms": getattr(model, "osengine_report", {}).get("model_transforms", {}),
             "calibration": {"source": str(calibration) if isinstance(calibration, (str, Path)) else
                             type(calibration).__name__, "samples": int(ids_only.shape[0]),
                             "seq_len": int(ids_only.shape[1])}}

@@ -293,6 +293,40 @@ def test_quantize_half_inputs(rng, dtype):
     np.testing.assert_array_equal(host(got.scale), want.scale)
 
 
+# ---- the online Hadamard rotation (rotate=True): one block per row, the row in shared memory ----------------------
+# K: Paley bases 12 / 28 / 36 / 76 with Sylvester blocks, pure Sylvester, and 14336 (56 KB: above the 48 KB default
+# per-block limit, the opt-in path); groups split the rotated row.
+ROTATE_SHAPES = [(1, 1), (3, 2), (17, 12), (5, 24), (64, 28), (3, 36), (33, 576), (17, 1536), (5, 4096), (2, 4864),
+                 (3, 14336)]
+
+
+@pytest.mark.parametrize("m,k", ROTATE_SHAPES)
+@pytest.mark.parametrize("bits,symmetric,groups", [(8, False, 1), (8, True, 1), (4, False, 4), (3, True, 2)])
+def test_quantize_rotated(rng, m, k, bits, symmetric, groups):
+    group = k // groups if groups > 1 and k % groups == 0 else 0
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3 + 0.5
+    shift = rng.standard_normal(k).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    kwargs = dict(bits=bits, symmetric=symmetric, group_size=group, rotate=True)
+    want = osengine.quantize_activations(x, shift=shift, smooth_scale=scale, backend="reference", **kwargs)
+    got = osengine.quantize_activations(cuda(x), shift=cuda(shift), smooth_scale=cuda(scale), **kwargs)
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(host(g), r)
+    delta = rng.uniform(0.01, 0.1, max(1, groups if group else 1)).astype(np.float32)
+    want = osengine.quantize_activations(x, scale=delta, backend="reference", **kwargs)
+    got = osengine.quantize_activations(cuda(x), scale=cuda(delta), **kwargs)
+    np.testing.assert_array_equal(host(got.codes), want.codes)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_quantize_rotated_half_inputs(rng, dtype):
+    x = torch.randn(13, 1536).to(getattr(torch, dtype))
+    want = osengine.quantize_activations(x.float().numpy(), symmetric=False, backend="reference", rotate=True)
+    got = osengine.quantize_activations(x.to(DEVICE), symmetric=False, rotate=True)
+    np.testing.assert_array_equal(host(got.codes), want.codes)
+    np.testing.assert_array_equal(host(got.scale), want.scale)
+
+
 # ---- errors ---------------------------------------------------------------------------------------------------------
 def test_mixed_devices_are_named(rng):
     w = int8_weights(rng, 8, 32)

@@ -67,9 +67,9 @@ CALIBRATION = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_
 FRESH = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-def quantized(kind, recipe="w8a8-static", biases=False, **options):
+def quantized(kind, recipe="w8a8-static", biases=False, strategy="osplus", **options):
     model = tiny(kind, biases)
-    osengine.quantize(model, recipe=recipe, strategy="osplus", calibration=CALIBRATION, n_samples=4, seq_len=32,
+    osengine.quantize(model, recipe=recipe, strategy=strategy, calibration=CALIBRATION, n_samples=4, seq_len=32,
                       progress=False, **options)
     return model
 
@@ -269,6 +269,19 @@ def test_runtime_shift_is_refused(tmp_path):
     model = quantized("llama", strategy_options={"shift": "runtime", "max_grid_steps": 10})
     refused(model, tmp_path, r"model.layers.0.self_attn.q_proj cannot be exported as compressed-tensors: it applies "
                              r"an OS\+ shift at run time .* no per-channel input shift")
+
+
+def test_an_online_rotation_is_refused_and_an_offline_one_exports(tmp_path):
+    refused(quantized("llama", strategy="rotate"), tmp_path,
+            r"model.layers.0.self_attn.o_proj rotates its input at run time .* online=none")
+    offline = quantized("llama", strategy="rotate", strategy_options={"online": "none"})
+    export_compressed_tensors(offline, None, tmp_path / "offline")
+    assert json.loads((tmp_path / "offline" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_rotated_layernorm_model_is_refused(tmp_path):
+    refused(quantized("opt", strategy="rotate", strategy_options={"online": "none"}), tmp_path,
+            r"LayerNorms became RMSNorms")
 
 
 def test_int4_activations_are_refused(tmp_path):

@@ -75,6 +75,8 @@ def assert_same_folder(got: Path, want: Path):
     ("bert", "w8a8-static", "osplus", {}, 2),        # post-LN: block N folds into block N - 1's output norm
     ("qwen2", "w8a8-static", "outliertune", {}, 1),
     ("bloom", "w8a8-token", "smoothquant", {}, 2),
+    ("llama", "w4a4-token", "rotate+osplus", {}, 1),   # the rotation is applied again, then the blocks restored
+    ("opt", "w8a8-token", "rotate", {"weight_rounding": "gptq"}, 0),   # LayerNorms replaced by RMSNorms
 ])
 def test_a_resumed_run_writes_the_same_folder_as_an_uninterrupted_one(kind, recipe, strategy, options, stop_after,
                                                                          tmp_path):

@@ -289,6 +289,91 @@ def test_folders_it_cannot_run_give_clear_errors(folders, tmp_path):
         load_native(garbage)
 
 
+# ---------------------------------------------------------------- online Hadamard rotations (QuaRot)
+
+def rotated_quantized_folder(root, recipe, intermediate_size=192):
+    """A tiny LLaMA whose down_proj inputs are rotated online (x H / sqrt(K) inside the quantize kernel, behind the
+    fused SiLU gate; the weights W H / sqrt(K)), quantized (minmax: an OS+ migration would have to commute with the
+    rotation) and saved: the manifest carries "input_rotation": "hadamard" for those layers."""
+    from osengine.quant.hadamard import hadamard_matrix
+    from osengine.quant.layers import FakeQuantLinear
+
+    model = build("llama", hidden_size=64, layers=2, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, intermediate_size=intermediate_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p[[3, 17]] = torch.tensor([12.0, -9.0])
+        for layer in model.model.layers:
+            down = FakeQuantLinear(layer.mlp.down_proj)
+            down.weight.copy_((down.weight.double() @ hadamard_matrix(down.in_features)).float())
+            down.set_input_rotation("hadamard")
+            layer.mlp.down_proj = down
+    calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    name = recipe if isinstance(recipe, str) else recipe["name"]
+    folder = root / f"llama-rotated-{name}-{intermediate_size}"
+    osengine.quantize(model, recipe=RECIPES.get(recipe, recipe) if isinstance(recipe, str) else recipe,
+                      strategy="minmax", calibration=calib, n_samples=4, seq_len=32, out=folder, progress=False)
+    return folder
+
+
+ROTATED = [("w8a8-static", 192), ("w8a8-token", 128), ("w4a8-group16", 192), ("w4a4", 192)]
+
+
+@pytest.fixture(scope="module")
+def rotated_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-rotated")
+    return {key: rotated_quantized_folder(root, *key) for key in ROTATED}
+
+
+@pytest.mark.parametrize("key", ROTATED, ids=lambda k: f"{k[0]}-ff{k[1]}")
+def test_rotated_down_proj_matches_the_integer_exact_simulation(rotated_folders, key):
+    folder = rotated_folders[key]
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    for i in range(2):
+        assert manifest["layers"][f"model.layers.{i}.mlp.down_proj"]["input_rotation"] == "hadamard"
+        assert manifest["layers"][f"model.layers.{i}.mlp.up_proj"]["input_rotation"] is None
+    exact = simulation(folder)
+    assert exact.model.layers[0].mlp.down_proj.input_rotation == "hadamard"  # load_quantized restored it
+    ids = prompt()
+    with torch.no_grad():
+        want = exact(input_ids=torch.tensor([ids])).logits[0].numpy()
+    model = load_native(folder)
+    got = model.context(n_ctx=128).decode(ids, all_logits=True)
+    per_position = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+    assert np.median(per_position) <= 1e-5, per_position   # as for the folders above
+    assert per_position.max() <= 1e-3, per_position
+    with torch.no_grad():
+        greedy = exact.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    assert model.context(n_ctx=128).generate(ids, max_new_tokens=32) == greedy
+    # the runtime does rotate: without the rotation (the manifest edited) the logits move
+    unrotated = folder.parent / (folder.name + "-unrotated")
+    import shutil
+
+    shutil.copytree(folder, unrotated)
+    _edit_manifest(unrotated, lambda m: [m["layers"][f"model.layers.{i}.mlp.down_proj"].update(input_rotation=None)
+                                         for i in range(2)])
+    assert np.abs(load_native(unrotated).context(n_ctx=128).decode(ids, all_logits=True) - got).max() > 1e-3
+
+
+def test_rotated_folders_it_cannot_run_give_clear_errors(rotated_folders, tmp_path):
+    import shutil
+
+    source = rotated_folders["w8a8-token", 128]
+    unknown = tmp_path / "unknown"
+    shutil.copytree(source, unknown)
+    _edit_manifest(unknown, lambda m: m["layers"]["model.layers.1.mlp.down_proj"].update(input_rotation="givens"))
+    with pytest.raises(LoadError, match=r"layer 'model.layers.1.mlp.down_proj': input_rotation \"givens\" is not "
+                                        r"one the native runtime runs \(null or \"hadamard\"\)"):
+        load_native(unknown)
+    older = tmp_path / "older"   # folders written before online rotations have no input_rotation: none
+    shutil.copytree(rotated_folders["w8a8-static", 192], older)
+    _edit_manifest(older, lambda m: [entry.pop("input_rotation", None) for entry in m["layers"].values()])
+    logits = load_native(older).context(n_ctx=32).decode(prompt(8))
+    assert logits.shape[-1] == VOCAB and np.isfinite(logits).all()
+
+
 # ---------------------------------------------------------------- a model quantized behind a prefix (PrefixQuant)
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 #include "osengine/backend.hpp"
 #include "osengine/errors.hpp"
 #include "osengine/gemm.hpp"
+#include "osengine/hadamard.hpp"
 #include "osengine/int4.hpp"
 #include "osengine/packed_weights.hpp"
 #include "osengine/quantize.hpp"

@@ -2,6 +2,7 @@
 //
 //     x = rms_norm_weight[k] * (x * r),  r = 1 / sqrt(sum_k(x^2) / K + eps)   (optional, see QuantizeOptions)
 //     x = silu(gate[k]) * up[k]  for x = [gate | up] of 2K columns            (optional, see QuantizeOptions)
+//     x = x H_K / sqrt(K)        online Hadamard rotation of the whole row    (optional: QuantizeOptions::rotate)
 //     y = (x - shift[k]) / smooth_scale[k]                 (both optional, per channel k of K)
 //     q = clamp(round_half_even(y / delta) + zero_point, qmin, qmax)      stored as int8
 //
@@ -39,6 +40,14 @@ struct QuantizeOptions {
   // the GEMM epilogue (x / (1 + exp(-x)) with osengine's exp). out_codes, shift and smooth_scale are sized by K.
   // CPU only; not together with rms_norm_weight.
   bool silu_gate = false;
+  // Optional online Hadamard rotation (QuaRot), after the rms_norm_weight / silu_gate prologue and before shift and
+  // smooth_scale: each row x of K values becomes x H_K / sqrt(K) (H_K = kron(H_m, Sylvester_{2^k}), H_m = 1 or a
+  // Paley matrix), computed in fp32 in the fixed order of python/osengine/quant/hadamard.py (butterflies, then the
+  // dense H_m stage with its terms in order, then the scale), so every backend gives the same floats. The layer's
+  // weight holds W H_K / sqrt(K), so that the product is unchanged. K must be m * 2^k with m = 1 or a Paley order
+  // <= 256 (e.g. 576 = 36 * 16, 1536 = 12 * 128, 14336 = 28 * 512; not 11008), else ArgumentError naming 'rotate'.
+  // Groups (group_size) split the rotated row. Works with either prologue, on every backend (CUDA: without them).
+  bool rotate = false;
 };
 
 // Static (calibrated) quantization. x: [M, K] float32 or bfloat16, contiguous.

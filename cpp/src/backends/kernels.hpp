@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/hadamard.hpp"
 #include "osengine/backend.hpp"
 #include "osengine/gemm.hpp"
 #include "osengine/packed_weights.hpp"
@@ -26,6 +27,10 @@ struct QuantizeProblem {
   const float* smooth_scale = nullptr;  // [k] or null
   const float* rms_norm_weight = nullptr;  // [k] or null: x is normalized first (see quantize.hpp)
   float rms_norm_eps = 0.0f;
+  // Online Hadamard rotation of each row (after the prologue, before the shift): `hadamard` is the plan of order k
+  // (the op checked that k is supported).
+  bool rotate = false;
+  HadamardPlan hadamard{};
   std::int64_t group_size = 0;          // > 0, divides k (k itself when the op was given 0)
   int qmin = 0, qmax = 0;
   bool symmetric = true;
@@ -94,8 +99,9 @@ struct Kernels {
   Backend id = Backend::reference;  // the public Backend it implements (a variant names the one it stands for)
   Device device = Device::cpu;      // where its operands live
   bool (*available)() = nullptr;    // whether it can run on this machine (CPU features, a GPU)
-  // Returns the first row whose transformed values y = (x - shift) / smooth_scale hold a NaN or Inf, or -1 (rows
-  // after a non-finite one may or may not have been written; device backends do not check: always -1).
+  // Returns the first row whose transformed values y = (x - shift) / smooth_scale (after the prologue and the
+  // rotation) hold a NaN or Inf, or -1 (rows after a non-finite one may or may not have been written; device
+  // backends do not check: always -1).
   std::int64_t (*quantize)(const QuantizeProblem& problem) = nullptr;
   void (*gemm)(const GemmProblem& problem) = nullptr;
   WeightLayout (*pack_weights)(const std::int8_t* codes, std::int64_t n, std::int64_t k, int bits,

@@ -8,8 +8,10 @@
 
 #include "core/checks.hpp"
 #include "core/float_math.hpp"
+#include "core/hadamard.hpp"
 #include "backends/kernels.hpp"
 #include "osengine/errors.hpp"
+#include "osengine/hadamard.hpp"
 
 namespace osengine {
 
@@ -68,6 +70,14 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
       check.fail("rms_norm_eps", "must be positive and finite, got " + std::to_string(options.rms_norm_eps));
   }
   if (smooth_scale.defined()) check.positive_finite(smooth_scale, "smooth_scale");
+  // The rotation is over the whole row of K values (groups split the rotated row): K must be a Hadamard order.
+  if (options.rotate && !is_hadamard_order(k)) {
+    std::ostringstream msg;
+    msg << "no Hadamard matrix of order K = " << k
+        << (options.silu_gate ? " (half the columns of x: silu_gate)" : " (the last dimension of x)")
+        << " is constructed here; supported orders are " << detail::hadamard_supported_forms();
+    check.fail("rotate", msg.str());
+  }
   check.tensor(out_codes, "out_codes", {DType::int8}, 2);
   if (out_codes.size(0) != m || out_codes.size(1) != k)
     check.fail("out_codes", std::string(options.silu_gate ? "must be [M, K] for x = [gate | up] of shape "
@@ -85,6 +95,8 @@ detail::QuantizeProblem common_problem(const detail::Checker& check, const Tenso
   p.smooth_scale = smooth_scale.defined() ? smooth_scale.ptr<const float>() : nullptr;
   p.rms_norm_weight = norm.defined() ? norm.ptr<const float>() : nullptr;
   p.rms_norm_eps = options.rms_norm_eps;
+  p.rotate = options.rotate;
+  if (options.rotate) p.hadamard = detail::hadamard_plan(k);
   p.group_size = options.group_size > 0 ? options.group_size : k;
   const CodeRange range = code_range(options.bits, options.symmetric);
   p.qmin = range.qmin;
@@ -124,25 +136,47 @@ std::int64_t run_quantize(detail::QuantizeProblem& p, const TensorView& x, const
       check.fail("x", msg.str());
     }
   }
+  // x is finite in this row: find the stage that overflowed by recomputing the row as the reference does.
   std::ostringstream msg;
+  const auto load = [&](std::int64_t col) {
+    const std::int64_t i = row * p.x_row_elements() + col;
+    return p.x_dtype == DType::bfloat16 ? detail::bf16_to_float(static_cast<const std::uint16_t*>(p.x)[i])
+                                        : static_cast<const float*>(p.x)[i];
+  };
+  std::vector<float> y(static_cast<std::size_t>(p.k));
+  for (std::int64_t col = 0; col < p.k; ++col)
+    y[static_cast<std::size_t>(col)] = p.silu_gate ? detail::silu_approx(load(col)) * load(p.k + col) : load(col);
   if (p.rms_norm_weight) {
-    std::vector<float> x(static_cast<std::size_t>(p.k));
-    for (std::int64_t col = 0; col < p.k; ++col) {
-      const std::int64_t i = row * p.k + col;
-      x[static_cast<std::size_t>(col)] = p.x_dtype == DType::bfloat16
-                                             ? detail::bf16_to_float(static_cast<const std::uint16_t*>(p.x)[i])
-                                             : static_cast<const float*>(p.x)[i];
-    }
-    const float r = detail::rms_norm_factor(x.data(), p.k, p.rms_norm_eps);
+    const float r = detail::rms_norm_factor(y.data(), p.k, p.rms_norm_eps);
     if (!std::isfinite(r) || r == 0.0f) {
       msg << "the sum of squares of row " << row << " overflows float32 in the fused RMSNorm; x is too large to be "
           << "normalized in fp32";
       check.fail("x", msg.str());
     }
+    for (std::int64_t col = 0; col < p.k; ++col)
+      y[static_cast<std::size_t>(col)] = p.rms_norm_weight[col] * (y[static_cast<std::size_t>(col)] * r);
   }
-  if (p.silu_gate) {
-    msg << "silu(gate) * up overflows to a non-finite value in row " << row << " although x is finite there";
-    check.fail("x", msg.str());
+  const auto all_finite = [](const std::vector<float>& v) {
+    for (float e : v)
+      if (!std::isfinite(e)) return false;
+    return true;
+  };
+  if (!all_finite(y)) {
+    if (p.silu_gate)
+      msg << "silu(gate) * up overflows to a non-finite value in row " << row << " although x is finite there";
+    else
+      msg << "the fused RMSNorm w * (x * r) overflows to a non-finite value in row " << row
+          << " although x is finite there";
+    check.fail(p.silu_gate ? "x" : "rms_norm_weight", msg.str());
+  }
+  if (p.rotate) {
+    std::vector<float> rotated(y.size());
+    detail::hadamard_transform_row(p.hadamard, y.data(), rotated.data());
+    if (!all_finite(rotated)) {
+      msg << "the Hadamard rotation (rotate) of row " << row << " overflows float32 although x is finite there; the "
+          << "row's values are too large to be summed in fp32";
+      check.fail("rotate", msg.str());
+    }
   }
   msg << "(x - shift) / smooth_scale overflows to a non-finite value in row " << row
       << " although x is finite there; check that smooth_scale is not tiny";

@@ -5,7 +5,7 @@ Sites of block i: the LayerNorm before it (embeddings.LayerNorm for block 0, els
 intermediate.dense (inspected: pre-activation). The LayerNorm output is also the residual of the next Add & Norm,
 which restores it as X' * s + z (a small runtime cost).
 """
-from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite
+from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite, PluginError
 
 
 class Bert(Architecture):
@@ -32,3 +32,9 @@ class Bert(Architecture):
 
     def attention_modules(self, model):
         return [layer.attention.self for layer in self.layer_list(model)[1]]
+
+    def rotation_layout(self, model):
+        raise PluginError("strategy rotate: BERT is post-LayerNorm — each LayerNorm (with its per-channel weight and "
+                          "bias) acts on the residual stream itself, not on a branch, so no rotation of the stream "
+                          "can pass through it and nothing can absorb the inverse; rotations need pre-norm models "
+                          "(llama, mistral, qwen2, opt)")

@@ -5,7 +5,16 @@ post_attention_layernorm -> gate,up (inspected: SiLU(gate) * up); gate*up -> dow
 the scale is folded into the rows of up_proj, exact because SiLU(g) * (u / s) = (SiLU(g) * u) / s).
 RMSNorm has no bias, so a shift can only be applied at run time (osplus shift=runtime).
 """
-from osengine.plugin_api import Architecture, AttentionOutput, GatedMLP, GatedOutput, LinearOutput, MigrationSite
+from osengine.plugin_api import (
+    Architecture,
+    AttentionOutput,
+    GatedMLP,
+    GatedOutput,
+    LinearOutput,
+    MigrationSite,
+    NormReaders,
+    RotationLayout,
+)
 
 
 class Llama(Architecture):
@@ -33,3 +42,13 @@ class Llama(Architecture):
 
     def attention_modules(self, model):
         return [layer.self_attn for layer in self.layer_list(model)[1]]
+
+    def rotation_layout(self, model):
+        prefix = "model." if hasattr(model, "model") else ""
+        return RotationLayout(
+            embeddings=(f"{prefix}embed_tokens",), final_norm=f"{prefix}norm",
+            lm_head="lm_head" if hasattr(model, "lm_head") else None,
+            norms=(NormReaders("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                   NormReaders("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+            writers=("self_attn.o_proj", "mlp.down_proj"), value_output=("self_attn.v_proj", "self_attn.o_proj"),
+            online=("mlp.down_proj",), online_attention="self_attn.o_proj")

@@ -3,7 +3,15 @@
 Sites: self_attn_layer_norm -> q,k,v (inspected: attention output before out_proj, with the causal mask);
 final_layer_norm -> fc1 (inspected: fc1 pre-activation). out_proj and fc2 are left alone.
 """
-from osengine.plugin_api import Architecture, AttentionOutput, LinearOutput, MigrationSite, PluginError
+from osengine.plugin_api import (
+    Architecture,
+    AttentionOutput,
+    LinearOutput,
+    MigrationSite,
+    NormReaders,
+    PluginError,
+    RotationLayout,
+)
 
 
 class OPT(Architecture):
@@ -30,3 +38,13 @@ class OPT(Architecture):
 
     def attention_modules(self, model):
         return [layer.self_attn for layer in self.layer_list(model)[1]]
+
+    def rotation_layout(self, model):
+        prefix = "model.decoder." if hasattr(model, "model") else "decoder."
+        return RotationLayout(
+            embeddings=(f"{prefix}embed_tokens", f"{prefix}embed_positions"), final_norm=f"{prefix}final_layer_norm",
+            lm_head="lm_head" if hasattr(model, "lm_head") else None,
+            norms=(NormReaders("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                   NormReaders("final_layer_norm", ("fc1",))),
+            writers=("self_attn.out_proj", "fc2"), value_output=("self_attn.v_proj", "self_attn.out_proj"),
+            online=("fc2",), online_attention="self_attn.out_proj", centered=True)

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ..plugins.api import Reduction
 from ..quant.gptq import gptq_quantize_weight
+from ..quant.hadamard import hadamard_transform
 from ..quant.layers import FakeQuantLinear
 from ..quant.recipes import Recipe
 from ..quant.spec import quantize_weight
@@ -16,7 +17,8 @@ from .blocks import run_block
 def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: list, masks: list,
                      reduction: Reduction = None) -> dict:
     """For each linear of the block that will be quantized: the sum over the real calibration tokens of x x^T
-    (fp32, [in, in]), x being its input as the quantizer will see it (after a runtime shift). One pass of the block
+    (fp32, [in, in]), x being its input as the quantizer will see it (after an online rotation and a runtime
+    shift). One pass of the block
     in floating point; linears reading the same tensor (q/k/v, gate/up) share one sum. Batches are summed in float64,
     so that the sum does not depend on its order (several processes: `reduction` adds theirs)."""
     linears = {n: m for n, m in block.named_modules()
@@ -24,12 +26,14 @@ def collect_hessians(block: nn.Module, block_name: str, recipe: Recipe, calls: l
     sums, owner, seen, current_mask = {}, {}, [], [None]
 
     def hook(m, args, name):
-        for other_input, other_shift, other_name in seen:  # the same tensor as a sibling (kept alive, so identity
-            if other_input is args[0] and other_shift is m.input_shift:  # is safe): share its sum
+        for other_input, other_shift, other_rotation, other_name in seen:  # the same tensor as a sibling (kept
+            # alive, so identity is safe): share its sum
+            if other_input is args[0] and other_shift is m.input_shift and other_rotation == m.input_rotation:
                 owner[name] = other_name
                 return
-        seen.append((args[0], m.input_shift, name))
-        x = args[0] if m.input_shift is None else args[0] - m.input_shift
+        seen.append((args[0], m.input_shift, m.input_rotation, name))
+        x = args[0] if m.input_rotation is None else hadamard_transform(args[0]).to(args[0].dtype)
+        x = x if m.input_shift is None else x - m.input_shift
         mask = current_mask[0]
         rows = x[mask] if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
         rows = rows.float()

@@ -83,12 +83,21 @@ def _collect_site_inputs(model, block, sites, calls, n_search):
     return inputs, module_calls
 
 
+def transforms_model(strategy: Strategy) -> bool:
+    """True when the strategy (or a part of a composed one) transforms the whole model before calibration."""
+    parts = getattr(strategy, "parts", [strategy])
+    return any(type(p).prepare is not Strategy.prepare for p in parts)
+
+
 @torch.no_grad()
 def wrap_block(state: BlockState) -> None:
-    """Fake-quant linears (still exact) in place of the block's nn.Linears, and the block's migration sites."""
+    """Fake-quant linears (still exact) in place of the block's nn.Linears, and the block's migration sites (but not
+    those read through an online rotation: a scale folded into the producer would act before the rotation, which
+    the strategies' error does not model)."""
     wrap_linears(state.block)
     state.sites = [s for s in state.arch.sites(state.model, state.index)
-                   if any(not state.recipe.keeps_fp(c) for c in s.consumers)]
+                   if any(not state.recipe.keeps_fp(c) for c in s.consumers)
+                   and not any(getattr(state.model.get_submodule(c), "input_rotation", None) for c in s.consumers)]
 
 
 @torch.no_grad()
@@ -267,6 +276,11 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
     inputs are captured, `load_block(model, index, name)` before a block's steps and `release_block(model, index,
     name)` after them (the block's tensors go to disk)."""
     device = next(model.parameters()).device
+    if residency is not None and transforms_model(strategy):
+        raise PluginError(f"strategy {strategy.name} transforms the whole model before calibration (e.g. a "
+                          "rotation), which needs every weight in memory; it cannot stream a model larger than "
+                          "memory (max_memory) in this version")
+    transforms = strategy.prepare(model, arch)   # before anything is measured: the prefix's keys and values too
     prefix = [int(t) for t in prefix]
     if prefix and recipe.bmm_inputs:
         raise PluginError("a full-precision prefix cannot be combined with recipe field 'bmm_inputs' (quantized "
@@ -296,6 +310,7 @@ def calibrate_blockwise(model: nn.Module, arch: Architecture, recipe: Recipe, st
         raise PluginError(f"architecture {arch.name} found no blocks in the model")
     _prepare_bmm_quantization(model, arch, recipe)
     report = {"architecture": arch.name, "strategy": strategy.name, "recipe": recipe.to_dict(), "prefix": prefix,
+              "model_transforms": transforms or {},
               **{s.report: [] for s in steps if s.report}, "step_seconds": {s.name: 0.0 for s in steps}}
     t0 = time.time()
     restored = checkpoints.restore(model, block_names) if checkpoints is not None else None

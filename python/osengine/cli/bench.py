@@ -8,13 +8,15 @@ peak memory is its own):
   decode    greedy decoding with the KV cache: after an untimed prefill of a --prompt-len prompt, --new-tokens steps
             of model(next_token [batch, 1], past_key_values) + argmax, timed together; tokens/s = batch * steps / s.
 
-Impls: fp32 (CPU) / fp16 (CUDA): the Hugging Face model in floating point. w8a8, w4a8: the model quantized by
-`osengine.quantize` (recipes w8a8-static, w4a8; --strategy, a small calibration) and converted to the engine with
-`convert_to_engine(model, fuse=True, quantize_embeddings=True)` (what a deployment runs: int GEMMs, q/k/v and gate/up
-sharing one quantization and one GEMM, int8 embedding table and lm_head), or reloaded with `osengine.load` when the
-model is a saved quantized folder. w8a8_shift_fused / w8a8_shift_separate: W8A8 calibrated with OS+ and
-shift=runtime, the shift subtracted inside the quantize kernel / in a separate elementwise pass before it. Extra
-impls on request: w8a8_unfused (no shared-input fusion), w8a8_fp_embed (embedding and lm_head kept in fp32).
+Impls: fp32 (CPU) / fp16 (CUDA): the Hugging Face model in floating point. w8a8, w4a8, w4a4: the model quantized by
+`osengine.quantize` (recipes w8a8-static, w4a8-group, w4a4-engine; --strategy, a small calibration; w4a4 rotated
+first: strategy rotate+STRATEGY, its down_proj input Hadamard-transformed inside the quantize kernel) and converted
+to the engine with `convert_to_engine(model, fuse=True, quantize_embeddings=True)` (what a deployment runs: int
+GEMMs, q/k/v and gate/up sharing one quantization and one GEMM, int8 embedding table and lm_head), or reloaded with
+`osengine.load` when the model is a saved quantized folder. w8a8_shift_fused / w8a8_shift_separate: W8A8 calibrated
+with OS+ and shift=runtime, the shift subtracted inside the quantize kernel / in a separate elementwise pass before
+it. Extra impls on request: w8a8_unfused (no shared-input fusion), w8a8_fp_embed (embedding and lm_head kept in
+fp32), w4a4 and runtime-w4a4 (rotated W4A4 on the engine-backed model / the native runtime).
 
 Method: the models are built one after the other, then measured interleaved: at each point every impl runs its
 --warmup untimed runs, then the --repeats timed runs go round the impls in turn (the first impl rotating each round),
@@ -42,13 +44,21 @@ from typing import List, Optional
 
 DEFAULT_PREFILL = "1x128,1x512,8x128"
 DEFAULT_DECODE_BATCH = "1,8"
-RUNTIME_IMPLS = ["runtime-w8a8", "runtime-w4a8"]
+RUNTIME_IMPLS = ["runtime-w8a8", "runtime-w4a8", "runtime-w4a4"]
 LLAMACPP_IMPLS = ["llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-f32"]
-CPU_IMPLS = ["fp32", "w8a8", "w4a8", *RUNTIME_IMPLS, *LLAMACPP_IMPLS]
+CPU_IMPLS = ["fp32", "w8a8", "w4a8", "runtime-w8a8", "runtime-w4a8", *LLAMACPP_IMPLS]
 CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
-EXTRA_IMPLS = ["w8a8_shift_fused", "w8a8_shift_separate", "w8a8_unfused", "w8a8_fp_embed"]
+EXTRA_IMPLS = ["w8a8_shift_fused", "w8a8_shift_separate", "w8a8_unfused", "w8a8_fp_embed", "w4a4", "runtime-w4a4"]
 FLOAT_IMPLS = ("fp32", "fp16", "bf16")
-RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8-group"}
+RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8-group", "w4a4": "w4a4-engine"}
+
+
+def impl_strategy(impl: str, strategy: str) -> str:
+    """The calibration strategy of an impl: W4A4 needs the rotation (QuaRot; strategy rotate), composed with the
+    bench's --strategy unless that is minmax (no migration) or already rotates."""
+    if not impl.replace("runtime-", "").startswith("w4a4") or "rotate" in strategy.split("+"):
+        return strategy
+    return "rotate" if strategy == "minmax" else f"rotate+{strategy}"
 REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "tokens": int, "ms": float,
                    "tokens_per_s": float, "peak_mem_mb": float}
 
@@ -145,7 +155,8 @@ def build_model(impl: str, args):
             model, tokenizer = random_model(args.random, torch.float32, device), None
         else:
             model, tokenizer = load_fp_model(source, device=device)
-        recipe, strategy, options = RECIPES.get(impl.split("_")[0], "w8a8-static"), args.strategy, {}
+        recipe, strategy, options = (RECIPES.get(impl.split("_")[0], "w8a8-static"),
+                                     impl_strategy(impl, args.strategy), {})
         if impl.startswith("w8a8_shift"):
             strategy, options = "osplus", {"shift": "runtime"}
         if args.recipe and impl.startswith("w8a8"):
@@ -238,16 +249,17 @@ def prepare(args) -> dict:
         recipe = args.recipe if (args.recipe and impl == "runtime-w8a8") else bench_native.RUNTIME_IMPLS[impl]
         folder = work / impl
         # a folder this --work-dir already holds from the same source, recipe and calibration is reused
-        stamp = {"source": str(source), "recipe": recipe, "strategy": args.strategy, "calib": str(args.calib),
+        strategy = impl_strategy(impl, args.strategy)
+        stamp = {"source": str(source), "recipe": recipe, "strategy": strategy, "calib": str(args.calib),
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len}
         stamp_file = folder / "bench-stamp.json"
         if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and is_checkpoint(folder):
             print(f"[{impl}] reusing {folder}", file=sys.stderr, flush=True)
             prepared[impl] = str(folder)
             continue
-        print(f"[{impl}] quantizing ({recipe}, {args.strategy}) into {folder} ...", file=sys.stderr, flush=True)
+        print(f"[{impl}] quantizing ({recipe}, {strategy}) into {folder} ...", file=sys.stderr, flush=True)
         fresh, _ = load_fp_model(source)
-        api.quantize(fresh, recipe=recipe, strategy=args.strategy, calibration=_calibration(fresh, tokenizer, args),
+        api.quantize(fresh, recipe=recipe, strategy=strategy, calibration=_calibration(fresh, tokenizer, args),
                      tokenizer=tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len,
                      batch_size=args.calib_samples, out=folder, progress=False)
         stamp_file.write_text(json.dumps(stamp))

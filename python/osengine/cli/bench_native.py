@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIME_IMPLS = {"runtime-w8a8": "w8a8-static", "runtime-w4a8": "w4a8-group"}
+RUNTIME_IMPLS = {"runtime-w8a8": "w8a8-static", "runtime-w4a8": "w4a8-group", "runtime-w4a4": "w4a4-engine"}
 # llama.cpp file types of its quantize API (llama.h: enum llama_ftype)
 LLAMACPP_IMPLS = {"llamacpp-q8_0": ("q8_0", 7), "llamacpp-q4_0": ("q4_0", 2), "llamacpp-f32": ("f32", 0)}
 

@@ -52,6 +52,11 @@ def cmd_quantize(args) -> int:
                "calibration_seconds": round(report["calibration_seconds"], 2), "prefix": report.get("prefix", []),
                "processes": report["processes"],
                "peak_rss_mib": round(report["peak_rss_mib"], 1), **files}
+    rotation = report.get("model_transforms", {}).get("rotation")
+    if rotation:   # what changed outside the recipe's layers: say so
+        summary["rotation"] = (f"hadamard seed {rotation['seed']}, {len(rotation['online'])} linears rotated online"
+                               + (", lm_head untied from the embeddings" if rotation["lm_head_untied"] else "")
+                               + (", LayerNorms replaced by RMSNorms" if rotation["layernorms_replaced"] else ""))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate and fake-quantize a model; save it with --out")
     q.add_argument("model", help="Hugging Face folder, .gguf file, or registered name (smollm2-135m, minilm-l6)")
     q.add_argument("--recipe", default="w8a8-static", help="preset name (osengine recipes) or YAML file")
-    q.add_argument("--strategy", default="osplus", help="calibration strategy (osengine plugins)")
+    q.add_argument("--strategy", default="osplus", help="calibration strategy (osengine plugins); "
+                   "compose a rotation with another: rotate+osplus")
     q.add_argument("--calib", default="generated", help="calibration text file, or 'generated' (default)")
     q.add_argument("--out", help="checkpoint folder (model.safetensors, osengine.json, config, tokenizer) plus "
                                  "report.md and activation_ranges.png")

@@ -17,6 +17,8 @@ __all__ = [
     "PackedWeights",
     "QuantizedActivations",
     "quantize",
+    "hadamard_transform",
+    "is_hadamard_order",
     "pack_weights",
     "gemm",
     "gemm_w4a4",
@@ -40,6 +42,7 @@ cpu_has_avx2 = _C.cpu_has_avx2
 best_cpu_backend = _C.best_cpu_backend
 has_cuda_backend = _C.has_cuda_backend
 registered_backends = _C.registered_backends
+is_hadamard_order = _C.is_hadamard_order
 
 
 class QuantizedActivations(NamedTuple):
@@ -114,6 +117,7 @@ def quantize(
     rms_norm_weight: Any = None,
     rms_norm_eps: float = 1e-6,
     silu_gate: bool = False,
+    rotate: bool = False,
 ) -> QuantizedActivations:
     """Quantize activations x [M, K] (float32 or bfloat16) with an optional fused OS+ shift and scale.
 
@@ -123,6 +127,11 @@ def quantize(
     normalized as by a LLaMA RMSNorm, rms_norm_weight * x / sqrt(mean(x^2) + rms_norm_eps), inside the same pass.
     With `silu_gate` (CPU), x is [gate | up] of shape [M, 2K] and silu(gate) * up [M, K] is quantized (a LLaMA MLP's
     down_proj input, never written out in fp32).
+    With `rotate`, each row (after the norm or gate, before the shift and scale) is first rotated, x H_K / sqrt(K),
+    with the Hadamard matrix of osengine.quant.hadamard and in its hadamard_transform's float32 operation order (the
+    codes are those of quantizing hadamard_transform(x), bit for bit): QuaRot's online rotation, whose inverse the
+    layer's weight holds. K must be m * 2^k with m = 1 or a Paley order <= 256 (is_hadamard_order); groups split the
+    rotated row.
     """
     x = _detach(x)
     m, k = _shape(x, "x", "quantize")
@@ -139,7 +148,7 @@ def quantize(
         scale = _as_array(scale, "float32", x)
         zero_point = _as_array(zero_point, "int32", x)
         _C.quantize_static(x, shift, smooth_scale, scale, zero_point, codes, bits, symmetric, group_size, backend,
-                           _stream(x), norm, rms_norm_eps, silu_gate)
+                           _stream(x), norm, rms_norm_eps, silu_gate, rotate)
         return QuantizedActivations(codes, scale, zero_point)
     if zero_point is not None:
         raise ValueError("osengine.quantize: argument 'zero_point': given without 'scale'; static quantization needs "
@@ -149,8 +158,18 @@ def quantize(
     out_scale = _empty(x, param_shape, "float32")
     out_zero_point = _empty(x, param_shape, "int32")
     _C.quantize_dynamic(x, shift, smooth_scale, codes, out_scale, out_zero_point, bits, symmetric, group_size, backend,
-                        _stream(x), norm, rms_norm_eps, silu_gate)
+                        _stream(x), norm, rms_norm_eps, silu_gate, rotate)
     return QuantizedActivations(codes, out_scale, out_zero_point)
+
+
+def hadamard_transform(x: Any) -> Any:
+    """x H_K / sqrt(K) per row of float32 x [M, K] (CPU), computed by the engine in the order its quantize kernels
+    follow with rotate=True (osengine.quant.hadamard.hadamard_transform gives the same floats); for cross-checks."""
+    x = _detach(x)
+    _shape(x, "x", "hadamard_transform")
+    out = _empty(x, tuple(x.shape), "float32")
+    _C.hadamard_transform(x, out)
+    return out
 
 
 def pack_weights(weights: Any, bits: int = 8, group_size: int = 0, backend: str = "auto",

@@ -62,6 +62,7 @@ from ..quant.layers import (
     EngineConversionError,
     FakeQuantLinear,
     ResidualRestore,
+    RMSNorm,
     static_act_qparams_from_fake_quant,
     weight_codes_from_fake_quant,
 )
@@ -210,6 +211,11 @@ def _check_model(model: nn.Module, quantized: dict, weights_only: bool = False) 
         raise ExportError("the model restores its residual stream (X' * s + z, post-LN encoders such as BERT); "
                           "compressed-tensors cannot express that. The export supports decoder LMs "
                           "(LLaMA / Mistral / Qwen2, OPT, BLOOM)")
+    rotated = [n for n, m in model.named_modules() if getattr(m, "input_rotation", None)]
+    if rotated:
+        raise ExportError(ONLINE_ROTATION_PROBLEM.format(rotated[0]))
+    if any(isinstance(m, RMSNorm) for m in model.modules()):
+        raise ExportError(RMS_NORM_PROBLEM)
     if any(hasattr(m, "osengine_bmm") for m in model.modules()):
         raise ExportError("the model quantizes the attention BMM inputs (recipe bmm_inputs: true); the "
                           "compressed-tensors export does not express that. Use a recipe with bmm_inputs: false")
@@ -226,6 +232,15 @@ def _check_model(model: nn.Module, quantized: dict, weights_only: bool = False) 
         raise ExportError("the quantized linears use different quantization settings "
                           f"({len(specs)} kinds); the export writes one scheme for all of them")
     return next(iter(specs))
+
+
+ONLINE_ROTATION_PROBLEM = (
+    "{} rotates its input at run time (an online Hadamard transform: strategy rotate); the compressed-tensors "
+    "export writes plain quantized linears, which cannot express it. Quantize with the rotate option online=none "
+    "(the offline rotation is folded into the weights and exports as is), or without rotate")
+RMS_NORM_PROBLEM = (
+    "the model's LayerNorms became RMSNorms when its residual stream was rotated (strategy rotate on a LayerNorm "
+    "model); its Hugging Face architecture cannot express that, so neither can the export")
 
 
 def _architecture(model: nn.Module):
@@ -451,6 +466,10 @@ def export(source: Union[str, Path], format: str = "compressed-tensors", out: Un
     if manifest.get("runtime_shifted_linears"):
         raise ExportError(f"{manifest['runtime_shifted_linears'][0]} cannot be exported as compressed-tensors: "
                           + _spec_problem(None, None, shifted=True))
+    if manifest.get("rotated_linears"):
+        raise ExportError(ONLINE_ROTATION_PROBLEM.format(next(iter(manifest["rotated_linears"]))))
+    if manifest.get("rms_norms"):
+        raise ExportError(RMS_NORM_PROBLEM)
     if manifest.get("residual_restores"):
         raise ExportError("the model restores its residual stream (X' * s + z, post-LN encoders such as BERT); "
                           "compressed-tensors cannot express that")

@@ -14,6 +14,7 @@ from ..plugins.registry import resolve_architecture
 from ..quant.layers import (
     FakeQuantLinear,
     ResidualRestore,
+    RMSNorm,
     install_bmm_quantization,
     install_residual_restore,
     quantize_block,
@@ -67,7 +68,7 @@ def layer_manifest(model: nn.Module, prefix: str = "") -> dict:
             continue
         spec = m.act_quant.spec
         entry = {"weight": m.weight_spec.to_dict(), "activation": spec.to_dict(), "bias": m.bias is not None,
-                 "runtime_shift": m.input_shift is not None,
+                 "runtime_shift": m.input_shift is not None, "input_rotation": m.input_rotation,
                  "weight_storage": "codes" if m.weight_spec.symmetric else "float"}
         if not spec.dynamic and bool(torch.isfinite(m.act_quant.lo)) and bool(torch.isfinite(m.act_quant.hi)):
             delta, zp = qparams_from_range(m.act_quant.lo.float(), m.act_quant.hi.float(), spec)
@@ -276,6 +277,11 @@ def restore_structure(model: nn.Module, structure: dict) -> None:
     for name in structure.get("runtime_shifted_linears", []):
         lin = model.get_submodule(name)
         lin.input_shift = torch.zeros(lin.in_features, dtype=lin.weight.dtype, device=device)
+    for name, kind in structure.get("rotated_linears", {}).items():
+        model.get_submodule(name).set_input_rotation(kind)
+    for name, eps in structure.get("rms_norms", {}).items():   # rotated LayerNorm models
+        norm = model.get_submodule(name)
+        model.set_submodule(name, RMSNorm(norm.weight.numel(), float(eps)).to(device))
 
 
 def owning_block(name: str, block_names: list) -> Optional[int]:
@@ -328,20 +334,27 @@ def load_quantized(path: Union[str, Path], device: str = "cpu"):
 
 
 def structure_manifest(model: nn.Module, base: nn.Module = None) -> dict:
-    """What load_quantized must recreate before loading weights: residual restores, added biases, runtime shifts."""
-    restores, channels, biased, shifted = [], {}, [], []
+    """What load_quantized must recreate before loading weights: residual restores, added biases, runtime shifts,
+    online input rotations."""
+    restores, channels, biased, shifted, rotated, rms_norms = [], {}, [], [], {}, {}
     for name, m in model.named_modules():
         if isinstance(m, ResidualRestore):
             owner = name.rsplit(".", 1)[0]
             restores.append(owner)
             channels[owner] = m.scale.numel()
+        if isinstance(m, RMSNorm):
+            rms_norms[name] = m.variance_epsilon
+        if type(m) is nn.Linear and m.bias is not None:   # e.g. an lm_head that absorbed a LayerNorm's bias
+            biased.append(name)
         if isinstance(m, FakeQuantLinear):
             if m.bias is not None:
                 biased.append(name)
             if m.input_shift is not None:
                 shifted.append(name)
+            if m.input_rotation is not None:
+                rotated[name] = m.input_rotation
     return {"residual_restores": restores, "residual_channels": channels, "linears_with_added_bias": biased,
-            "runtime_shifted_linears": shifted}
+            "runtime_shifted_linears": shifted, "rotated_linears": rotated, "rms_norms": rms_norms}
 
 
 def upgrade_quantized(source: Union[str, Path], out: Union[str, Path], overwrite: bool = False) -> Path:

@@ -297,10 +297,20 @@ class Strategy(ABC):
     # True when migrate() reads the calibration data only through SiteData's channel_min, channel_max and error
     # (and the weights), which reduce over processes: then the strategy calibrates with torch.distributed.
     distributed: bool = False
+    # False for a strategy that only transforms the whole model before calibration (prepare) and never migrates a
+    # site: it can then be composed with one that does ("rotate+osplus").
+    migrates: bool = True
 
     @abstractmethod
     def migrate(self, data: SiteData) -> Optional[Migration]:
         ...
+
+    def prepare(self, model: nn.Module, arch: "Architecture") -> Optional[dict]:
+        """A transformation of the whole floating-point model before its blocks are calibrated (exact in floating
+        point, e.g. a rotation of the residual stream), or nothing (the default). Returns a record for the report
+        and the saved folder (JSON-serializable), or None. Must be deterministic given the strategy's options:
+        several processes and resumed runs each apply it again."""
+        return None
 
     def adapt_recipe(self, recipe: Recipe, model: nn.Module, arch: "Architecture") -> Recipe:
         """The recipe this strategy's method calibrates with, given the one the user chose: a method that prescribes
@@ -319,6 +329,41 @@ class GatedMLP:
     up: str = "up_proj"
     down: str = "down_proj"
     activation: str = "act_fn"
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """A norm of the residual stream and the linears that read its output (names relative to a block)."""
+    norm: str
+    readers: tuple
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """Where a model family's residual stream is read and written, for a rotation strategy (QuaRot's R1 = a
+    randomized Hadamard Q): the stream X becomes X Q everywhere, exact in floating point once the norms carry no
+    per-channel weight. Names of the whole model:
+        embeddings    modules whose weight rows are added into the stream (token and learned position embeddings)
+        final_norm    the norm after the last block; lm_head reads its output (None for models without a head)
+    Names relative to a block:
+        norms         each norm with the linears reading it: its weight (and bias) are folded into them
+        writers       linears whose output is added into the stream (attention output projection, MLP down)
+        value_output  (value projection, output projection): a per-head rotation of the values is folded into both
+        online        linears whose input is rotated at run time (x H / sqrt(K) fused into the quantization; their
+                      weight absorbs the inverse): the MLP down projection
+        online_attention  the attention output projection, also rotated online on request (QuaRot's rotation across
+                      heads; its input is the heads' outputs side by side)
+    centered       LayerNorm models: the mean subtraction is folded first (embeddings and writers centred so the
+                   stream has zero mean), after which each LayerNorm is an RMSNorm and is replaced by one."""
+    embeddings: tuple
+    final_norm: Optional[str]
+    lm_head: Optional[str]
+    norms: tuple
+    writers: tuple
+    value_output: Optional[tuple] = None
+    online: tuple = ()
+    online_attention: Optional[str] = None
+    centered: bool = False
 
 
 class Architecture(ABC):
@@ -376,6 +421,11 @@ class Architecture(ABC):
         An empty list means the architecture does not support BMM-input quantization."""
         return []
 
+    def rotation_layout(self, model: nn.Module) -> Optional[RotationLayout]:
+        """Where the residual stream is read and written (a RotationLayout), for rotation strategies; None when the
+        architecture does not describe it (rotations are then refused)."""
+        return None
+
     def shared_input_groups(self, model: nn.Module) -> list:
         """Every group of two or more linears (full names) that read one tensor, over all blocks: the consumers of
         each migration site that has several."""
@@ -392,5 +442,5 @@ def grid(hi: float, lo: float, steps: int) -> list:
 
 __all__ = [
     "Architecture", "AttentionOutput", "GatedMLP", "GatedOutput", "Inspector", "LinearOutput", "Migration",
-    "MigrationSite", "PluginError", "SiteData", "Strategy", "grid",
+    "MigrationSite", "NormReaders", "PluginError", "RotationLayout", "SiteData", "Strategy", "grid",
 ]

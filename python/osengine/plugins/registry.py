@@ -7,6 +7,7 @@ that fails to import is reported with its traceback and skipped, never fatal to 
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 import warnings
@@ -139,11 +140,72 @@ def register_architecture(cls: type) -> type:
 
 
 def make_strategy(name: str, options: Optional[dict] = None) -> Strategy:
+    """The strategy `name` with its options; "a+b" composes strategies in order (ComposedStrategy): an option
+    "a.key" goes to part a, an unprefixed one to the single part whose constructor takes it."""
+    if "+" in name:
+        return _composed_strategy(name, options or {})
     cls = strategies.get(name)
     try:
         return cls(**(options or {}))
     except TypeError as e:
         raise PluginError(f"strategy {name!r} rejected its options {options or {}}: {e}") from None
+
+
+def _accepts(cls: type, key: str) -> bool:
+    parameters = inspect.signature(cls.__init__).parameters
+    return key in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _composed_strategy(name: str, options: dict) -> "ComposedStrategy":
+    names = [n.strip() for n in name.split("+")]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise PluginError(f"strategy {name!r}: a composition names distinct strategies joined by '+', e.g. "
+                          "rotate+osplus")
+    classes = [strategies.get(n) for n in names]
+    per_part = {n: {} for n in names}
+    for key, value in options.items():
+        part, dot, option = key.partition(".")
+        if dot and part in per_part:
+            per_part[part][option] = value
+            continue
+        takers = [n for n, cls in zip(names, classes) if _accepts(cls, key)]
+        if len(takers) != 1:
+            which = "none of" if not takers else "several of"
+            raise PluginError(f"strategy {name!r}: option {key!r} is taken by {which} {names}; prefix it with the "
+                              f"strategy it is for, e.g. {names[-1]}.{key}")
+        per_part[takers[0]][key] = value
+    return ComposedStrategy([make_strategy(n, per_part[n]) for n in names])
+
+
+class ComposedStrategy(Strategy):
+    """Strategies applied in order: each one's whole-model transformation (prepare), then the site migrations of
+    the one part that migrates (the others, e.g. rotate, only prepare)."""
+
+    def __init__(self, parts: list):
+        migrating = [p for p in parts if p.migrates]
+        if len(migrating) > 1:
+            raise PluginError(f"strategy {'+'.join(p.name for p in parts)}: at most one of the composed strategies "
+                              f"may migrate sites ({', '.join(p.name for p in migrating)} all do)")
+        self.parts = list(parts)
+        self.name = "+".join(p.name for p in parts)
+        self.description = " then ".join(p.name for p in parts)
+        self.distributed = all(p.distributed for p in parts)
+        self.migrates = bool(migrating)
+        self._migrating = migrating[0] if migrating else None
+
+    def adapt_recipe(self, recipe, model, arch):
+        for part in self.parts:
+            recipe = part.adapt_recipe(recipe, model, arch)
+        return recipe
+
+    def prepare(self, model, arch):
+        records = {}
+        for part in self.parts:
+            records.update(part.prepare(model, arch) or {})
+        return records or None
+
+    def migrate(self, data):
+        return None if self._migrating is None else self._migrating.migrate(data)
 
 
 def resolve_architecture(model: nn.Module) -> Architecture:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hadamard import check_supported, hadamard_transform
 from .integer_exact import integer_exact_linear
 from .observers import ActQuantizer
 from .recipes import Recipe, RecipeError
@@ -31,6 +32,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.register_buffer("input_shift", None)
+        self.input_rotation: Optional[str] = None   # "hadamard": x H / sqrt(K) before the shift (quant/hadamard.py)
         self.act_quant: Optional[ActQuantizer] = None
         self.weight_spec: Optional[QuantSpec] = None
         self.exact_weight: Optional[tuple] = None   # (codes, scales, group size) while integer-exact
@@ -45,7 +47,18 @@ class FakeQuantLinear(nn.Module):
         self.act_quant = ActQuantizer(act_spec).to(self.weight.device)
         self.exact_weight = None
 
+    def set_input_rotation(self, kind: Optional[str]) -> None:
+        """An online rotation of the input (the weight must already hold its inverse, W H / sqrt(K)): "hadamard"
+        or None. The engine fuses it into its quantize kernel (QuantizeOptions.rotate)."""
+        if kind not in (None, "hadamard"):
+            raise ValueError(f"input_rotation must be None or 'hadamard', got {kind!r}")
+        if kind is not None:
+            check_supported(self.in_features, f"the online rotation of a linear with {self.in_features} inputs")
+        self.input_rotation = kind
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = hadamard_transform(x).to(x.dtype)
         if self.input_shift is not None:
             x = x - self.input_shift
         if self.exact_weight is not None and self.act_quant.mode == "quantize":
@@ -67,7 +80,8 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"weight_bits={self.weight_spec.bits if self.weight_spec else None}, "
-                f"shift={'yes' if self.input_shift is not None else 'no'}")
+                f"shift={'yes' if self.input_shift is not None else 'no'}"
+                + (f", rotation={self.input_rotation}" if self.input_rotation else ""))
 
 
 def wrap_linears(block: nn.Module) -> None:
@@ -138,6 +152,22 @@ def set_integer_exact(model: nn.Module, enabled: bool = True) -> int:
     for _, m in layers:
         m.exact_weight = weight_codes_from_fake_quant(m) if enabled else None
     return len(layers)
+
+
+class RMSNorm(nn.Module):
+    """weight * (x * rsqrt(mean(x^2) + eps)) in float32: what a LayerNorm computes on zero-mean inputs, once its
+    mean subtraction is folded into the layers that write the stream (rotated LayerNorm models:
+    calibrate/rotation.py)."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.variance_epsilon = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.float() * h).to(x.dtype)
 
 
 class ResidualRestore(nn.Module):

@@ -35,9 +35,9 @@ def can_fuse(members: List[EngineLinear]) -> bool:
         if not isinstance(m, EngineLinear) or m.group is not None or m.packed is None:
             return False
         same_config = (m.in_features, m.weight_bits, m.weight_group_size, m.act_bits, m.act_symmetric, m.act_dynamic,
-                       m.act_group_size, m.packed.backend, m.separate_shift) == (
+                       m.act_group_size, m.packed.backend, m.separate_shift, m.input_rotation) == (
             first.in_features, first.weight_bits, first.weight_group_size, first.act_bits, first.act_symmetric,
-            first.act_dynamic, first.act_group_size, first.packed.backend, first.separate_shift)
+            first.act_dynamic, first.act_group_size, first.packed.backend, first.separate_shift, first.input_rotation)
         if not same_config or not all(_same(getattr(m, b), getattr(first, b)) for b in
                                       ("act_scale", "act_zero_point", "input_shift", "input_smooth_scale")):
             return False
@@ -65,7 +65,8 @@ class FusedGroup:
                                   act_symmetric=first.act_symmetric, act_dynamic=first.act_dynamic,
                                   act_group_size=first.act_group_size, act_scale=first.act_scale,
                                   act_zero_point=first.act_zero_point, input_shift=first.input_shift,
-                                  input_smooth_scale=first.input_smooth_scale, backend=first.packed.backend)
+                                  input_smooth_scale=first.input_smooth_scale, backend=first.packed.backend,
+                                  input_rotation=first.input_rotation)
         self.members = list(members)
         self._cache = None  # (input, input version, output, members served)
         lo = 0
@@ -163,8 +164,9 @@ def _is_silu(module) -> bool:
 def fold_gate_into_down_proj(mlp: nn.Module, gate_up: FusedGroup, spec: Optional[GatedMLP] = None) -> bool:
     """Let the MLP's down linear compute silu(gate) * up inside its activation quantization, reading the fused
     gate/up group's whole output [gate | up]: the product is never written out in fp32 (one pass instead of three).
-    `spec` names the MLP's linears and activation (default: LLaMA's). CPU backends and a SiLU activation only;
-    returns whether it folded; unfold_gates undoes it."""
+    A down linear with an online input rotation (QuaRot's) rotates silu(gate) * up in the same kernel, after the
+    product. `spec` names the MLP's linears and activation (default: LLaMA's). CPU backends and a SiLU activation
+    only; returns whether it folded; unfold_gates undoes it."""
     spec = spec or GatedMLP()
     down = getattr(mlp, spec.down, None)
     gate, up = getattr(mlp, spec.gate, None), getattr(mlp, spec.up, None)

@@ -10,6 +10,8 @@ linears that read the same input (q/k/v, gate/up: the architecture's migration s
 (a FusedGroup, runtime/fusion.py): one activation quantization and one GEMM over the concatenated weights, each member
 returning its columns. Every output column is computed exactly as by the member alone (same codes, same epilogue).
 A Prologue folds the work of the module before the layer (an RMSNorm, a SiLU gate) into the quantize kernel.
+An online input rotation (`input_rotation="hadamard"`, QuaRot: x H / sqrt(K) before the shift, the weight holding
+W H / sqrt(K)) runs inside the quantize kernel too (rotate=True), after the prologue.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch.nn as nn
 
 from .. import _C
 from ..engine import ops
-from ..quant.layers import EngineConversionError  # noqa: F401  (re-exported: raised by the conversion)
+from ..quant.hadamard import hadamard_transform
+from ..quant.layers import EngineConversionError  # (also re-exported: raised by the conversion)
 from ..quant.spec import symmetric_weight_codes
 
 
@@ -44,7 +47,8 @@ class EngineLinear(nn.Module):
                  weight_bits: int, weight_group_size: int = 0, act_bits: int = 8, act_symmetric: bool = False,
                  act_dynamic: bool = True, act_group_size: int = 0, act_scale: Optional[torch.Tensor] = None,
                  act_zero_point: Optional[torch.Tensor] = None, input_shift: Optional[torch.Tensor] = None,
-                 input_smooth_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
+                 input_smooth_scale: Optional[torch.Tensor] = None, backend: str = "auto",
+                 input_rotation: Optional[str] = None):
         super().__init__()
         if weight_codes.dtype != torch.int8 or weight_codes.dim() != 2:
             raise TypeError(f"EngineLinear: weight_codes must be int8 [out, in], got {weight_codes.dtype} "
@@ -56,6 +60,13 @@ class EngineLinear(nn.Module):
         if not act_dynamic and act_scale is None:
             raise ValueError("EngineLinear: static activation quantization needs act_scale")
         self.out_features, self.in_features = weight_codes.shape
+        if input_rotation not in (None, "hadamard"):
+            raise EngineConversionError(f"EngineLinear: input_rotation must be None or 'hadamard' (the online rotation "
+                                        f"the engine runs), got {input_rotation!r}")
+        if input_rotation is not None and not ops.is_hadamard_order(self.in_features):
+            raise EngineConversionError(f"EngineLinear: input_rotation 'hadamard' needs K = m * 2^k with m = 1 or a "
+                                        f"Paley order <= 256; the layer has K = {self.in_features} inputs")
+        self.input_rotation = input_rotation
         self.weight_bits, self.weight_group_size = weight_bits, weight_group_size
         self.act_bits, self.act_symmetric, self.act_dynamic = act_bits, act_symmetric, act_dynamic
         self.act_group_size = act_group_size
@@ -140,7 +151,8 @@ class EngineLinear(nn.Module):
         self._fast = (view(self.w_scale), view(self.bias), view(self.act_scale),
                       None if self.act_symmetric else view(self.act_zero_point), shift, view(self.input_smooth_scale),
                       "int4_packed" if self.act_bits <= 4 else "int8",
-                      self.input_shift if self.separate_shift else None, norm, self.prologue.silu_gate)
+                      self.input_shift if self.separate_shift else None, norm, self.prologue.silu_gate,
+                      self.input_rotation is not None)
         return self._fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,8 @@ class EngineLinear(nn.Module):
 
     def _forward_cpu(self, x: torch.Tensor, fast) -> torch.Tensor:
         """CPU float32: numpy views in, prepared constants; the same ops (hence the same floats) as the generic path."""
-        w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps), gate = fast
+        (w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps), gate,
+         rotate) = fast
         shape = x.shape
         k, n = self.in_features, self.out_features
         x2 = (x.detach() if x.requires_grad else x).reshape(-1, 2 * k if gate else k)
@@ -167,6 +180,8 @@ class EngineLinear(nn.Module):
                 x2, norm = self._normalize(x2), None
             if gate:
                 x2, gate = self._gate(x2), False
+            if rotate:  # the rotation comes before the shift
+                x2, rotate = self._rotate(x2), False
             x2 = x2 - separate  # the elementwise pass that the fused kernel saves
         elif not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -179,12 +194,12 @@ class EngineLinear(nn.Module):
             a_scale = np.empty(param_shape, dtype=np.float32)
             a_zero_point = np.empty(param_shape, dtype=np.int32)
             _C.quantize_dynamic(xn, shift, smooth_scale, codes, a_scale, a_zero_point, self.act_bits,
-                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate)
+                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate, rotate)
             if self.act_symmetric:
                 a_zero_point = None
         else:
             _C.quantize_static(xn, shift, smooth_scale, act_scale, act_zero_point, codes, self.act_bits,
-                               self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate)
+                               self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate, rotate)
             a_scale, a_zero_point = act_scale, act_zero_point
         if a_format == "int4_packed":
             packed_codes = np.empty((m, k // 2), dtype=np.uint8)
@@ -206,6 +221,11 @@ class EngineLinear(nn.Module):
         gate, up = x[..., :self.in_features], x[..., self.in_features:]
         return torch.nn.functional.silu(gate) * up
 
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The online rotation in torch (the separate-shift benchmark switch: it must come before the shift), in the
+        kernels' float32 operation order."""
+        return hadamard_transform(x).to(x.dtype)
+
     def _forward_generic(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.prologue.silu_gate:
@@ -217,13 +237,16 @@ class EngineLinear(nn.Module):
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
         shift = self.input_shift
+        rotate = self.input_rotation is not None
         if self.separate_shift and shift is not None:
+            if rotate:
+                x2, rotate = self._rotate(x2), False
             x2, shift = x2 - shift.to(x2.dtype), None
         x2 = x2.contiguous()
         q = ops.quantize(x2, bits=self.act_bits, symmetric=self.act_symmetric, shift=shift,
                          smooth_scale=self.input_smooth_scale, group_size=self.act_group_size,
                          scale=None if self.act_dynamic else self.act_scale,
-                         zero_point=None if self.act_dynamic else self.act_zero_point)
+                         zero_point=None if self.act_dynamic else self.act_zero_point, rotate=rotate)
         out_dtype = "bfloat16" if x2.dtype == torch.bfloat16 else "float32"
         zero_point = None if self.act_symmetric else q.zero_point
         if self.act_bits <= 4:
@@ -240,6 +263,7 @@ class EngineLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.weight_bits}A{self.act_bits}"
                 f" ({act}, {'symmetric' if self.act_symmetric else 'asymmetric'}), "
                 f"group_size={self.weight_group_size}, shift={'yes' if self.input_shift is not None else 'no'}, "
+                + (f"rotation={self.input_rotation}, " if self.input_rotation else "")
                 + (f"fused: columns {self.columns[0]}..{self.columns[1]} of {self.group.layer.out_features}, "
                    f"backend={self.group.layer.packed.backend}" if self.group is not None else
                    f"backend={self.packed.backend}"))

@@ -55,6 +55,9 @@ struct QuantizedLinear {
   PackedWeights weights;            // carries its scales: weights.weight_scales(), [out] or [out, in / group]
   std::vector<float> bias;          // [out] or empty (carries the folded OS+ shift W z)
   std::vector<float> input_shift;   // [in] or empty: the runtime shift subtracted before quantization
+  // The input is rotated online, x H / sqrt(in) before the shift (manifest "input_rotation": "hadamard"; the weight
+  // holds W H / sqrt(in)): QuantizeOptions::rotate.
+  bool rotate_input = false;
   ActivationQuant activation;
 };
 

@@ -33,21 +33,28 @@ float rms_norm_factor(const float* x, std::int64_t k, float eps) {
 std::int64_t quantize_reference(const QuantizeProblem& p) {
   const std::int64_t groups = p.k / p.group_size;
   std::vector<float> y(static_cast<std::size_t>(p.k));
+  std::vector<float> rotated(p.rotate ? static_cast<std::size_t>(p.k) : 0);
   for (std::int64_t row = 0; row < p.m; ++row) {
+    // 1. the prologue: x, silu(gate) * up, or the RMSNorm w * (x * r) (the gate and the norm never come together)
     for (std::int64_t col = 0; col < p.k; ++col) {
       float v = load_x(p, row * p.x_row_elements() + col);
       if (p.silu_gate) v = silu_approx(v) * load_x(p, row * p.x_row_elements() + p.k + col);  // silu(gate) * up
       y[static_cast<std::size_t>(col)] = v;
     }
-    float r = 1.0f;
     if (p.rms_norm_weight) {
-      r = rms_norm_factor(y.data(), p.k, p.rms_norm_eps);
+      const float r = rms_norm_factor(y.data(), p.k, p.rms_norm_eps);
       if (!std::isfinite(r) || r == 0.0f) return row;  // the sum of squares overflowed
+      for (std::int64_t col = 0; col < p.k; ++col)
+        y[static_cast<std::size_t>(col)] = p.rms_norm_weight[col] * (y[static_cast<std::size_t>(col)] * r);
     }
-    // x = w * (x * r) (the gate and the norm never come together); y = (x - shift) / smooth_scale
+    // 2. the online rotation x H / sqrt(k) (core/hadamard.hpp: the normative order)
+    if (p.rotate) {
+      hadamard_transform_row(p.hadamard, y.data(), rotated.data());
+      y.swap(rotated);
+    }
+    // 3. y = (x - shift) / smooth_scale
     for (std::int64_t col = 0; col < p.k; ++col) {
       float v = y[static_cast<std::size_t>(col)];
-      if (p.rms_norm_weight) v = p.rms_norm_weight[col] * (v * r);
       if (p.shift) v = v - p.shift[col];
       if (p.smooth_scale) v = v / p.smooth_scale[col];
       if (!std::isfinite(v)) return row;
