@@ -16,7 +16,6 @@
 #include "osengine/backend.hpp"
 #include "osengine/errors.hpp"
 #include "osengine/gemm.hpp"
-#include "osengine/int4.hpp"
 #include "osengine/quantize.hpp"
 #include "core/threading.hpp"
 #include "float_kernels.hpp"
@@ -110,7 +109,6 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   scores_.resize(static_cast<std::size_t>(attention_slots_) * detail::kAttendRows * static_cast<std::size_t>(key_slots()));
   logits_.resize(static_cast<std::size_t>(info.n_vocab) * std::min<std::size_t>(nb, static_cast<std::size_t>(options_.n_seq)));
   codes_.resize(nb * widest_input);
-  int4_codes_.resize(nb * widest_input / 2 + 1);
   a_scale_.resize(nb * widest_input);
   a_zero_point_.resize(nb * widest_input);
 }
@@ -307,14 +305,10 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
       a_zero_point = view(&static_zero_point, {1});
       quantize_static(x, shift, TensorView{}, a_scale, act.symmetric ? TensorView{} : a_zero_point, codes, options);
     }
+    // 4-bit codes go to the W4 kernel as int8, as W4A8's do: the CPU kernels widen packed int4 activations to int8
+    // before multiplying, so packing them here would only add a pass each way (measured: issue 21's W4A4 prefill).
     GemmArgs args;
-    if (act.bits <= 4) {
-      pack_int4(codes, view(int4_codes_.data(), {m_rows, k / 2}));
-      args.a = view(int4_codes_.data(), {m_rows, k / 2});
-      args.a_format = ActivationFormat::int4_packed;
-    } else {
-      args.a = codes;
-    }
+    args.a = codes;
     args.a_scale = a_scale;
     if (!act.symmetric) args.a_zero_point = a_zero_point;
     // the weights carry their scales (checked once at load)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..engine import ops
 from ..quant.layers import (
     EngineConversionError,
     FakeQuantLinear,
@@ -35,22 +34,19 @@ def engine_linear_from_fake_quant(name: str, layer, backend: str = "auto") -> En
     if act_group and act_group != w_group:
         raise EngineConversionError(f"{name}: per-group activations (group {act_group}) need weights with the same "
                                     f"group size (weights use {w_group or 'none'})")
-    rotation = getattr(layer, "input_rotation", None)
-    if rotation not in (None, "hadamard"):
-        raise EngineConversionError(f"{name}: input rotation {rotation!r} is not one the engine runs (None or "
-                                    f"'hadamard')")
-    if rotation is not None and not ops.is_hadamard_order(layer.in_features):
-        raise EngineConversionError(f"{name}: the engine's online Hadamard rotation needs K = m * 2^k with m = 1 or "
-                                    f"a Paley order <= 256; the layer has K = {layer.in_features} inputs")
     act_scale = act_zero_point = None
     if not aspec.dynamic:
         act_scale, act_zero_point = static_act_qparams_from_fake_quant(name, layer)
     # Full-range symmetric codes (down to -2^(b-1)) are the engine's asymmetric codes with zero point 0.
     act_symmetric = aspec.symmetric and not aspec.full_range
-    return EngineLinear(codes, w_scale, layer.bias, weight_bits=weight_bits, weight_group_size=w_group,
-                        act_bits=aspec.bits, act_symmetric=act_symmetric, act_dynamic=aspec.dynamic,
-                        act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,
-                        input_shift=layer.input_shift, backend=backend, input_rotation=rotation)
+    try:   # EngineLinear checks what the engine can run (the rotation, among others); say which layer failed
+        return EngineLinear(codes, w_scale, layer.bias, weight_bits=weight_bits, weight_group_size=w_group,
+                            act_bits=aspec.bits, act_symmetric=act_symmetric, act_dynamic=aspec.dynamic,
+                            act_group_size=act_group, act_scale=act_scale, act_zero_point=act_zero_point,
+                            input_shift=layer.input_shift, backend=backend,
+                            input_rotation=getattr(layer, "input_rotation", None))
+    except EngineConversionError as e:
+        raise EngineConversionError(f"{name}: {e}") from None
 
 
 def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = True,

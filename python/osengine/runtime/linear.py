@@ -150,7 +150,6 @@ class EngineLinear(nn.Module):
         norm = (None, 1e-6) if rms_norm is None else (view(rms_norm[0].float()), rms_norm[1])
         self._fast = (view(self.w_scale), view(self.bias), view(self.act_scale),
                       None if self.act_symmetric else view(self.act_zero_point), shift, view(self.input_smooth_scale),
-                      "int4_packed" if self.act_bits <= 4 else "int8",
                       self.input_shift if self.separate_shift else None, norm, self.prologue.silu_gate,
                       self.input_rotation is not None)
         return self._fast
@@ -170,8 +169,7 @@ class EngineLinear(nn.Module):
 
     def _forward_cpu(self, x: torch.Tensor, fast) -> torch.Tensor:
         """CPU float32: numpy views in, prepared constants; the same ops (hence the same floats) as the generic path."""
-        (w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, a_format, separate, (norm, eps), gate,
-         rotate) = fast
+        (w_scale, bias, act_scale, act_zero_point, shift, smooth_scale, separate, (norm, eps), gate, rotate) = fast
         shape = x.shape
         k, n = self.in_features, self.out_features
         x2 = (x.detach() if x.requires_grad else x).reshape(-1, 2 * k if gate else k)
@@ -201,12 +199,9 @@ class EngineLinear(nn.Module):
             _C.quantize_static(xn, shift, smooth_scale, act_scale, act_zero_point, codes, self.act_bits,
                                self.act_symmetric, self.act_group_size, "auto", 0, norm, eps, gate, rotate)
             a_scale, a_zero_point = act_scale, act_zero_point
-        if a_format == "int4_packed":
-            packed_codes = np.empty((m, k // 2), dtype=np.uint8)
-            _C.pack_int4(codes, packed_codes)
-            codes = packed_codes
+        # 4-bit codes stay int8: the CPU W4 kernel widens packed int4 activations to int8 anyway (see the runtime)
         y = torch.empty((m, n), dtype=torch.float32)
-        _C.gemm(codes, self.packed, a_scale, w_scale, y.numpy(), a_zero_point, bias, None, "none", a_format, 0)
+        _C.gemm(codes, self.packed, a_scale, w_scale, y.numpy(), a_zero_point, bias, None, "none", "int8", 0)
         return y.view(*shape[:-1], n)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:

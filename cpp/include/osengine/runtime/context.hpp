@@ -78,7 +78,6 @@ class Context {
   std::vector<float> rope_inv_freq_, rope_cos_, rope_sin_;
   std::vector<float> x_, y_, normed_, fused_out_, q_, k_, v_, attn_, hidden_, up_, scores_, logits_;
   std::vector<std::int8_t> codes_;
-  std::vector<std::uint8_t> int4_codes_;
   std::vector<float> a_scale_;
   std::vector<std::int32_t> a_zero_point_;
   int logits_rows_ = 0;
