@@ -244,7 +244,8 @@ class EngineLinear(nn.Module):
                          zero_point=None if self.act_dynamic else self.act_zero_point, rotate=rotate)
         out_dtype = "bfloat16" if x2.dtype == torch.bfloat16 else "float32"
         zero_point = None if self.act_symmetric else q.zero_point
-        if self.act_bits <= 4:
+        # 4-bit codes: CUDA's int4 kernels take them packed two per byte, the CPU's as int8 (see _forward_cpu)
+        if self.act_bits <= 4 and self.packed.backend == "cuda":
             y = ops.gemm_w4a4(ops.pack_int4(q.codes), self.packed, a_scale=q.scale, a_zero_point=zero_point,
                               w_scale=self.w_scale, bias=self.bias, out_dtype=out_dtype)
         else:
