@@ -176,6 +176,25 @@ def test_eval_runtime_equals_the_engine_perplexity(folder, capsys):
     assert capsys.readouterr().out.startswith("perplexity ")
 
 
+def test_eval_runtime_reads_a_crlf_file_as_eval_does(folder, tmp_path, capsys):
+    """The runtime's perplexity is over the same tokens as eval's: a CRLF file keeps its \r on both (WikiText-2's
+    raw files can come with CRLF line ends), and a file that is not UTF-8 is refused by both."""
+    q = str(folder / "q")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes((folder / "text.txt").read_bytes().replace(b" ", b"\r\n", 40))
+    common = ["--ppl", str(crlf), "--seq-len", "64", "--windows", "3", "--json"]
+    assert main(["eval", q, "--engine", *common]) == 0
+    engine = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", q, "--runtime", "--threads", "1", *common]) == 0
+    runtime = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runtime["tokens"] == engine["tokens"]
+    assert runtime["perplexity"] == pytest.approx(engine["perplexity"], rel=1e-4)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    assert main(["eval", q, "--runtime", "--ppl", str(latin1)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
 def test_check_runtime_passes_and_reports(folder, capsys):
     assert main(["check", str(folder / "q"), "--runtime", "--tokens", "16", "--threads", "1"]) == 0
     out = capsys.readouterr().out

@@ -236,7 +236,8 @@ def prepare(args) -> dict:
         path = Path(args.ppl)
         if not path.is_file():
             raise EvaluationError(f"--ppl file {str(path)!r} does not exist")
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="np",
+        # the bytes as osengine eval reads them (no newline translation: a CRLF file keeps its \r)
+        ids = tokenizer(path.read_bytes().decode("utf-8", errors="replace"), return_tensors="np",
                         add_special_tokens=False)["input_ids"][0]
         n = min(args.ppl_windows, len(ids) // args.ppl_seq_len)
         if n == 0:

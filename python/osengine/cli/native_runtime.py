@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 
 class CommandError(ValueError):
@@ -78,9 +79,14 @@ def eval_runtime(args) -> int:
     require_folder(args.model)
     if not os.path.isfile(args.ppl):
         raise CommandError(f"--ppl file {args.ppl!r} does not exist")
-    # read as osengine.evaluation.perplexity reads it, so that the numbers compare with eval and eval --engine
-    with open(args.ppl, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    # read as osengine.evaluation.perplexity reads it, so that the numbers compare with eval and eval --engine: the
+    # bytes decoded as they are (no newline translation: a CRLF file keeps its \r), non-UTF-8 refused
+    raw = Path(args.ppl).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CommandError(f"--ppl file {args.ppl!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                           f"{e.start}); convert it to UTF-8 first") from None
     model = load_native(args.model, **load_options(args))
     progress = None
     if not args.json:
