@@ -7,6 +7,11 @@ quantization of the untrained model (strategy minmax, no QAT). Training text: Wi
 
     python benchmarks/qat.py --steps 300 --points 0 50 100 200 300            # markdown table
     python benchmarks/qat.py --steps 300 --points 300 --json                    # one JSON object per point
+    python benchmarks/qat.py --strategy rotate --steps 200 --points 0 100 200 --gptq-after
+
+--strategy rotate trains the rotated model (QuaRot's rotation, then QAT; point 0 is then the rotated model quantized
+without training). --gptq-after also quantizes the model of the last point with GPTQ (an extra row; the
+training state is kept for it and removed after).
 """
 from __future__ import annotations
 
@@ -41,6 +46,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kurtosis-weight", type=float, default=1e-7)
     p.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None)
+    p.add_argument("--strategy", default=None, help="transform applied before training (e.g. rotate)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="option of --strategy")
+    p.add_argument("--gptq-after", action="store_true",
+                   help="also quantize the last point's trained model with GPTQ (an extra row)")
     p.add_argument("--work-dir", default="qat-curve", help="folders of each point and the training state")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
@@ -50,39 +59,54 @@ def main() -> None:
         raise SystemExit(f"--points must lie in [0, --steps={args.steps}], got {points}")
 
     import torch
+    import yaml
 
     from osengine import api
     from osengine.evaluation import perplexity
 
+    options = {}
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {pair!r} must look like key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    if options and not args.strategy:
+        raise SystemExit("--option needs --strategy")
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     state = work / "state"
     _, tok = api.load_model(args.model)
+    runs = [(k, args.weight_rounding) for k in points]
+    if args.gptq_after:
+        runs.append((points[-1], "gptq"))
     rows, trained_before = [], False
-    for k in points:
+    for i, (k, rounding) in enumerate(runs):
         t0 = time.time()
-        out = work / f"step-{k}"
+        out = work / f"step-{k}-{rounding or 'recipe'}"
         if k == 0:
             model, _ = api.load_model(args.model)
-            api.quantize(model, recipe=args.recipe, strategy="minmax", calibration=args.data, tokenizer=tok,
-                         keep_fp=args.keep_fp, weight_rounding=args.weight_rounding, n_samples=16,
-                         seq_len=args.seq_len, progress=False, out=out, overwrite=True, prefix="none")
+            api.quantize(model, recipe=args.recipe, strategy=args.strategy or "minmax", strategy_options=options,
+                         calibration=args.data, tokenizer=tok, keep_fp=args.keep_fp, weight_rounding=rounding,
+                         n_samples=16, seq_len=args.seq_len, progress=False, out=out, overwrite=True, prefix="none")
             training = {"steps_done": 0, "history": []}
         else:
             model = api.train_qat(args.model, args.data, recipe=args.recipe, out=out, steps=args.steps,
                                   batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                   kurtosis_weight=args.kurtosis_weight, keep_fp=args.keep_fp,
-                                  weight_rounding=args.weight_rounding, state_dir=state, resume=trained_before,
+                                  weight_rounding=rounding, state_dir=state, resume=trained_before,
+                                  strategy=args.strategy, strategy_options=options or None,
+                                  keep_state=i + 1 < len(runs),
                                   stop_after=None if k == args.steps else k, overwrite=True, progress=not args.json)
             trained_before = True
             training = model.osengine_report["training"]
         ppl = perplexity(model, tok, WIKI_TEST, seq_len=512, windows=16, progress=False)["perplexity"]
         history = training["history"]
         recent = history[-10:]
-        row = {"model": args.model, "recipe": args.recipe, "keep_fp": args.keep_fp, "steps": k,
+        row = {"model": args.model, "recipe": args.recipe, "strategy": args.strategy, "strategy_options": options,
+               "keep_fp": args.keep_fp, "steps": k,
                "schedule": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-               "kurtosis_weight": args.kurtosis_weight, "weight_rounding": args.weight_rounding or "recipe",
+               "kurtosis_weight": args.kurtosis_weight, "weight_rounding": rounding or "recipe",
                "perplexity": round(ppl, 3),
                "train_cross_entropy_last10": round(sum(h["cross_entropy"] for h in recent) / len(recent), 4)
                if recent else None,
@@ -94,10 +118,10 @@ def main() -> None:
     if args.json:
         print(json.dumps({"results": rows}))
         return
-    print("| steps | perplexity | train CE (last 10 steps) | training s (total) | peak RSS MiB |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| steps | weights | perplexity | train CE (last 10 steps) | training s (total) | peak RSS MiB |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['steps']} | {r['perplexity']} | {r['train_cross_entropy_last10']} | "
+        print(f"| {r['steps']} | {r['weight_rounding']} | {r['perplexity']} | {r['train_cross_entropy_last10']} | "
               f"{r['training_seconds_total']} | {r['peak_rss_mib']:.0f} |")
 
 

@@ -408,6 +408,7 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
               init_quantile: float = 0.999, save_every: int = 25, seed: int = 0, keep_fp: Sequence[str] = (),
               weight_rounding: Optional[str] = None, calibration_samples: int = 16, resume: bool = False,
               state_dir: Optional[Union[str, Path]] = None, stop_after: Optional[int] = None,
+              strategy: Optional[str] = None, strategy_options: Optional[dict] = None, keep_state: bool = False,
               device: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> nn.Module:
     """Quantization-aware training (train/qat.py: learned clipping ranges of static inputs, straight-through
     rounding, a kurtosis penalty on the linears' outputs), then post-training weight quantization (round to nearest,
@@ -422,6 +423,12 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
     device      where to train and then quantize (cpu, cuda)
     stop_after  train only up to this step of the `steps`-step schedule, keep the state and write the model of that
                 point to `out` (a learning curve: call again with resume=True and a later stop_after)
+    strategy    a strategy that only transforms the model (Strategy.migrates false: "rotate", with its options in
+                strategy_options) applied before training, so that training starts from the transformed, equivalent
+                model and learns around its quantization (rotations and QAT compose; the online rotations are
+                trained through); strategies that migrate sites from calibration statistics are refused
+    keep_state  keep the training state when the schedule has finished (to quantize the trained model again, e.g.
+                with other weight rounding: call again with resume=True)
     """
     import hashlib
 
@@ -444,6 +451,18 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
         raise QATError(f"train_qat: recipe {recipe.name!r} quantizes attention inputs or uses a prefix, which QAT does "
                        "not train in this version; use a recipe with bmm_inputs: false and prefix: none")
     arch = resolve_architecture(model)
+    transforms, strategy_record = {}, None
+    if strategy is None and strategy_options:
+        raise QATError(f"train_qat: strategy_options {strategy_options} given without a strategy")
+    if strategy is not None:
+        strat = make_strategy(strategy, strategy_options)
+        if strat.migrates:
+            raise QATError(f"train_qat: strategy {strat.name!r} migrates sites from calibration statistics, which "
+                           "training would change; QAT composes with strategies that only transform the model "
+                           "(rotate)")
+        recipe = _adapted_recipe(strat, recipe, model, arch)
+        transforms = strat.prepare(model, arch) or {}
+        strategy_record = {"strategy": strat.name, "strategy_options": _jsonable(strategy_options or {})}
     if isinstance(data, torch.Tensor):
         windows = data
     else:
@@ -461,7 +480,8 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
                        f"{tuple(windows.shape)} {windows.dtype}")
     windows = windows.long()
     run_id = {"model": source or type(model).__name__, "architecture": arch.name,
-              "data_sha256": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
+              "data_sha256": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest(),
+              **({"transform": strategy_record} if strategy_record else {})}
     state = Path(state_dir) if state_dir is not None else qat_state_dir(out)
     t0 = time.time()
     ranges, history = train(model, arch.blocks(model), recipe, windows, config, state, run_id, resume=resume,
@@ -469,17 +489,21 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
     training_seconds = time.time() - t0
     finished = len(history) >= steps
     training = {"method": "qat", "steps_done": len(history), "steps": steps, "finished": finished,
+                "transform": strategy_record,
                 "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
                 "training_seconds_this_run": round(training_seconds, 1), "history": history}
     calibration = windows[:max(1, calibration_samples)].to(next(model.parameters()).device)
     extra = {"training": training}
+    if transforms:   # the folder records the rotation as one quantized with the strategy does
+        extra["model_transforms"] = transforms
     if source is not None:
         extra["base_model"] = _base_model_name(source)
     quantized = quantize(model, recipe=recipe, strategy="minmax", calibration=calibration, tokenizer=tokenizer,
                          batch_size=4, progress=progress, prefix="none", activation_ranges=ranges, out=out,
                          overwrite=overwrite, manifest_extra=extra)
     quantized.osengine_report["training"] = training
-    if finished:
+    quantized.osengine_report["model_transforms"] = transforms
+    if finished and not keep_state:
         import shutil
         shutil.rmtree(state, ignore_errors=True)
     return quantized

@@ -188,5 +188,77 @@ def test_cli(base, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["finished"] and summary["steps_done"] == 3
+    rc = cli_main(["train-qat", str(folder), "--data", str(text), "--out", str(tmp_path / "rot"), "--steps", "2",
+                   "--seq-len", "16", "--strategy", "rotate", "--option", "seed=2", "--json"])
+    assert rc == 0
+    assert json.loads((tmp_path / "rot" / MANIFEST_FILE).read_text())["model_transforms"]["rotation"]["seed"] == 2
+    capsys.readouterr()
     rc = cli_main(["train-qat", str(folder), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_rotated_linear_is_trained_as_the_engine_runs_it():
+    """QAT of a rotated model: the wrapper of a linear that rotates its input online rotates before it quantizes,
+    as the quantized model (and the engine) do."""
+    from osengine.plugins.registry import make_strategy, resolve_architecture
+    from osengine.quant.recipes import load_recipe
+    from osengine.train.qat import QATLinear
+
+    model = tiny_llama(vocab_size=64)
+    make_strategy("rotate").prepare(model, resolve_architecture(model))
+    down = model.model.layers[0].mlp.down_proj
+    assert down.input_rotation == "hadamard"
+    recipe = load_recipe("w4a4-token")
+    down.quantize(recipe.weights, recipe.activation_spec("model.layers.0.mlp.down_proj"))
+    wrapped = QATLinear(down, recipe.activation_spec("model.layers.0.mlp.down_proj"))
+    x = torch.randn(2, 5, down.in_features, generator=torch.Generator().manual_seed(0))
+    x[..., 3] *= 30   # an outlier channel: without the rotation first, the codes would differ
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), down(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rotate_then_train(base, tmp_path):
+    """--strategy rotate: the rotated model is trained; the folder records the rotation, loads and gives the same
+    logits; the finished state can be kept and quantized again with GPTQ without training."""
+    folder, text = base
+    common = dict(recipe="w4a4-token", steps=6, seq_len=16, save_every=3, lr=1e-3, strategy="rotate",
+                  strategy_options={"seed": 3}, progress=False)
+    state = tmp_path / "state"
+    model = api.train_qat(str(folder), text, out=tmp_path / "q", state_dir=state, keep_state=True, **common)
+    manifest = json.loads((tmp_path / "q" / MANIFEST_FILE).read_text())
+    assert manifest["training"]["transform"] == {"strategy": "rotate", "strategy_options": {"seed": 3}}
+    assert manifest["model_transforms"]["rotation"]["seed"] == 3
+    assert "model.layers.0.mlp.down_proj" in manifest["rotated_linears"]
+    assert manifest["recipe"]["weights"]["observer"] == "mse"   # rotate's weight clipping
+    reloaded, _ = api.load_model(tmp_path / "q")
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert latest_state(state) is not None   # kept: quantize the trained model again, no training steps
+    again = api.train_qat(str(folder), text, out=tmp_path / "g", state_dir=state, resume=True,
+                          weight_rounding="gptq", **common)
+    training = again.osengine_report["training"]
+    assert training["steps_done"] == 6 and training["history"] == model.osengine_report["training"]["history"]
+    assert json.loads((tmp_path / "g" / MANIFEST_FILE).read_text())["recipe"]["weights"]["rounding"] == "gptq"
+    assert not state.exists()
+    with torch.no_grad():
+        assert not torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_rotated_trained_folder_runs_on_the_engine(base, tmp_path):
+    """rotate + QAT at the engine's W4A4 recipe: the engine (online rotations fused into its quantize op) equals
+    the integer-exact simulation of the trained folder."""
+    folder, text = base
+    model = api.train_qat(str(folder), text, recipe="w4a4-engine", out=tmp_path / "q", steps=4, seq_len=16,
+                          lr=1e-3, strategy="rotate", progress=False)
+    assert engine_matches_simulation(tmp_path / "q", model)
+
+
+def test_strategies_that_migrate_are_refused(base, tmp_path):
+    folder, text = base
+    with pytest.raises(QATError, match="osplus.*migrates"):
+        api.train_qat(str(folder), text, out=tmp_path / "q", strategy="osplus", steps=2, seq_len=16, progress=False)
+    with pytest.raises(QATError, match="without a strategy"):
+        api.train_qat(str(folder), text, out=tmp_path / "q", strategy_options={"seed": 1}, steps=2, seq_len=16,
+                      progress=False)
+    assert not (tmp_path / "q").exists()

@@ -77,7 +77,9 @@ def cmd_train_qat(args) -> int:
                       kurtosis_weight=args.kurtosis_weight, warmup_steps=args.warmup, save_every=args.save_every,
                       seed=args.seed, keep_fp=args.keep_fp or (), weight_rounding=args.weight_rounding,
                       resume=args.resume, state_dir=args.state, stop_after=args.stop_after,
-                      device=args.device, overwrite=args.overwrite, progress=not args.json)
+                      strategy=args.strategy, strategy_options=_options(args.option),
+                      keep_state=args.keep_state, device=args.device, overwrite=args.overwrite,
+                      progress=not args.json)
     report = model.osengine_report
     training = report["training"]
     history = training["history"]
@@ -331,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-fp", nargs="+", metavar="LAYER", help="layers kept in floating point")
     t.add_argument("--weight-rounding", choices=["nearest", "gptq"], default=None,
                    help="how the trained weights are quantized (default: the recipe's)")
+    t.add_argument("--strategy", default=None,
+                   help="a transform applied before training, e.g. rotate (strategies that migrate sites are refused)")
+    t.add_argument("--option", action="append", metavar="KEY=VALUE", help="option of --strategy, e.g. seed=1")
+    t.add_argument("--keep-state", action="store_true",
+                   help="keep the training state after the last step (to quantize the trained model again)")
     t.add_argument("--resume", action="store_true", help="continue the training state of an interrupted run")
     t.add_argument("--state", default=None, help="training state folder (default: OUT.qat-state beside --out)")
     t.add_argument("--stop-after", type=int, default=None,

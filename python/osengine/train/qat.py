@@ -35,6 +35,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..quant.hadamard import hadamard_transform
+from ..quant.layers import FakeQuantLinear
 from ..quant.recipes import Recipe
 from ..quant.spec import QuantSpec, quantize_dynamic
 
@@ -103,11 +105,14 @@ def token_kurtosis_sum(out: torch.Tensor) -> torch.Tensor:
 
 
 class QATLinear(nn.Module):
-    """A linear whose input is fake-quantized for training; keeps the kurtosis of its last output."""
+    """A linear whose input is fake-quantized for training; keeps the kurtosis of its last output. A linear that
+    rotates its input online (a FakeQuantLinear of a rotated model: strategy rotate) rotates before quantizing, as the
+    engine does."""
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+    def __init__(self, linear: nn.Module, spec: QuantSpec):
         super().__init__()
         self.linear, self.spec = linear, spec
+        self.rotates = getattr(linear, "input_rotation", None) is not None
         self.learns_range = not spec.dynamic
         if self.learns_range and spec.granularity != "per-tensor":
             raise QATError(f"QAT: static activations must be per-tensor, got {spec.granularity}")
@@ -123,11 +128,13 @@ class QATLinear(nn.Module):
         return static_fake_quant(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotates:
+            x = hadamard_transform(x).to(x.dtype)
         if self.initialising:
             self.seen.append(x.detach().float().flatten())
-            out = self.linear(x)
         else:
-            out = self.linear(self.quantize_input(x))
+            x = self.quantize_input(x)
+        out = nn.functional.linear(x, self.linear.weight, self.linear.bias)
         self.kurtosis = token_kurtosis_sum(out)
         return out
 
@@ -139,7 +146,10 @@ def install_qat(model: nn.Module, blocks: list, recipe: Recipe) -> dict:
         block = model.get_submodule(block_name)
         for name, m in list(block.named_modules()):
             full = f"{block_name}.{name}"
-            if isinstance(m, nn.Linear) and not recipe.keeps_fp(full):
+            if getattr(m, "input_shift", None) is not None:
+                raise QATError(f"QAT: {full} already has a runtime shift (a migrated model); train the "
+                               "floating-point model")
+            if isinstance(m, (nn.Linear, FakeQuantLinear)) and not recipe.keeps_fp(full):
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 q = QATLinear(m, recipe.activation_spec(full)).to(m.weight.device)
@@ -314,7 +324,10 @@ def train(model: nn.Module, blocks: list, recipe: Recipe, windows: torch.Tensor,
     if existing is not None and not resume:
         raise QATError(f"a QAT state from an earlier run is at {existing}: pass resume (--resume) to continue it, "
                        "or delete that folder to start again")
-    run_id = {**run_id, "config": asdict(config), "recipe": recipe.to_dict()}
+    # the weights' spec does not enter training (weights stay in floating point): a finished state can be
+    # quantized again with another weight rounding
+    trained_recipe = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "weights")}
+    run_id = {**run_id, "config": asdict(config), "recipe": trained_recipe}
     model.train()
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
