@@ -451,18 +451,12 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
         raise QATError(f"train_qat: recipe {recipe.name!r} quantizes attention inputs or uses a prefix, which QAT does "
                        "not train in this version; use a recipe with bmm_inputs: false and prefix: none")
     arch = resolve_architecture(model)
-    transforms, strategy_record = {}, None
     if strategy is None and strategy_options:
         raise QATError(f"train_qat: strategy_options {strategy_options} given without a strategy")
-    if strategy is not None:
-        strat = make_strategy(strategy, strategy_options)
-        if strat.migrates:
-            raise QATError(f"train_qat: strategy {strat.name!r} migrates sites from calibration statistics, which "
-                           "training would change; QAT composes with strategies that only transform the model "
-                           "(rotate)")
-        recipe = _adapted_recipe(strat, recipe, model, arch)
-        transforms = strat.prepare(model, arch) or {}
-        strategy_record = {"strategy": strat.name, "strategy_options": _jsonable(strategy_options or {})}
+    strat = None if strategy is None else make_strategy(strategy, strategy_options)
+    if strat is not None and strat.migrates:
+        raise QATError(f"train_qat: strategy {strat.name!r} migrates sites from calibration statistics, which "
+                       "training would change; QAT composes with strategies that only transform the model (rotate)")
     if isinstance(data, torch.Tensor):
         windows = data
     else:
@@ -479,6 +473,11 @@ def train_qat(model: Union[nn.Module, str, Path], data, *, recipe: Union[str, Pa
         raise QATError(f"train_qat: training data must be integer token ids [n, seq_len >= 2], got "
                        f"{tuple(windows.shape)} {windows.dtype}")
     windows = windows.long()
+    transforms, strategy_record = {}, None
+    if strat is not None:   # once the inputs are checked: the model changes in place from here
+        recipe = _adapted_recipe(strat, recipe, model, arch)
+        transforms = strat.prepare(model, arch) or {}
+        strategy_record = {"strategy": strat.name, "strategy_options": _jsonable(strategy_options or {})}
     run_id = {"model": source or type(model).__name__, "architecture": arch.name,
               "data_sha256": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest(),
               **({"transform": strategy_record} if strategy_record else {})}

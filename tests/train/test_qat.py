@@ -261,4 +261,10 @@ def test_strategies_that_migrate_are_refused(base, tmp_path):
     with pytest.raises(QATError, match="without a strategy"):
         api.train_qat(str(folder), text, out=tmp_path / "q", strategy_options={"seed": 1}, steps=2, seq_len=16,
                       progress=False)
+    model, tok = api.load_model(str(folder))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QATError, match="does not exist"):   # inputs are checked before the model is rotated
+        api.train_qat(model, tmp_path / "missing.txt", tokenizer=tok, out=tmp_path / "q", strategy="rotate",
+                      progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (tmp_path / "q").exists()
