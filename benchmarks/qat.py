@@ -59,17 +59,12 @@ def main() -> None:
         raise SystemExit(f"--points must lie in [0, --steps={args.steps}], got {points}")
 
     import torch
-    import yaml
 
     from osengine import api
+    from osengine.cli.main import parse_options
     from osengine.evaluation import perplexity
 
-    options = {}
-    for pair in args.option:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {pair!r} must look like key=value")
-        options[key.strip()] = yaml.safe_load(value)
+    options = parse_options(args.option)
     if options and not args.strategy:
         raise SystemExit("--option needs --strategy")
     torch.set_num_threads(args.threads)

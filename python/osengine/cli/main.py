@@ -9,7 +9,7 @@ import sys
 import yaml
 
 
-def _options(pairs):
+def parse_options(pairs):
     """--option key=value (values parsed as YAML scalars: 0.8 -> float, runtime -> str, true -> bool)."""
     out = {}
     for p in pairs or []:
@@ -38,7 +38,7 @@ def cmd_quantize(args) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     model = quantize(args.model, recipe=args.recipe, strategy=args.strategy, calibration=args.calib,
-                     keep_fp=args.keep_fp or (), strategy_options=_options(args.option),
+                     keep_fp=args.keep_fp or (), strategy_options=parse_options(args.option),
                      weight_rounding=args.weight_rounding, n_samples=args.samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, search_batches=args.search_batches,
                      device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.json,
@@ -77,7 +77,7 @@ def cmd_train_qat(args) -> int:
                       kurtosis_weight=args.kurtosis_weight, warmup_steps=args.warmup, save_every=args.save_every,
                       seed=args.seed, keep_fp=args.keep_fp or (), weight_rounding=args.weight_rounding,
                       resume=args.resume, state_dir=args.state, stop_after=args.stop_after,
-                      strategy=args.strategy, strategy_options=_options(args.option),
+                      strategy=args.strategy, strategy_options=parse_options(args.option),
                       keep_state=args.keep_state, device=args.device, overwrite=args.overwrite,
                       progress=not args.json)
     report = model.osengine_report
