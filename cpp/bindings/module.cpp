@@ -146,6 +146,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &osengine::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &osengine::get_num_threads);
   m.def("cpu_has_avx2", &osengine::cpu_has_avx2);
+  m.def("cpu_has_avx512_vnni", &osengine::cpu_has_avx512_vnni);
   m.def("has_cuda_backend", &osengine::has_cuda_backend);
 #ifdef OSENGINE_HAVE_RUNTIME
   osengine::python::bind_runtime(m);

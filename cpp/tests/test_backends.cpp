@@ -267,6 +267,7 @@ BACKEND_TEST(pack_unpack_round_trip) {
         const PackedWeights pw = pack_for(w, p4, n, k, bits, 0, backend);
         CHECK(pw.padded_n() >= n);
         CHECK(pw.padded_k() >= k);
+        CHECK_EQ(reinterpret_cast<std::uintptr_t>(pw.data()) % 64, std::uintptr_t{0});  // on a cache line
         std::vector<std::int8_t> back(static_cast<std::size_t>(n * k), 99);
         pw.unpack(tv(back.data(), DType::int8, {n, k}));
         check_same_bytes(w, back, "round trip");
@@ -645,6 +646,7 @@ TEST(registered_variant_is_under_test) {
   CHECK(std::find(listed.begin(), listed.end(), kVariant) != listed.end());
   CHECK_EQ(listed.front(), std::string("reference"));
   if (cpu_has_avx2()) CHECK(std::find(names.begin(), names.end(), "avx2") != names.end());
+  if (cpu_has_avx512_vnni()) CHECK(std::find(names.begin(), names.end(), "avx512_vnni") != names.end());
 }
 
 namespace {

@@ -58,7 +58,8 @@ def load_model(source: Union[str, Path], device: str = "cpu"):
 def load(directory: Union[str, Path], backend: str = "auto"):
     """(model, tokenizer): a folder written by `quantize(..., out=DIR)` rebuilt as an engine-backed model, whose
     quantized linears run with real int8 / int4 arithmetic (weights packed once), without re-calibrating. Layers the
-    recipe keeps in floating point stay in floating point. backend: "auto", "avx2", "reference" or "cuda"."""
+    recipe keeps in floating point stay in floating point. backend: "auto", "avx2", "avx512_vnni", "reference" or
+    "cuda"."""
     device = "cuda" if backend == "cuda" else "cpu"
     model, tokenizer, _ = load_quantized(directory, device=device)
     return convert_to_engine(model, backend=backend), tokenizer

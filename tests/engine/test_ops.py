@@ -258,6 +258,27 @@ def test_int4_pack_layout(rng):
 
 
 def test_auto_backend_is_the_fastest_available():
-    assert osengine.best_cpu_backend() == ("avx2" if osengine.cpu_has_avx2() else "reference")
+    want = "avx512_vnni" if osengine.cpu_has_avx512_vnni() else "avx2" if osengine.cpu_has_avx2() else "reference"
+    assert osengine.best_cpu_backend() == want
     w = np.ones((4, 8), dtype=np.int8)
     assert osengine.pack_weights(w).backend == osengine.best_cpu_backend()
+
+
+@pytest.mark.parametrize("value", ["reference", "avx2", "avx512_vnni", "auto", "", "avx9"])
+def test_cpu_backend_environment_variable_chooses_auto(monkeypatch, value):
+    """OSENGINE_CPU_BACKEND decides what 'auto' packs for (read at each resolution): a backend this CPU runs, a clear
+    error for one it cannot run or an unknown name, the fastest for 'auto' or empty."""
+    fastest = osengine.best_cpu_backend()
+    monkeypatch.setenv("OSENGINE_CPU_BACKEND", value)
+    w = np.ones((4, 8), dtype=np.int8)
+    if value in ("auto", ""):
+        assert osengine.pack_weights(w).backend == fastest
+    elif value == "avx9":
+        with pytest.raises(ValueError, match=r"OSENGINE_CPU_BACKEND.*'avx9'.*expected 'auto', 'reference', 'avx2'"):
+            osengine.pack_weights(w)
+    elif value in osengine.registered_backends():
+        assert osengine.best_cpu_backend() == value
+        assert osengine.pack_weights(w).backend == value
+    else:
+        with pytest.raises(RuntimeError, match=f"backend '{value}' needs a CPU with"):
+            osengine.pack_weights(w)

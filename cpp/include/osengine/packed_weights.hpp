@@ -1,7 +1,9 @@
 // Quantized weights packed once, at load time, into one backend's GEMM layout.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -12,7 +14,26 @@ namespace osengine {
 
 namespace detail {
 struct Kernels;
-}
+
+// Storage that starts on a 64-byte cache line: a packed panel step the size of a vector register (64 bytes in the
+// AVX-512 layout) then never straddles two lines. malloc gives 16-byte alignment only (large blocks sit 16 bytes
+// past a page), which made every 64-byte load of a streamed weight matrix touch two lines.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlignment{64};
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}  // NOLINT: allocators convert implicitly
+  T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), kAlignment)); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, kAlignment); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const noexcept { return false; }
+};
+using CacheLineBytes = std::vector<std::uint8_t, CacheLineAllocator<std::uint8_t>>;
+}  // namespace detail
 
 class PackedWeights {
  public:
@@ -78,7 +99,7 @@ class PackedWeights {
   int bits_ = 8;
   Backend backend_ = Backend::reference;
   const detail::Kernels* kernels_ = nullptr;
-  std::vector<std::uint8_t> data_;
+  detail::CacheLineBytes data_;
   std::vector<std::int32_t> column_sums_;
   std::vector<float> weight_scales_;
   std::vector<float> arranged_weight_scales_;

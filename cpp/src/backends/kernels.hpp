@@ -89,7 +89,7 @@ struct ArrangedScales {
 
 // Weight layouts. `codes` are int8 [n, k] (int4 values already sign-extended to int8).
 struct WeightLayout {
-  std::vector<std::uint8_t> data;
+  CacheLineBytes data;
   std::int64_t padded_n = 0, padded_k = 0;
 };
 

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "backends/avx2/avx2.hpp"
+#include "backends/avx512_vnni/avx512_vnni.hpp"
 #include "backends/cuda/cuda.hpp"
 #include "backends/kernels.hpp"
 #include "backends/reference/reference.hpp"
@@ -20,6 +21,18 @@ bool avx2_available() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+#endif
+
+#ifdef OSENGINE_HAVE_AVX512_VNNI_KERNELS
+// __builtin_cpu_supports also checks that the OS saves the AVX-512 registers (XCR0).
+bool avx512_vnni_available() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return avx2_available() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   }();
   return has;
 }
@@ -47,6 +60,19 @@ std::deque<Kernels> builtin_backends() {
   avx2.arrange_weight_scales = arrange_weight_scales_avx2;
   avx2.unpack_weights = unpack_weights_avx2;
   table.push_back(avx2);
+#endif
+#ifdef OSENGINE_HAVE_AVX512_VNNI_KERNELS
+  // The AVX2 backend's activation quantization and W4 layout; its own W8 layout and GEMMs.
+  Kernels vnni;
+  vnni.name = "avx512_vnni";
+  vnni.id = Backend::avx512_vnni;
+  vnni.available = avx512_vnni_available;
+  vnni.quantize = quantize_avx2;
+  vnni.gemm = gemm_avx512_vnni;
+  vnni.pack_weights = pack_weights_avx512_vnni;
+  vnni.arrange_weight_scales = arrange_weight_scales_avx2;
+  vnni.unpack_weights = unpack_weights_avx512_vnni;
+  table.push_back(vnni);
 #endif
 #ifdef OSENGINE_HAVE_CUDA
   Kernels cuda;
@@ -104,7 +130,7 @@ const Kernels& kernels_for(Backend backend, const char* op) {
 }
 
 const Kernels& resolve_cpu_kernels(const std::string& name, const char* op) {
-  for (Backend builtin : {Backend::automatic, Backend::reference, Backend::avx2, Backend::cuda})
+  for (Backend builtin : {Backend::automatic, Backend::reference, Backend::avx2, Backend::avx512_vnni, Backend::cuda})
     if (name == backend_name(builtin)) return kernels_for(resolve_cpu_backend(builtin, op), op);
   const Kernels* kernels = find_kernels(name);
   if (kernels == nullptr) {

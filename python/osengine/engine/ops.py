@@ -30,6 +30,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "cpu_has_avx2",
+    "cpu_has_avx512_vnni",
     "best_cpu_backend",
     "has_cuda_backend",
     "registered_backends",
@@ -39,6 +40,7 @@ code_range = _C.code_range
 set_num_threads = _C.set_num_threads
 get_num_threads = _C.get_num_threads
 cpu_has_avx2 = _C.cpu_has_avx2
+cpu_has_avx512_vnni = _C.cpu_has_avx512_vnni
 best_cpu_backend = _C.best_cpu_backend
 has_cuda_backend = _C.has_cuda_backend
 registered_backends = _C.registered_backends

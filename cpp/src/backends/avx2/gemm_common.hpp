@@ -1,4 +1,5 @@
-// Pieces shared by the AVX2 W8 and W4 GEMMs (gemm_w8.cpp, gemm_w4.cpp) and their weight layouts (pack.cpp): the
+// Pieces shared by the AVX2 W8 and W4 GEMMs (gemm_w8.cpp, gemm_w4.cpp), their weight layouts (pack.cpp) and the
+// AVX-512 VNNI backend built on them (backends/avx512_vnni): the
 // panel of 16 output channels, the fp32 epilogue on register tiles (bit-identical to backends/epilogue.hpp), the
 // blocking and threading of the work, and the W4 layout's shape. Only include from files compiled with -mavx2 -mfma.
 //
@@ -263,6 +264,107 @@ inline W4Shape w4_shape(std::int64_t k, std::int64_t group_size) {
   s.groups = k / s.group_size;
   s.group_k = round_up(s.group_size, 4);
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// W4 (int4 weights, the layout of pack.cpp): the prepared A, the per-panel column sums and the driver shared by
+// the W4 tile kernels (avx2/gemm_w4.cpp; avx512_vnni/gemm_w4.cpp multiplies the same layout with vpdpbusd).
+struct W4Context {
+  const GemmProblem* p = nullptr;
+  W4Shape shape;
+  const std::int8_t* a = nullptr;       // prepared A [M, padded_k] int8, zero-padded per group
+  const std::int32_t* rowsum = nullptr;  // [M, groups]
+  const std::uint8_t* w = nullptr;
+};
+
+// Per-panel column sums [groups][16] (the zero-point correction) next to the epilogue parameters.
+inline void prepare_w4_panel(const W4Context& c, std::int64_t panel, PanelParams& pp, std::vector<std::int32_t>& colsum) {
+  Context ctx;
+  ctx.p = c.p;
+  ctx.groups = c.shape.groups;
+  if (!c.p->out_accumulators) prepare_panel(ctx, panel, pp);
+  pp.n0 = panel * kNR;
+  pp.nvalid = std::min<std::int64_t>(kNR, c.p->n - pp.n0);
+  // Only an activation zero point needs them: the sums are [groups, N], one cache line per group and panel, as many
+  // bytes as a quarter of the int4 weights, which a symmetric decode step would otherwise read for nothing.
+  if (c.p->a_zero_point == nullptr || c.p->out_accumulators) {
+    colsum.clear();
+    return;
+  }
+  colsum.assign(static_cast<std::size_t>(c.shape.groups * kNR), 0);
+  const std::vector<std::int32_t>& sums = c.p->weights->column_sums();  // [groups, N]
+  for (std::int64_t g = 0; g < c.shape.groups; ++g)
+    for (std::int64_t col = 0; col < pp.nvalid; ++col) colsum[g * kNR + col] = sums[g * c.p->n + pp.n0 + col];
+}
+
+// A for the W4 kernels: int8 codes (int4-packed ones unpacked) [M, padded_k], zero-padded per group, and their
+// sums per row and group.
+inline void prepare_w4_rows(const GemmProblem& p, const W4Shape& shape, std::int8_t* out, std::int32_t* rowsum,
+                     std::int64_t r0, std::int64_t r1) {
+  const std::int64_t k = p.k, gs = shape.group_size, lda = shape.padded_k();
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (std::int64_t m = r0; m < r1; ++m) {
+    for (std::int64_t g = 0; g < shape.groups; ++g) {
+      std::int8_t* dst = out + m * lda + g * shape.group_k;
+      if (p.a_format == ActivationFormat::int8) {
+        std::memcpy(dst, p.a + m * k + g * gs, static_cast<std::size_t>(gs));
+      } else {  // int4 packed two per byte, low nibble = even k; gs is even
+        const auto* src = reinterpret_cast<const std::uint8_t*>(p.a) + m * (k / 2) + g * gs / 2;
+        for (std::int64_t i = 0; i < gs / 2; ++i) {
+          const int lo = src[i] & 0x0f, hi = src[i] >> 4;
+          dst[2 * i] = static_cast<std::int8_t>(lo >= 8 ? lo - 16 : lo);
+          dst[2 * i + 1] = static_cast<std::int8_t>(hi >= 8 ? hi - 16 : hi);
+        }
+      }
+      for (std::int64_t i = gs; i < shape.group_k; ++i) dst[i] = 0;
+      __m256i acc = _mm256_setzero_si256();
+      std::int64_t i = 0;
+      for (; i + 32 <= gs; i += 32)
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                                        ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + i))), ones16));
+      alignas(32) std::int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+      std::int32_t sum = 0;
+      for (int j = 0; j < 8; ++j) sum += lanes[j];
+      for (; i < gs; ++i) sum += dst[i];
+      rowsum[m * shape.groups + g] = sum;
+    }
+  }
+}
+
+// The W4 GEMM around a tile kernel (the AVX2 one, or another backend's on the same layout): A prepared once per
+// call (prepare_w4_rows), then the blocks of run_blocks, tiles of up to `mr` rows. run_tile(c, pp, colsum, m0, rows).
+template <class RunTile>
+void run_w4(const GemmProblem& p, std::int64_t mr, RunTile run_tile) {
+  const PackedWeights& w = *p.weights;
+  W4Context c;
+  c.p = &p;
+  c.shape = w4_shape(p.k, w.group_size());
+  c.w = w.data();
+  const std::int64_t lda = c.shape.padded_k();
+  thread_local std::vector<std::int8_t> a_rows;
+  thread_local std::vector<std::int32_t> rowsums;
+  if (a_rows.size() < static_cast<std::size_t>(p.m * lda)) a_rows.resize(static_cast<std::size_t>(p.m * lda));
+  if (rowsums.size() < static_cast<std::size_t>(p.m * c.shape.groups))
+    rowsums.resize(static_cast<std::size_t>(p.m * c.shape.groups));
+  c.a = a_rows.data();
+  c.rowsum = rowsums.data();
+  std::int8_t* a_out = a_rows.data();
+  std::int32_t* rowsum_out = rowsums.data();
+  parallel_for(p.m, std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(1, p.k)),
+               [&](std::int64_t r0, std::int64_t r1) { prepare_w4_rows(p, c.shape, a_out, rowsum_out, r0, r1); });
+
+  run_blocks(p, mr, lda, lda, [&] {
+    return [&c, &run_tile, mr, pp = PanelParams{}, colsum = std::vector<std::int32_t>{}, current = std::int64_t{-1}](
+               std::int64_t panel, std::int64_t m_begin, std::int64_t m_end) mutable {
+      if (panel != current) {
+        prepare_w4_panel(c, panel, pp, colsum);
+        current = panel;
+      }
+      for (std::int64_t m0 = m_begin; m0 < m_end; m0 += mr)
+        run_tile(c, pp, colsum.data(), m0, std::min<std::int64_t>(mr, m_end - m0));
+    };
+  });
 }
 
 }  // namespace osengine::detail::avx2_gemm
