@@ -20,6 +20,11 @@
 //   sign_trick_step   one 4-k step of a 4 x 16 microkernel with the exact vpmaddubsw "sign trick" (u8 = |a|,
 //                     s8 = sign(a) * w via vpsignb, then vpmaddwd(x, 1) + vpaddd): 8-bit activations without
 //                     saturation, at the price of a vpsignb per product vector.
+// On a CPU with AVX-512 VNNI (skipped elsewhere; the asm needs no compiler flags):
+//   fp32_fma_zmm      vfmadd231ps on zmm: 16 fp32 MACs per instruction (oneDNN's fp32 GEMM on such a CPU).
+//   vnni_dpbusd       vpdpbusd on zmm alone: 64 u8 x s8 MACs per instruction, exact int32 sums.
+//   vnni_w8a8_step    one 4-k step of the avx512_vnni backend's 8 x 16 W8 tile: 1 zmm W load, 8 vpbroadcastd A
+//                     loads, 8 vpdpbusd (operands in L1).
 // The ratio w8a8_kernel_step / fp32_fma bounds how much faster the W8A8 GEMM can be than an fp32 GEMM that runs at
 // the FMA peak on this core; fbgemm_mix / w8a8_kernel_step is the head start of FBGEMM's 7-bit arithmetic.
 #include <immintrin.h>
@@ -71,6 +76,13 @@ namespace {
   "vpmaddubsw %%ymm15, %%ymm14, %%ymm15\n\t"                              \
   "vpmaddwd %%ymm12, %%ymm15, %%ymm15\n\t"                                \
   "vpaddd %%ymm15, %%ymm" #x1 ", %%ymm" #x1 "\n\t"
+
+// AVX-512 mixes: products into zmm0..11 from zmm12/13 (or a broadcast into zmm14); vzeroupper at the end.
+#define FMA_ZMM(x) "vfmadd231ps %%zmm12, %%zmm13, %%zmm" #x "\n\t"
+#define DPBUSD(x) "vpdpbusd %%zmm12, %%zmm13, %%zmm" #x "\n\t"
+#define VNNI_ROW(off, x)                                                   \
+  "vpbroadcastd " #off "(%[a]), %%zmm14\n\t"                             \
+  "vpdpbusd %%zmm12, %%zmm14, %%zmm" #x "\n\t"
 
 alignas(64) std::int8_t w_bytes[64];
 alignas(64) std::int32_t a_pairs[32];
@@ -140,6 +152,34 @@ void run_sign_trick_step(std::int64_t n) {
                : CLOBBER_ALL);
 }
 
+void run_fp32_fma_zmm(std::int64_t n) {
+  asm volatile("vpxord %%zmm12, %%zmm12, %%zmm12\n\tvpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+               "1:\n\t" TWELVE(FMA_ZMM) "dec %[n]\n\tjnz 1b\n\tvzeroupper\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_vnni_dpbusd(std::int64_t n) {
+  asm volatile("vpxord %%zmm12, %%zmm12, %%zmm12\n\tvpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+               "1:\n\t" TWELVE(DPBUSD) "dec %[n]\n\tjnz 1b\n\tvzeroupper\n\t"
+               : [n] "+r"(n)
+               :
+               : CLOBBER_ALL);
+}
+void run_vnni_w8a8_step(std::int64_t n) {
+  asm volatile("1:\n\t"
+               "vmovdqu64 (%[w]), %%zmm12\n\t" VNNI_ROW(0, 0) VNNI_ROW(4, 1) VNNI_ROW(8, 2) VNNI_ROW(12, 3)
+                   VNNI_ROW(16, 4) VNNI_ROW(20, 5) VNNI_ROW(24, 6) VNNI_ROW(28, 7) "dec %[n]\n\tjnz 1b\n\tvzeroupper\n\t"
+               : [n] "+r"(n)
+               : [w] "r"(w_bytes), [a] "r"(a_pairs)
+               : CLOBBER_ALL);
+}
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+}
+
 double seconds_for(const Mix& mix, std::int64_t iterations) {
   const auto t0 = std::chrono::steady_clock::now();
   mix.run(iterations);
@@ -164,7 +204,7 @@ int main(int argc, char** argv) {
   }
   std::memset(w_bytes, 1, sizeof w_bytes);
   for (auto& a : a_pairs) a = 0x00010001;
-  const Mix mixes[] = {
+  std::vector<Mix> mixes = {
       {"fp32_fma", 12 * 8, run_fp32_fma},
       {"int16_madd", 12 * 16, run_int16_madd},
       {"int16_madd_add", 12 * 16, run_int16_madd_add},
@@ -173,9 +213,16 @@ int main(int argc, char** argv) {
       {"fbgemm_mix", 12 * 32, run_fbgemm_mix},
       {"sign_trick_step", 8 * 32, run_sign_trick_step},
   };
+  if (cpu_has_avx512_vnni()) {
+    mixes.push_back({"fp32_fma_zmm", 12 * 16, run_fp32_fma_zmm});
+    mixes.push_back({"vnni_dpbusd", 12 * 64, run_vnni_dpbusd});
+    mixes.push_back({"vnni_w8a8_step", 8 * 64, run_vnni_w8a8_step});
+  } else if (!json) {
+    std::printf("(no AVX-512 VNNI on this CPU: its mixes are skipped)\n");
+  }
   // Iteration counts for ~0.2 s each; then the mixes take turns (round robin) so that a busy machine slows them
   // alike, and each mix's median is kept.
-  const std::size_t n_mixes = sizeof mixes / sizeof mixes[0];
+  const std::size_t n_mixes = mixes.size();
   std::vector<std::int64_t> iterations(n_mixes, 1 << 16);
   for (std::size_t i = 0; i < n_mixes; ++i) {
     while (seconds_for(mixes[i], iterations[i]) < 0.05) iterations[i] *= 2;

@@ -251,24 +251,29 @@ void run_blocks(const GemmProblem& p, std::int64_t mr, std::int64_t a_row_bytes,
   });
 }
 
+// K cut into groups (all of K without groups), each padded to a multiple of step_k, so that a kernel step of step_k
+// inputs never straddles two groups: the AVX2 W4 layout and the AVX-512 VNNI W8 layout step by 4, the VNNI W4
+// layout by 8.
 struct W4Shape {
-  std::int64_t groups = 1, group_size = 0, group_k = 0;  // group_k = group_size rounded up to 4
+  std::int64_t groups = 1, group_size = 0, group_k = 0, step_k = 4;  // group_k = group_size rounded up to step_k
   std::int64_t padded_k() const { return groups * group_k; }
-  std::int64_t steps() const { return padded_k() / 4; }
+  std::int64_t steps() const { return padded_k() / step_k; }
+  std::int64_t group_steps() const { return group_k / step_k; }
   std::int64_t packed_k(std::int64_t kk) const { return (kk / group_size) * group_k + kk % group_size; }
 };
 
-inline W4Shape w4_shape(std::int64_t k, std::int64_t group_size) {
+inline W4Shape w4_shape(std::int64_t k, std::int64_t group_size, std::int64_t step_k = 4) {
   W4Shape s;
   s.group_size = group_size > 0 ? group_size : k;
   s.groups = k / s.group_size;
-  s.group_k = round_up(s.group_size, 4);
+  s.step_k = step_k;
+  s.group_k = round_up(s.group_size, step_k);
   return s;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// W4 (int4 weights, the layout of pack.cpp): the prepared A, the per-panel column sums and the driver shared by
-// the W4 tile kernels (avx2/gemm_w4.cpp; avx512_vnni/gemm_w4.cpp multiplies the same layout with vpdpbusd).
+// W4 (int4 weights): the prepared A, the per-panel column sums and the driver shared by the W4 tile kernels
+// (avx2/gemm_w4.cpp on the layout of pack.cpp; avx512_vnni/gemm_w4.cpp on its own).
 struct W4Context {
   const GemmProblem* p = nullptr;
   W4Shape shape;
@@ -332,14 +337,15 @@ inline void prepare_w4_rows(const GemmProblem& p, const W4Shape& shape, std::int
   }
 }
 
-// The W4 GEMM around a tile kernel (the AVX2 one, or another backend's on the same layout): A prepared once per
-// call (prepare_w4_rows), then the blocks of run_blocks, tiles of up to `mr` rows. run_tile(c, pp, colsum, m0, rows).
+// The W4 GEMM around a tile kernel (the AVX2 one, or the AVX-512 VNNI one on its layout of step_k = 8): A prepared
+// once per call (prepare_w4_rows), then the blocks of run_blocks, tiles of up to `mr` rows.
+// run_tile(c, pp, colsum, m0, rows).
 template <class RunTile>
-void run_w4(const GemmProblem& p, std::int64_t mr, RunTile run_tile) {
+void run_w4(const GemmProblem& p, std::int64_t mr, std::int64_t step_k, RunTile run_tile) {
   const PackedWeights& w = *p.weights;
   W4Context c;
   c.p = &p;
-  c.shape = w4_shape(p.k, w.group_size());
+  c.shape = w4_shape(p.k, w.group_size(), step_k);
   c.w = w.data();
   const std::int64_t lda = c.shape.padded_k();
   thread_local std::vector<std::int8_t> a_rows;

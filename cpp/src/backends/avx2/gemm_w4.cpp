@@ -30,7 +30,7 @@ template <int MR>
 void w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* colsum, std::int64_t m0) {
   constexpr int kChains = MR == 1 ? 2 : 1;
   const GemmProblem& p = *c.p;
-  const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_k / 4, groups = c.shape.groups;
+  const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_steps(), groups = c.shape.groups;
   const std::int8_t* a = c.a + m0 * lda;
   const std::uint8_t* w = c.w + (pp.n0 / kNR) * c.shape.steps() * 32;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -141,6 +141,6 @@ void run_w4_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* 
 
 }  // namespace
 
-void gemm_w4_avx2(const GemmProblem& p) { run_w4(p, kW4MR, run_w4_tile); }
+void gemm_w4_avx2(const GemmProblem& p) { run_w4(p, kW4MR, 4, run_w4_tile); }
 
 }  // namespace osengine::detail

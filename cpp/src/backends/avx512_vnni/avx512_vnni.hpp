@@ -1,7 +1,7 @@
 // The AVX-512 VNNI backend: the AVX2 backend's design with its integer products done by vpdpbusd (u8 x s8, four
-// products added into each int32 lane, exact: no int16 intermediate). Its own W8 layout (16 columns x 4 k per
-// 64-byte zmm), the AVX2 backend's W4 layout, activation quantization and fp32 epilogue (backends/avx2), so that
-// both give the reference's bits.
+// products added into each int32 lane, exact: no int16 intermediate). Its own weight layouts (a step of one 64-byte
+// zmm: 16 columns x 4 k of int8 weights, 16 columns x 8 k of int4 weights), the AVX2 backend's activation
+// quantization and fp32 epilogue (backends/avx2), so that both give the reference's bits.
 //
 // Its files are compiled with the AVX2 flags like backends/avx2; only the functions marked OSENGINE_AVX512_VNNI use
 // AVX-512 (a function-level target). Inline and template code shared with other files (the std library, the AVX2
@@ -11,6 +11,23 @@
 #include "backends/kernels.hpp"
 
 #define OSENGINE_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+#if defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+namespace osengine::detail::vnni {
+// acc += the u8 x s8 products of `u` (unsigned bytes) and `s` (signed bytes), four per int32 lane (vpdpbusd). In
+// inline asm because GCC 12's register allocation around the intrinsic copies every accumulator to another
+// register and back at each use (twice the instructions of the loop, and spills).
+OSENGINE_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %[s], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [s] "v"(s));
+}
+}  // namespace osengine::detail::vnni
+#else
+#include <immintrin.h>
+namespace osengine::detail::vnni {
+OSENGINE_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { acc = _mm512_dpbusd_epi32(acc, u, s); }
+}  // namespace osengine::detail::vnni
+#endif
 
 namespace osengine::detail {
 

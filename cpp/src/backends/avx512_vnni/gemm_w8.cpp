@@ -11,12 +11,11 @@
 //   32-bit broadcast of the row's four activation bytes.
 // A is prepared once per call: u8 [M, padded_k], the same per-group padding (any value: its weights are 0).
 // Tiles of up to kMR rows x 16 columns, one zmm accumulator per row (decode: four chains over consecutive steps, so
-//   that the 5-cycle vpdpbusd latency overlaps). The int32 tile then goes through the AVX2 backend's epilogue
-//   (fold_group / finish_tile / finish_row in backends/avx2/gemm_common.hpp) as two 8-lane halves.
+//   that the 5-cycle vpdpbusd latency overlaps). Groups are folded into fp32 rows in zmm, and the tile ends in the
+//   AVX2 backend's epilogue (tile_common.hpp).
 #include <cstring>
 
-#include "backends/avx2/gemm_common.hpp"
-#include "backends/avx512_vnni/avx512_vnni.hpp"
+#include "backends/avx512_vnni/tile_common.hpp"
 
 namespace osengine::detail {
 
@@ -34,13 +33,6 @@ struct W8Context {
   const std::uint8_t* w = nullptr;
 };
 
-// The zmm accumulator of one row as the two 8-column halves the AVX2 epilogue takes (zero-masking extracts:
-// GCC 12 warns that the plain ones' unused pass-through operand is uninitialized).
-OSENGINE_AVX512_VNNI inline void split(__m512i v, __m256i (&halves)[2]) {
-  halves[0] = _mm512_maskz_extracti64x4_epi64(0xff, v, 0);
-  halves[1] = _mm512_maskz_extracti64x4_epi64(0xff, v, 1);
-}
-
 // acc[r] += the products of step s (4 k) of the panel w with row r of a.
 template <int MR>
 OSENGINE_AVX512_VNNI inline void w8_step(const std::uint8_t* a, std::int64_t lda, const std::uint8_t* w, std::int64_t s,
@@ -50,7 +42,7 @@ OSENGINE_AVX512_VNNI inline void w8_step(const std::uint8_t* a, std::int64_t lda
   for (int r = 0; r < MR; ++r) {
     std::int32_t four;
     std::memcpy(&four, a + r * lda + s * 4, sizeof four);
-    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(four), wv);
+    vnni::dpbusd(acc[r], _mm512_set1_epi32(four), wv);
   }
 }
 
@@ -59,25 +51,17 @@ OSENGINE_AVX512_VNNI void w8_tile(const W8Context& c, const PanelParams& pp, con
                                   std::int64_t m0) {
   constexpr int kChains = MR == 1 ? 4 : 1;
   const GemmProblem& p = *c.p;
-  const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_k / 4, groups = c.shape.groups;
+  const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_steps(), groups = c.shape.groups;
   const std::uint8_t* a = c.a + m0 * lda;
   const std::uint8_t* w = c.w + (pp.n0 / kNR) * c.shape.steps() * kStepBytes;
   const bool epilogue = p.out_accumulators == nullptr, with_zp = epilogue && p.a_zero_point != nullptr;
   const bool grouped_epilogue = epilogue && groups > 1;
   __m512i total[MR];
-  __m256 y[MR][2];
+  __m512 y[MR];  // with groups: the fp32 rows, from the bias, one fma per group
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     total[r] = _mm512_setzero_si512();
-    y[r][0] = y[r][1] = _mm256_setzero_ps();
-  }
-  if (grouped_epilogue) {  // y starts from the bias, one fma per group
-    const __m256 b0 = _mm256_loadu_ps(pp.bias.data()), b1 = _mm256_loadu_ps(pp.bias.data() + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      y[r][0] = b0;
-      y[r][1] = b1;
-    }
+    y[r] = grouped_epilogue ? vnni::bias(pp) : _mm512_setzero_ps();
   }
   for (std::int64_t g = 0; g < groups; ++g) {
     __m512i acc[kChains][MR];
@@ -103,27 +87,20 @@ OSENGINE_AVX512_VNNI void w8_tile(const W8Context& c, const PanelParams& pp, con
       for (int r = 0; r < MR; ++r) acc[0][r] = _mm512_add_epi32(acc[0][r], acc[ch][r]);
     // sum (a - zp) w = sum u w - (128 + zp) colsum(w)
     const __m512i cs = _mm512_loadu_si512(colsum + g * kNR);
-    __m256i halves[MR][2];
+    __m512i sums[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const std::int32_t zp = with_zp ? p.a_zero_point[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g] : 0;
       const __m512i sum = _mm512_sub_epi32(acc[0][r], _mm512_mullo_epi32(_mm512_set1_epi32(128 + zp), cs));
-      if (grouped_epilogue)
-        split(sum, halves[r]);
-      else
-        total[r] = _mm512_add_epi32(total[r], sum);
+      sums[r] = sum;
+      total[r] = _mm512_add_epi32(total[r], sum);
     }
-    if (grouped_epilogue) fold_group<MR>(p, pp, m0, g, halves, y);
+    if (grouped_epilogue) vnni::fold_group<MR>(p, pp, m0, g, sums, y);
   }
-  if (!grouped_epilogue) {
-    __m256i halves[MR][2];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) split(total[r], halves[r]);
-    finish_tile<MR>(p, pp, m0, halves);
-    return;
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) finish_row(p, m0 + r, pp.n0, pp.nvalid, y[r][0], y[r][1]);
+  if (grouped_epilogue)
+    vnni::finish_rows<MR>(p, pp, m0, y);
+  else
+    vnni::finish_sums<MR>(p, pp, m0, total);
 }
 
 OSENGINE_AVX512_VNNI void run_tile(const W8Context& c, const PanelParams& pp, const std::int32_t* colsum,

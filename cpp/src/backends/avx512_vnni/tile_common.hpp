@@ -1,0 +1,69 @@
+// Pieces shared by the AVX-512 VNNI W8 and W4 tiles (gemm_w8.cpp, gemm_w4.cpp): a row's 16 int32 column sums folded
+// into its fp32 accumulator as one zmm (the AVX2 backend's fold_group, 16 lanes at a time: the same operations in
+// the same order, so the same bits), and the hand-over to the AVX2 backend's epilogue as two 8-lane halves.
+#pragma once
+#include "backends/avx2/gemm_common.hpp"
+#include "backends/avx512_vnni/avx512_vnni.hpp"
+
+namespace osengine::detail::vnni {
+
+// GCC 12 warns that the unused pass-through operand of the plain 512-bit conversions and extracts is uninitialized;
+// their zero-masking forms with every lane selected are the same instructions' results without it.
+constexpr __mmask16 kAll16 = 0xffff;
+constexpr __mmask8 kAll8 = 0xff;
+
+// The 16 weight scales of group g of the panel (float32, or float16 bits holding exactly those floats).
+OSENGINE_AVX512_VNNI inline __m512 weight_scales(const avx2_gemm::PanelParams& pp, std::int64_t g) {
+  if (pp.w_scale_f16 != nullptr)
+    return _mm512_maskz_cvtph_ps(
+        kAll16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp.w_scale_f16 + g * pp.ws_gstride)));
+  return _mm512_loadu_ps(pp.w_scale + g * pp.ws_gstride);
+}
+
+// y[r] = fma(float(sums[r]), a_scale(row m0 + r, group g) * w_scale, y[r]) for the tile's MR rows.
+template <int MR>
+OSENGINE_AVX512_VNNI inline void fold_group(const GemmProblem& p, const avx2_gemm::PanelParams& pp, std::int64_t m0,
+                                            std::int64_t g, const __m512i (&sums)[MR], __m512 (&y)[MR]) {
+  const __m512 ws = weight_scales(pp, g);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 as = _mm512_set1_ps(p.a_scale[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g]);
+    y[r] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, sums[r]), _mm512_mul_ps(as, ws), y[r]);
+  }
+}
+
+// A zmm of 16 columns as the two 8-column halves the AVX2 epilogue takes.
+OSENGINE_AVX512_VNNI inline void split(__m512i v, __m256i (&halves)[2]) {
+  halves[0] = _mm512_maskz_extracti64x4_epi64(kAll8, v, 0);
+  halves[1] = _mm512_maskz_extracti64x4_epi64(kAll8, v, 1);
+}
+OSENGINE_AVX512_VNNI inline void split(__m512 v, __m256 (&halves)[2]) {
+  halves[0] = _mm256_castsi256_ps(_mm512_maskz_extracti64x4_epi64(kAll8, _mm512_castps_si512(v), 0));
+  halves[1] = _mm256_castsi256_ps(_mm512_maskz_extracti64x4_epi64(kAll8, _mm512_castps_si512(v), 1));
+}
+
+// The end of a tile: ungrouped int32 sums through the AVX2 finish_tile (raw accumulators or the whole epilogue), or
+// the grouped fp32 rows through finish_row (activation, residual, store).
+template <int MR>
+OSENGINE_AVX512_VNNI inline void finish_sums(const GemmProblem& p, const avx2_gemm::PanelParams& pp, std::int64_t m0,
+                                             const __m512i (&sums)[MR]) {
+  __m256i halves[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) split(sums[r], halves[r]);
+  avx2_gemm::finish_tile<MR>(p, pp, m0, halves);
+}
+template <int MR>
+OSENGINE_AVX512_VNNI inline void finish_rows(const GemmProblem& p, const avx2_gemm::PanelParams& pp, std::int64_t m0,
+                                             const __m512 (&y)[MR]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    __m256 halves[2];
+    split(y[r], halves);
+    avx2_gemm::finish_row(p, m0 + r, pp.n0, pp.nvalid, halves[0], halves[1]);
+  }
+}
+
+// The bias of the panel's 16 columns (y's starting value with groups).
+OSENGINE_AVX512_VNNI inline __m512 bias(const avx2_gemm::PanelParams& pp) { return _mm512_loadu_ps(pp.bias.data()); }
+
+}  // namespace osengine::detail::vnni
