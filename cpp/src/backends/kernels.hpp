@@ -95,7 +95,7 @@ struct WeightLayout {
 
 // One backend: what the ops call once they have validated their arguments.
 struct Kernels {
-  std::string name;        // "reference", "avx2", "cuda", or a registered variant's own name
+  std::string name;        // "reference", "avx2", "avx512_vnni", "cuda", or a registered variant's own name
   Backend id = Backend::reference;  // the public Backend it implements (a variant names the one it stands for)
   Device device = Device::cpu;      // where its operands live
   bool (*available)() = nullptr;    // whether it can run on this machine (CPU features, a GPU)

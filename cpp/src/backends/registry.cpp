@@ -62,7 +62,7 @@ std::deque<Kernels> builtin_backends() {
   table.push_back(avx2);
 #endif
 #ifdef OSENGINE_HAVE_AVX512_VNNI_KERNELS
-  // The AVX2 backend's activation quantization and W4 layout; its own W8 layout and GEMMs.
+  // The AVX2 backend's activation quantization and scale arrangement; its own weight layouts and GEMMs.
   Kernels vnni;
   vnni.name = "avx512_vnni";
   vnni.id = Backend::avx512_vnni;

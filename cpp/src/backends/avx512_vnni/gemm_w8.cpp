@@ -28,7 +28,7 @@ constexpr std::int64_t kStepBytes = 64;
 
 struct W8Context {
   const GemmProblem* p = nullptr;
-  W4Shape shape;                     // groups padded to a multiple of 4 k (the W4 layout's shape)
+  W4Shape shape;                     // groups padded to a multiple of 4 k (step_k 4)
   const std::uint8_t* a = nullptr;   // prepared A, u8 [M, padded_k]
   const std::uint8_t* w = nullptr;
 };
