@@ -164,6 +164,22 @@ def test_one_and_two_threads_give_the_same_logits(folders):
     assert np.array_equal(one, two)
 
 
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_cpu_backend_gives_the_same_logits(folders, monkeypatch, recipe):
+    """The model packed for each CPU backend this machine runs (OSENGINE_CPU_BACKEND decides what the loader's 'auto'
+    packs for): the same logits bit for bit, int8 lm_head included."""
+    folder = folders["llama", recipe]
+    ids = prompt(20)
+    logits = {}
+    for backend in [b for b in osengine.registered_backends() if b != "cuda" and "variant" not in b]:
+        monkeypatch.setenv("OSENGINE_CPU_BACKEND", backend)
+        assert osengine.pack_weights(np.ones((4, 8), dtype=np.int8)).backend == backend  # what 'auto' packs for now
+        model = load_native(folder, quantize_embeddings=True)
+        logits[backend] = model.context(n_ctx=64).decode(ids, all_logits=True)
+    for backend, got in logits.items():
+        assert np.array_equal(got, logits["reference"]), backend
+
+
 def test_kv_truncate_replays_and_clear_restarts(folders):
     model = load_native(folders["llama", "w8a8-static"])
     ids = prompt(16)
