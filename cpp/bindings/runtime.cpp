@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 
 #include "osengine/errors.hpp"
+#include "osengine/runtime/attention.hpp"
 #include "osengine/runtime/context.hpp"
 #include "osengine/runtime/errors.hpp"
 #include "osengine/runtime/model.hpp"
@@ -188,6 +190,44 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("vocab_size", &rt::Tokenizer::vocab_size)
       .def_property_readonly("bos_token_id", &rt::Tokenizer::bos_token_id);
 
+  // The runtime's RoPE and attention, for the Python models that compute them as the runtime does
+  // (osengine.runtime.attention).
+  m.def("runtime_rope_tables", [](float theta, std::int64_t head_dim, py::handle positions) {
+    const char* op = "runtime_rope_tables";
+    if (!(theta > 0.0f) || !std::isfinite(theta)) throw osengine::ArgumentError(op, "theta", "must be positive and finite");
+    if (head_dim <= 0 || head_dim % 2 != 0)
+      throw osengine::ArgumentError(op, "head_dim", "must be positive and even, got " + std::to_string(head_dim));
+    const auto pos = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>::ensure(positions);
+    if (!pos || pos.ndim() != 1) throw osengine::ArgumentError(op, "positions", "must be a 1-D array of integers");
+    const std::int64_t n = pos.shape(0), half = head_dim / 2;
+    std::vector<float> inv_freq(static_cast<std::size_t>(half));
+    rt::rope_inv_freq(theta, head_dim, inv_freq.data());
+    py::array_t<float> cos({n, half}), sin({n, half});
+    rt::rope_tables(inv_freq.data(), half, pos.data(), n, cos.mutable_data(), sin.mutable_data());
+    return py::make_tuple(cos, sin);
+  }, py::arg("theta"), py::arg("head_dim"), py::arg("positions"),
+     "cos, sin [n, head_dim / 2] of the native runtime's RoPE at these positions.");
+  m.def("runtime_causal_attention", [](py::handle q_in, py::handle k_in, py::handle v_in) {
+    const char* op = "runtime_causal_attention";
+    using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    const F32 q = F32::ensure(q_in), k = F32::ensure(k_in), v = F32::ensure(v_in);
+    if (!q || !k || !v || q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
+      throw osengine::ArgumentError(op, "q, k, v", "must be float arrays [tokens, heads, head_dim]");
+    const std::int64_t t = q.shape(0), n_head = q.shape(1), hd = q.shape(2), s = k.shape(0), n_kv = k.shape(1);
+    if (k.shape(2) != hd || v.shape(0) != s || v.shape(1) != n_kv || v.shape(2) != hd)
+      throw osengine::ArgumentError(op, "k, v", "must both be [keys, kv_heads, head_dim] with q's head_dim");
+    if (n_kv <= 0 || n_head % n_kv != 0)
+      throw osengine::ArgumentError(op, "k", "kv_heads must divide q's heads (" + std::to_string(n_head) + ")");
+    if (s < t) throw osengine::ArgumentError(op, "k", "needs at least as many keys as queries (causal, queries last)");
+    py::array_t<float> out({t, n_head, hd});
+    {
+      py::gil_scoped_release release;
+      rt::causal_attention(q.data(), k.data(), v.data(), t, s, n_head, n_kv, hd, out.mutable_data());
+    }
+    return out;
+  }, py::arg("q"), py::arg("k"), py::arg("v"),
+     "Causal attention as the native runtime computes it: q [t, heads, d], k and v [s, kv_heads, d] (query i at "
+     "position s - t + i) -> [t, heads, d].");
   m.def("read_bandwidth", [](std::size_t nbytes, int threads, int repeats) {
     if (nbytes < (1u << 20)) throw ArgumentError("read_bandwidth", "nbytes", "must be at least 1 MiB");
     if (threads < 1 || repeats < 1) throw ArgumentError("read_bandwidth", "threads", "threads and repeats must be >= 1");

@@ -16,6 +16,7 @@
 #include "osengine/backend.hpp"
 #include "osengine/errors.hpp"
 #include "osengine/gemm.hpp"
+#include "osengine/runtime/attention.hpp"
 #include "osengine/quantize.hpp"
 #include "core/threading.hpp"
 #include "float_kernels.hpp"
@@ -87,9 +88,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextOptions& optio
   row_pos_.resize(nb);
   const std::size_t half = static_cast<std::size_t>(info.head_dim / 2);
   rope_inv_freq_.resize(half);
-  for (std::size_t i = 0; i < half; ++i)
-    rope_inv_freq_[i] =
-        1.0f / std::pow(info.rope_theta, static_cast<float>(2 * i) / static_cast<float>(info.head_dim));
+  rope_inv_freq(info.rope_theta, info.head_dim, rope_inv_freq_.data());
   rope_cos_.resize(nb * half);
   rope_sin_.resize(nb * half);
   std::size_t widest_gemm = std::max({q_out + 2 * kv_out, 2 * ff, d});
@@ -256,14 +255,7 @@ void Context::forward(const std::int32_t* tokens, int m, int first_logits_row, f
   model_->embed(tokens, static_cast<std::size_t>(m), x_.data(), codes_.data());
   // RoPE angles of each row's position, shared by every layer
   const std::int64_t half = hd / 2;
-  for (int r = 0; r < m; ++r) {
-    const float pos = static_cast<float>(row_pos_[static_cast<std::size_t>(r)]);
-    for (std::int64_t i = 0; i < half; ++i) {
-      const float angle = pos * rope_inv_freq_[static_cast<std::size_t>(i)];
-      rope_cos_[static_cast<std::size_t>(r * half + i)] = std::cos(angle);
-      rope_sin_[static_cast<std::size_t>(r * half + i)] = std::sin(angle);
-    }
-  }
+  rope_tables(rope_inv_freq_.data(), half, row_pos_.data(), m, rope_cos_.data(), rope_sin_.data());
   // Where row r's head group g keeps its sequence in a layer's cache (keys blocked by 8 positions, see key_offset;
   // values one row of hd per position).
   const std::int64_t slots = key_slots();

@@ -119,10 +119,10 @@ def verify_native(directory: Union[str, Path], prompt: str = "The history of the
     simulation, given the same prefix, chooses the same token (one teacher-forced pass over the prompt and the
     runtime's tokens: identical choices at every step are what the simulation's own greedy decode produces). The
     logits of both over that sequence are compared per position: max|runtime - simulation| / max|simulation|. The
-    runtime computes attention, RoPE and the final norm in another float order than torch: its logits are an ulp or
-    so apart, which now and then flips an activation code at a rounding boundary (a ~1e-4 change at that position,
-    more on an ulp-chaotic model), so the logits are not compared bit for bit; a greedy token may flip where the two
-    best logits are that close, which the gaps tell. Returns {"tokens_identical", "runtime_tokens",
+    simulation computes RoPE and attention with the runtime's kernels (runtime.attention), so every activation code
+    is the runtime's; the final norm and an fp32 lm_head sum in another float order than torch (~1e-6 apart), so
+    the logits are not compared bit for bit; a greedy token could flip only where the two best logits are that
+    close, which the gaps tell. Returns {"tokens_identical", "runtime_tokens",
     "simulation_tokens" (the runtime's up to the first difference, then the simulation's choice there),
     "first_token_difference" (index of the first differing new token, None), "logits_max_rel_diff",
     "logits_median_rel_diff", "logits_first_above_1e-3" (the first position whose difference exceeds 1e-3, None),

@@ -130,6 +130,8 @@ def test_engine_model_equals_the_integer_exact_simulation(recipe):
         unfused = convert_to_engine(copy.deepcopy(model), fuse=False)
         deployed = convert_to_engine(copy.deepcopy(model))
         set_integer_exact(simulation)
+        # no folded prologues yet, but the engine model's RoPE and attention (the native runtime's)
+        assert simulate_folded_prologues(simulation, unfused) == 0
         assert torch.equal(unfused(input_ids=ids).logits, simulation(input_ids=ids).logits)
         assert torch.equal(unfused.generate(ids[:1, :8], **generate), simulation.generate(ids[:1, :8], **generate))
         assert simulate_folded_prologues(simulation, deployed) == 6  # 2 layers x (2 norms + 1 SiLU gate)

@@ -77,6 +77,8 @@ def test_engine_model_with_rotated_down_proj_equals_the_integer_exact_simulation
         # down_proj reads [gate | up] and computes silu(gate) * up, then rotates it, in one quantize call
         assert all(deployed.get_submodule(name).prologue.silu_gate for name in names)
         set_integer_exact(simulation)
+        # no folded prologues yet, but the engine model's RoPE and attention (the native runtime's)
+        assert simulate_folded_prologues(simulation, unfused) == 0
         assert torch.equal(unfused(input_ids=ids).logits, simulation(input_ids=ids).logits)
         assert torch.equal(unfused.generate(ids[:1, :8], **generate), simulation.generate(ids[:1, :8], **generate))
         assert simulate_folded_prologues(simulation, deployed) == 6  # 2 layers x (2 norms + 1 SiLU gate)

@@ -78,7 +78,7 @@ def simulation(folder):
     engine, _ = osengine.load(folder)
     exact = copy.deepcopy(model)
     set_integer_exact(exact)
-    simulate_folded_prologues(exact, engine)
+    simulate_folded_prologues(exact, engine)  # the engine's prologues, RoPE and attention (the runtime's)
     return exact
 
 
@@ -98,10 +98,10 @@ def test_logits_and_greedy_tokens_match_the_integer_exact_simulation(folders, ar
     got = model.context(n_ctx=128).decode(ids, all_logits=True)
     assert got.shape == want.shape
     per_position = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-    # Attention, RoPE and the final norm run in another float order than torch's: an ulp apart, which flips a
-    # quantization code now and then (a ~1e-4 change at that position); everything else agrees to ~1e-6.
-    assert np.median(per_position) <= 1e-5, per_position
-    assert per_position.max() <= 1e-3, per_position
+    # The simulation computes RoPE and attention with the runtime's kernels (runtime.attention), so every
+    # activation code is the runtime's; only the final RMSNorm and the fp32 lm_head sum in another order than torch's
+    # (measured: at most 5.6e-7).
+    assert per_position.max() <= 2e-6, per_position
     with torch.no_grad():
         greedy = exact.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()

@@ -10,6 +10,7 @@ from ..quant.layers import (
     static_act_qparams_from_fake_quant,
     weight_codes_from_fake_quant,
 )
+from .attention import use_runtime_attention
 from .embedding import quantize_embeddings as quantize_int8_embeddings
 from .fusion import fuse_shared_inputs
 from .linear import EngineLinear
@@ -62,6 +63,8 @@ def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = T
                          per token, dynamic); a tied lm_head and embedding share one int8 copy. Not part of the
                          recipe's simulation (the recipe keeps them in floating point), so off by default: see
                          docs/deployment.md for what it costs in accuracy.
+    On the CPU, a LLaMA-family model also computes RoPE and attention with the native runtime's kernels
+    (runtime.attention.use_runtime_attention), so that it and the runtime agree bit for bit.
     """
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, FakeQuantLinear) and m.weight_spec is not None and m.act_quant is not None]
@@ -75,4 +78,5 @@ def convert_to_engine(model: nn.Module, backend: str = "auto", *, fuse: bool = T
         fuse_shared_inputs(model)
     if quantize_embeddings:
         quantize_int8_embeddings(model, backend=backend)
+    use_runtime_attention(model)  # CPU LLaMA family: RoPE and attention as the native runtime computes them
     return model

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..quant.integer_exact import engine_rms_norm, engine_silu
+from .attention import ATTENTION_NAME, use_runtime_attention
 from .fusion import GATE_ACTIVATION_TAG, GATE_READER_TAG, NORM_READER_TAG
 
 
@@ -32,8 +33,11 @@ def simulate_folded_prologues(simulation: nn.Module, engine_model: nn.Module) ->
     """Give a fake-quant model the prologues that `engine_model` (the same model after convert_to_engine) folds into
     its quantize kernels, in the kernels' arithmetic (osengine.quant.integer_exact): each folded RMSNorm computes
     engine_rms_norm (with the epsilon the engine uses), each MLP whose SiLU gate is folded uses engine_silu as its
-    activation. With osengine.quant.layers.set_integer_exact on its linears, `simulation` then computes the engine
-    model's floats exactly. Returns the number of modules changed."""
+    activation; and, where convert_to_engine gave the engine model the native runtime's RoPE and attention
+    (runtime.attention), the same to `simulation`. With osengine.quant.layers.set_integer_exact on its linears,
+    `simulation` then computes the engine model's floats exactly. Returns the number of prologue modules changed."""
+    if getattr(engine_model.config, "_attn_implementation", None) == ATTENTION_NAME:
+        use_runtime_attention(simulation)
     count = 0
     for name, module in engine_model.named_modules():
         reader = module.__dict__.get(NORM_READER_TAG)
