@@ -12,23 +12,6 @@
 
 #define OSENGINE_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-#if defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-namespace osengine::detail::vnni {
-// acc += the u8 x s8 products of `u` (unsigned bytes) and `s` (signed bytes), four per int32 lane (vpdpbusd). In
-// inline asm because GCC 12's register allocation around the intrinsic copies every accumulator to another
-// register and back at each use (twice the instructions of the loop, and spills).
-OSENGINE_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i u, __m512i s) {
-  asm("vpdpbusd %[s], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [s] "v"(s));
-}
-}  // namespace osengine::detail::vnni
-#else
-#include <immintrin.h>
-namespace osengine::detail::vnni {
-OSENGINE_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { acc = _mm512_dpbusd_epi32(acc, u, s); }
-}  // namespace osengine::detail::vnni
-#endif
-
 namespace osengine::detail {
 
 void gemm_avx512_vnni(const GemmProblem& problem);  // avx512_vnni/gemm_w8.cpp or gemm_w4.cpp by the weights' bits

@@ -1,11 +1,22 @@
-// Pieces shared by the AVX-512 VNNI W8 and W4 tiles (gemm_w8.cpp, gemm_w4.cpp): a row's 16 int32 column sums folded
-// into its fp32 accumulator as one zmm (the AVX2 backend's fold_group, 16 lanes at a time: the same operations in
+// Pieces shared by the AVX-512 VNNI W8 and W4 tiles (gemm_w8.cpp, gemm_w4.cpp): the vpdpbusd step, a row's 16 int32
+// column sums folded into its fp32 accumulator as one zmm (the AVX2 backend's fold_group, 16 lanes at a time: the same operations in
 // the same order, so the same bits), and the hand-over to the AVX2 backend's epilogue as two 8-lane halves.
 #pragma once
 #include "backends/avx2/gemm_common.hpp"
 #include "backends/avx512_vnni/avx512_vnni.hpp"
 
 namespace osengine::detail::vnni {
+
+// acc += the u8 x s8 products of `u` (unsigned bytes) and `s` (signed bytes), four per int32 lane (vpdpbusd). With
+// GCC in inline asm: GCC 12's register allocation around the intrinsic copies every accumulator to another register
+// and back at each use (twice the instructions of the loop, and spills).
+OSENGINE_AVX512_VNNI inline void dpbusd(__m512i& acc, __m512i u, __m512i s) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %[s], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [s] "v"(s));
+#else
+  acc = _mm512_dpbusd_epi32(acc, u, s);
+#endif
+}
 
 // GCC 12 warns that the unused pass-through operand of the plain 512-bit conversions and extracts is uninitialized;
 // their zero-masking forms with every lane selected are the same instructions' results without it.
