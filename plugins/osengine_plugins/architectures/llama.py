@@ -27,6 +27,7 @@ class Llama(Architecture):
     rmsnorm_eps_attribute = "variance_epsilon"   # LlamaRMSNorm / MistralRMSNorm / Qwen2RMSNorm: fp32, weight * (x * r)
     gated_mlp = GatedMLP(module="mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="act_fn")
     bias_flags = ("attention_bias", "mlp_bias")
+    runtime_attention = True
 
     def sites(self, model, index):
         p = self.block(model, index)

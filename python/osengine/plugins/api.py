@@ -376,6 +376,10 @@ class Architecture(ABC):
     gated_mlp              a GatedMLP: the engine folds act(gate) * up into down's input quantization
     bias_flags             config flags that give a whole group of linears a bias (LLaMA's attention_bias, mlp_bias);
                            an export whose folded model has a bias the config lacks sets them
+    runtime_attention      the model's RoPE and attention are the native runtime's (rotate-half RoPE in
+                           `model.rotary_emb`, causal softmax attention with GQA, transformers' attention interface):
+                           the CPU engine model and the simulation then compute them with the runtime's kernels
+                           (runtime.attention)
     Linears that read one site's input (site.consumers, e.g. q/k/v, gate/up) are what the engine model fuses into
     one GEMM and what an export marks as one fused projection.
     """
@@ -388,6 +392,7 @@ class Architecture(ABC):
     rmsnorm_eps_attribute: Optional[str] = None
     gated_mlp: Optional[GatedMLP] = None
     bias_flags: tuple = ()
+    runtime_attention: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.model_types

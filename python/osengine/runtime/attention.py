@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from .. import _C
+from ..plugins.api import PluginError
+from ..plugins.registry import resolve_architecture
 
 ATTENTION_NAME = "osengine_runtime"
-# Architectures whose attention and RoPE the native runtime implements (cpp/runtime/model.cpp).
-RUNTIME_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def _rope_theta(config) -> tuple[float, str]:
@@ -70,14 +70,19 @@ def _runtime_rope_forward(theta: float, head_dim: int):
 
 
 def use_runtime_attention(model: nn.Module) -> bool:
-    """Make a CPU LLaMA-family transformers model compute RoPE and attention as the native runtime does (in place):
-    the rotary embedding returns the runtime's cos / sin tables and attention runs the runtime's kernel. Returns
-    False (model unchanged) for other architectures, RoPE variants the runtime does not implement, or a model off
-    the CPU. transformers applies the tables as the runtime does (x c - rotate_half(x) s, each product rounded)."""
+    """Make a CPU transformers model whose architecture plugin says `runtime_attention` (the LLaMA family) compute
+    RoPE and attention as the native runtime does (in place): the rotary embedding returns the runtime's cos / sin
+    tables and attention runs the runtime's kernel. Returns False (model unchanged) for other architectures, RoPE
+    variants the runtime does not implement, or a model off the CPU. transformers applies the tables as the runtime
+    does (x c - rotate_half(x) s, each product rounded)."""
     config = model.config
-    inner = getattr(model, "model", None)
-    rotary = getattr(inner, "rotary_emb", None)
-    if config.model_type not in RUNTIME_ARCHITECTURES or rotary is None:
+    try:
+        if not resolve_architecture(model).runtime_attention:
+            return False
+    except PluginError:
+        return False
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
         return False
     theta, rope_type = _rope_theta(config)
     if rope_type != "default" or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
