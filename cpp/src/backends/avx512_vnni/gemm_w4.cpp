@@ -61,14 +61,7 @@ OSENGINE_AVX512_VNNI void w4_tile(const W4Context& c, const PanelParams& pp, con
   const std::int8_t* a = c.a + m0 * lda;
   const std::uint8_t* w = c.w + (pp.n0 / kNR) * c.shape.steps() * kStepBytes;
   const bool with_zp = p.a_zero_point != nullptr && p.out_accumulators == nullptr;
-  const bool grouped_epilogue = !p.out_accumulators && groups > 1;
-  __m512i total[MR];
-  __m512 y[MR];  // with groups: the fp32 rows, from the bias, one fma per group
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    total[r] = _mm512_setzero_si512();
-    y[r] = grouped_epilogue ? vnni::bias(pp) : _mm512_setzero_ps();
-  }
+  vnni::TileEnd<MR> end(p, pp, m0, groups);
   for (std::int64_t g = 0; g < groups; ++g) {
     __m512i acc[kChains][MR][2];
 #pragma GCC unroll 2
@@ -104,14 +97,10 @@ OSENGINE_AVX512_VNNI void w4_tile(const W4Context& c, const PanelParams& pp, con
         sum = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zp, _mm512_loadu_si512(colsum + g * kNR)));
       }
       sums[r] = sum;
-      total[r] = _mm512_add_epi32(total[r], sum);
     }
-    if (grouped_epilogue) vnni::fold_group<MR>(p, pp, m0, g, sums, y);
+    end.add_group(g, sums);
   }
-  if (grouped_epilogue)
-    vnni::finish_rows<MR>(p, pp, m0, y);
-  else
-    vnni::finish_sums<MR>(p, pp, m0, total);
+  end.finish();
 }
 
 OSENGINE_AVX512_VNNI void run_tile(const W4Context& c, const PanelParams& pp, const std::int32_t* colsum,

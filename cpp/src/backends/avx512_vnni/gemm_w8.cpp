@@ -54,15 +54,8 @@ OSENGINE_AVX512_VNNI void w8_tile(const W8Context& c, const PanelParams& pp, con
   const std::int64_t lda = c.shape.padded_k(), group_steps = c.shape.group_steps(), groups = c.shape.groups;
   const std::uint8_t* a = c.a + m0 * lda;
   const std::uint8_t* w = c.w + (pp.n0 / kNR) * c.shape.steps() * kStepBytes;
-  const bool epilogue = p.out_accumulators == nullptr, with_zp = epilogue && p.a_zero_point != nullptr;
-  const bool grouped_epilogue = epilogue && groups > 1;
-  __m512i total[MR];
-  __m512 y[MR];  // with groups: the fp32 rows, from the bias, one fma per group
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    total[r] = _mm512_setzero_si512();
-    y[r] = grouped_epilogue ? vnni::bias(pp) : _mm512_setzero_ps();
-  }
+  const bool with_zp = p.out_accumulators == nullptr && p.a_zero_point != nullptr;
+  vnni::TileEnd<MR> end(p, pp, m0, groups);
   for (std::int64_t g = 0; g < groups; ++g) {
     __m512i acc[kChains][MR];
 #pragma GCC unroll 4
@@ -91,16 +84,11 @@ OSENGINE_AVX512_VNNI void w8_tile(const W8Context& c, const PanelParams& pp, con
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const std::int32_t zp = with_zp ? p.a_zero_point[(m0 + r) * p.a_scale_stride_m + g * p.a_scale_stride_g] : 0;
-      const __m512i sum = _mm512_sub_epi32(acc[0][r], _mm512_mullo_epi32(_mm512_set1_epi32(128 + zp), cs));
-      sums[r] = sum;
-      total[r] = _mm512_add_epi32(total[r], sum);
+      sums[r] = _mm512_sub_epi32(acc[0][r], _mm512_mullo_epi32(_mm512_set1_epi32(128 + zp), cs));
     }
-    if (grouped_epilogue) vnni::fold_group<MR>(p, pp, m0, g, sums, y);
+    end.add_group(g, sums);
   }
-  if (grouped_epilogue)
-    vnni::finish_rows<MR>(p, pp, m0, y);
-  else
-    vnni::finish_sums<MR>(p, pp, m0, total);
+  end.finish();
 }
 
 OSENGINE_AVX512_VNNI void run_tile(const W8Context& c, const PanelParams& pp, const std::int32_t* colsum,

@@ -1,6 +1,7 @@
 // Pieces shared by the AVX-512 VNNI W8 and W4 tiles (gemm_w8.cpp, gemm_w4.cpp): the vpdpbusd step, a row's 16 int32
-// column sums folded into its fp32 accumulator as one zmm (the AVX2 backend's fold_group, 16 lanes at a time: the same operations in
-// the same order, so the same bits), and the hand-over to the AVX2 backend's epilogue as two 8-lane halves.
+// column sums folded into its fp32 accumulator as one zmm (the AVX2 backend's fold_group, 16 lanes at a time: the
+// same operations in the same order, so the same bits), and a tile's end (TileEnd): the groups' sums added up or
+// folded, then handed to the AVX2 backend's epilogue as two 8-lane halves.
 #pragma once
 #include "backends/avx2/gemm_common.hpp"
 #include "backends/avx512_vnni/avx512_vnni.hpp"
@@ -53,28 +54,54 @@ OSENGINE_AVX512_VNNI inline void split(__m512 v, __m256 (&halves)[2]) {
   halves[1] = _mm256_castsi256_ps(_mm512_maskz_extracti64x4_epi64(kAll8, _mm512_castps_si512(v), 1));
 }
 
-// The end of a tile: ungrouped int32 sums through the AVX2 finish_tile (raw accumulators or the whole epilogue), or
-// the grouped fp32 rows through finish_row (activation, residual, store).
+// What a tile of MR rows does with each group's int32 column sums and at its end. With an epilogue over several
+// groups the sums are folded into fp32 rows that start from the bias (fold_group), which end in the AVX2
+// finish_row (activation, residual, store); otherwise they are added up and end in the AVX2 finish_tile (raw
+// accumulators, or the whole epilogue).
 template <int MR>
-OSENGINE_AVX512_VNNI inline void finish_sums(const GemmProblem& p, const avx2_gemm::PanelParams& pp, std::int64_t m0,
-                                             const __m512i (&sums)[MR]) {
-  __m256i halves[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) split(sums[r], halves[r]);
-  avx2_gemm::finish_tile<MR>(p, pp, m0, halves);
-}
-template <int MR>
-OSENGINE_AVX512_VNNI inline void finish_rows(const GemmProblem& p, const avx2_gemm::PanelParams& pp, std::int64_t m0,
-                                             const __m512 (&y)[MR]) {
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    __m256 halves[2];
-    split(y[r], halves);
-    avx2_gemm::finish_row(p, m0 + r, pp.n0, pp.nvalid, halves[0], halves[1]);
-  }
-}
+struct TileEnd {
+  const GemmProblem& p;
+  const avx2_gemm::PanelParams& pp;
+  std::int64_t m0;
+  bool grouped;
+  __m512i total[MR];
+  __m512 y[MR];
 
-// The bias of the panel's 16 columns (y's starting value with groups).
-OSENGINE_AVX512_VNNI inline __m512 bias(const avx2_gemm::PanelParams& pp) { return _mm512_loadu_ps(pp.bias.data()); }
+  OSENGINE_AVX512_VNNI TileEnd(const GemmProblem& problem, const avx2_gemm::PanelParams& panel, std::int64_t row0,
+                               std::int64_t groups)
+      : p(problem), pp(panel), m0(row0), grouped(problem.out_accumulators == nullptr && groups > 1) {
+    const __m512 start = grouped ? _mm512_loadu_ps(pp.bias.data()) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      total[r] = _mm512_setzero_si512();
+      y[r] = start;
+    }
+  }
+
+  OSENGINE_AVX512_VNNI void add_group(std::int64_t g, const __m512i (&sums)[MR]) {
+    if (grouped) {
+      fold_group<MR>(p, pp, m0, g, sums, y);
+      return;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) total[r] = _mm512_add_epi32(total[r], sums[r]);
+  }
+
+  OSENGINE_AVX512_VNNI void finish() const {
+    if (grouped) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        __m256 halves[2];
+        split(y[r], halves);
+        avx2_gemm::finish_row(p, m0 + r, pp.n0, pp.nvalid, halves[0], halves[1]);
+      }
+      return;
+    }
+    __m256i halves[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) split(total[r], halves[r]);
+    avx2_gemm::finish_tile<MR>(p, pp, m0, halves);
+  }
+};
 
 }  // namespace osengine::detail::vnni
