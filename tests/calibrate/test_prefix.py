@@ -282,6 +282,35 @@ def test_the_stored_prefix_stands_for_the_prefix_tokens():
     assert torch.allclose(step[:, 0], got[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("online", ["down", "all"])
+def test_a_rotated_model_stores_the_keys_and_values_of_its_own_prefix(online):
+    # PrefixQuant's setting: a rotation first, then the prefix. The rotation rotates each value head, so the prefix's
+    # keys and values must come from the rotated model (strategy.prepare runs before they are computed): in floating
+    # point (every linear kept FP) the rotated model behind its stored prefix predicts as the FP model reading the
+    # prefix tokens first; the FP model's own values would not do.
+    import copy
+
+    import osengine
+
+    fp = massive_token_llama().eval()
+    ids = torch.randint(20, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = fp(input_ids=torch.cat([torch.tensor([[11]] * 2), ids], 1)).logits[:, 1:]
+    rotated = copy.deepcopy(fp)
+    osengine.quantize(rotated, "w8a8-static", "rotate", calibration=sink_led_samples(), prefix=[11], n_samples=8,
+                      seq_len=24, progress=False, strategy_options={"online": online},
+                      keep_fp=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert rotated.osengine_report["model_transforms"]["rotation"]
+    fp_kv = prefix_key_values(fp, [11])[0]
+    for (k, v), (fp_k, fp_v) in zip(rotated.osengine_prefix_kv, fp_kv):
+        torch.testing.assert_close(k, fp_k, rtol=0, atol=1e-6)    # q and k read the rotated stream back
+        assert (v - fp_v).abs().max() > 0.1                        # the value heads are rotated
+    with torch.no_grad():
+        torch.testing.assert_close(run_after_prefix(rotated, ids).logits, want, rtol=0, atol=1e-5)
+        rotated.osengine_prefix_kv = fp_kv
+        assert (run_after_prefix(rotated, ids).logits - want).abs().max() > 1e-3
+
+
 def test_perplexity_reads_the_prefix_and_counts_only_the_window():
     from osengine.evaluation import perplexity_on_windows
 
@@ -302,12 +331,14 @@ def test_perplexity_reads_the_prefix_and_counts_only_the_window():
     assert stored["prefix"] == [11] and stored["nll"] == pytest.approx(behind["nll"], rel=1e-5)
 
 
-def test_engine_runs_behind_the_prefix_as_the_simulation_does(tmp_path):
+@pytest.mark.parametrize("strategy, options", [("minmax", None),
+                                               ("rotate+osplus", {"online": "down", "max_grid_steps": 10})])
+def test_engine_runs_behind_the_prefix_as_the_simulation_does(tmp_path, strategy, options):
     import osengine
 
     model = massive_token_llama()
-    osengine.quantize(model, "w8a8-static", "minmax", calibration=sink_led_samples(), prefix=[11], n_samples=8,
-                      seq_len=24, progress=False, out=tmp_path / "q")
+    osengine.quantize(model, "w8a8-static", strategy, calibration=sink_led_samples(), prefix=[11], n_samples=8,
+                      seq_len=24, progress=False, out=tmp_path / "q", strategy_options=options)
     engine = osengine.load(tmp_path / "q")[0]
     assert engine.osengine_prefix == [11] and len(engine.osengine_prefix_kv) == 2
     from osengine.api import _greedy_tokens

@@ -51,6 +51,31 @@ def test_runtime_impl_measures_and_its_perplexity_equals_the_engine_models(tmp_p
 
 
 @pytest.mark.skipif(not _C.has_native_runtime(), reason="built without the native runtime")
+def test_saved_folders_are_measured_side_by_side(tmp_path):
+    # runtime:FOLDER: folders quantized before (here with and without a prefix) compared in one interleaved run
+    plain = quantized_folder(tmp_path, "llama", "w8a8-static")
+    behind = quantized_folder(tmp_path, "llama", "w8a8-static", prefix=[5, 7])
+    impls = [f"runtime:{plain}", f"runtime:{behind}"]
+    p = bench.argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--impl", ",".join(impls), "--prefill", "1x8", "--decode-batch", "1,2", "--new-tokens", "2",
+                         "--prompt-len", "4", "--repeats", "2", "--warmup", "0"])
+    bench.parse_points(args)
+    assert args.impls == impls
+    args.prepared = {"n_vocab": VOCAB, **{impl: bench._saved_folder(impl, VOCAB) for impl in impls}}
+    runners = [bench.Runner([impl], args) for impl in impls]
+    assert bench.drive(runners, args) == runners
+    records = [r for runner in runners for r in runner.records()]
+    assert [(r["impl"], r["phase"], r["batch"]) for r in records] == [
+        (impl, phase, batch) for impl in impls for phase, batch in (("prefill", 1), ("decode", 1), ("decode", 2))]
+    assert all(r["tokens_per_s"] > 0 and r["samples"] == 2 for r in records)
+    with pytest.raises(ValueError, match="is not a quantized folder"):
+        bench._saved_folder(f"runtime:{tmp_path}", VOCAB)
+    with pytest.raises(ValueError, match=f"a vocabulary of {VOCAB} tokens, MODEL's has 1000"):
+        bench._saved_folder(impls[0], 1000)
+
+
+@pytest.mark.skipif(not _C.has_native_runtime(), reason="built without the native runtime")
 def test_llamacpp_impl_on_a_gguf_when_llama_cpp_python_is_installed(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from osengine.io.sources import ModelLoadError, resolve_source

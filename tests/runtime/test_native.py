@@ -46,7 +46,8 @@ RECIPES = {"w8a8-static": "w8a8-static", "w8a8-token": "w8a8-token", "w4a8": "w4
 VOCAB = 96
 
 
-def quantized_folder(root, arch="llama", recipe="w8a8-static", prefix="none", **config):
+def quantized_folder(root, arch="llama", recipe="w8a8-static", prefix="none", strategy="osplus", options=None,
+                     **config):
     model = build(arch, hidden_size=64, layers=2, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, **config)
     with torch.no_grad():  # outlier channels in the norms, as real models have
@@ -55,10 +56,11 @@ def quantized_folder(root, arch="llama", recipe="w8a8-static", prefix="none", **
                 p[[3, 17]] = torch.tensor([12.0, -9.0])
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     name = recipe if isinstance(recipe, str) else recipe["name"]
-    folder = root / f"{arch}-{name}{'' if prefix == 'none' else '-prefix'}"
+    suffix = ("" if prefix == "none" else "-prefix") + ("" if strategy == "osplus" else f"-{strategy}")
+    folder = root / f"{arch}-{name}{suffix}"
     osengine.quantize(model, recipe=RECIPES.get(recipe, recipe) if isinstance(recipe, str) else recipe,
-                      strategy="osplus", calibration=calib, n_samples=4, seq_len=32, out=folder, progress=False,
-                      strategy_options={"max_grid_steps": 10}, prefix=prefix)
+                      strategy=strategy, calibration=calib, n_samples=4, seq_len=32, out=folder, progress=False,
+                      strategy_options={"max_grid_steps": 10, **(options or {})}, prefix=prefix)
     return folder
 
 
@@ -396,15 +398,22 @@ def test_rotated_folders_it_cannot_run_give_clear_errors(rotated_folders, tmp_pa
 def prefix_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("native-prefix")
     return {("llama", "w8a8-static"): quantized_folder(root, "llama", "w8a8-static", prefix=[5, 7]),
-            ("qwen2", "w4a8-group16"): quantized_folder(root, "qwen2", "w4a8-group16", prefix=[5, 7])}
+            ("qwen2", "w4a8-group16"): quantized_folder(root, "qwen2", "w4a8-group16", prefix=[5, 7]),
+            # PrefixQuant's setting: the residual stream and value heads rotated, down_proj's input rotated online
+            ("llama", "w8a8-static", "rotate+osplus"): quantized_folder(
+                root, "llama", "w8a8-static", prefix=[5, 7], strategy="rotate+osplus", options={"online": "down"})}
 
 
-@pytest.mark.parametrize("key", [("llama", "w8a8-static"), ("qwen2", "w4a8-group16")])
+@pytest.mark.parametrize("key", [("llama", "w8a8-static"), ("qwen2", "w4a8-group16"),
+                                 ("llama", "w8a8-static", "rotate+osplus")], ids="-".join)
 def test_the_prefix_is_preloaded_as_the_simulation_reads_it(prefix_folders, key):
     from osengine.api import _greedy_tokens
     from osengine.calibrate.prefix import run_after_prefix
 
     folder = prefix_folders[key]
+    if "rotate+osplus" in key:   # the rotation reached the folder: down_proj's input is rotated at run time
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        assert manifest["layers"]["model.layers.0.mlp.down_proj"]["input_rotation"] == "hadamard"
     exact = simulation(folder)
     ids = prompt()
     with torch.no_grad():

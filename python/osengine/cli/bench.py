@@ -46,11 +46,22 @@ DEFAULT_PREFILL = "1x128,1x512,8x128"
 DEFAULT_DECODE_BATCH = "1,8"
 RUNTIME_IMPLS = ["runtime-w8a8", "runtime-w4a8", "runtime-w4a4"]
 LLAMACPP_IMPLS = ["llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-f32"]
+FOLDER_IMPL = "runtime:"   # runtime:FOLDER, the native runtime on a saved quantized folder (osengine quantize --out)
 CPU_IMPLS = ["fp32", "w8a8", "w4a8", "runtime-w8a8", "runtime-w4a8", *LLAMACPP_IMPLS]
 CUDA_IMPLS = ["fp16", "w8a8", "w4a8", "w8a8_shift_fused", "w8a8_shift_separate"]
 EXTRA_IMPLS = ["w8a8_shift_fused", "w8a8_shift_separate", "w8a8_unfused", "w8a8_fp_embed", "w4a4", "runtime-w4a4"]
 FLOAT_IMPLS = ("fp32", "fp16", "bf16")
 RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8-group", "w4a4": "w4a4-engine"}
+
+
+def is_runtime_impl(impl: str) -> bool:
+    """runtime-w8a8 / -w4a8 / -w4a4 (quantized here) or runtime:FOLDER (a folder quantized before)."""
+    return impl in RUNTIME_IMPLS or impl.startswith(FOLDER_IMPL)
+
+
+def is_native_impl(impl: str) -> bool:
+    """Impls measured without torch: the native runtime's and llama.cpp's."""
+    return is_runtime_impl(impl) or impl in LLAMACPP_IMPLS
 
 
 def impl_strategy(impl: str, strategy: str) -> str:
@@ -173,6 +184,22 @@ def build_model(impl: str, args):
     return model.eval()
 
 
+def _saved_folder(impl: str, n_vocab: int) -> str:
+    """The folder of a runtime:FOLDER impl, checked: a quantized folder of a model with MODEL's vocabulary (the
+    same token ids are fed to every impl)."""
+    from ..io.quantized_model import is_checkpoint
+
+    folder = Path(impl[len(FOLDER_IMPL):])
+    if not is_checkpoint(folder):
+        raise ValueError(f"--impl {impl}: {str(folder)!r} is not a quantized folder (osengine quantize --out "
+                         "writes one)")
+    vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    if vocab != n_vocab:
+        raise ValueError(f"--impl {impl}: the folder's model has a vocabulary of {vocab} tokens, MODEL's has "
+                         f"{n_vocab}; compare folders of the same base model as MODEL")
+    return str(folder)
+
+
 def _native_sizes(args) -> tuple:
     """(n_ctx per sequence, sequences) a native impl's context needs for every measurement point."""
     longest = max([t for _, t in args.prefill_points] + [args.prompt_len + args.new_tokens + 1,
@@ -188,7 +215,7 @@ def build_native(impl: str, args):
     artifact = args.prepared.get(impl)
     if artifact is None:
         raise RuntimeError(f"{impl}: the driver prepared nothing for it")
-    if impl in RUNTIME_IMPLS:
+    if is_runtime_impl(impl):
         return bench_native.RuntimeImpl(artifact, args.threads, n_ctx, n_seq,
                                         quantize_embeddings=not args.fp_embeddings)
     return bench_native.LlamaCppImpl(artifact, args.threads, n_ctx, n_seq)
@@ -205,9 +232,10 @@ def prepare(args) -> dict:
     """What the native impls and the perplexity column need, made once here in the driver (whose memory is not
     measured) so that the measuring processes of runtime-* and llamacpp-* import neither torch nor transformers:
     the quantized folders of the runtime impls (`osengine.quantize` with the bench's recipe, strategy and
-    calibration; runtime-w8a8 runs MODEL itself when it is a quantized folder), the GGUFs of the llama.cpp impls
-    (MODEL's GGUF requantized with llama.cpp's own quantize API) and the token windows of --ppl."""
-    runtime = [i for i in args.impls if i in RUNTIME_IMPLS]
+    calibration; runtime-w8a8 runs MODEL itself when it is a quantized folder, runtime:FOLDER runs FOLDER), the
+    GGUFs of the llama.cpp impls (MODEL's GGUF requantized with llama.cpp's own quantize API) and the token windows
+    of --ppl."""
+    runtime = [i for i in args.impls if is_runtime_impl(i)]
     llama = [i for i in args.impls if i in LLAMACPP_IMPLS]
     if not (runtime or llama or args.ppl):
         return {}
@@ -246,6 +274,9 @@ def prepare(args) -> dict:
         prepared["ppl_windows"], prepared["ppl_seq_len"] = str(work / "ppl_windows.npy"), args.ppl_seq_len
     for impl in runtime:
         if impl in prepared:
+            continue
+        if impl.startswith(FOLDER_IMPL):
+            prepared[impl] = _saved_folder(impl, prepared["n_vocab"])
             continue
         recipe = args.recipe if (args.recipe and impl == "runtime-w8a8") else bench_native.RUNTIME_IMPLS[impl]
         folder = work / impl
@@ -418,7 +449,7 @@ class Runner:
 
     def __init__(self, impls: List[str], args):
         self.impls, self.args = list(impls), args
-        self.native = impls[0] in RUNTIME_IMPLS + LLAMACPP_IMPLS  # no torch in this process
+        self.native = is_native_impl(impls[0])  # no torch in this process
         t0 = time.time()
         extra = {}
         if self.native:
@@ -681,7 +712,7 @@ def _child_argv(args, impls: List[str]) -> List[str]:
 
 def measure_bandwidth(args) -> Optional[float]:
     """GB/s that --threads threads read from memory (osengine._C.read_bandwidth), for the decode bound."""
-    if args.device != "cpu" or not any(i in RUNTIME_IMPLS + LLAMACPP_IMPLS for i in args.impls):
+    if args.device != "cpu" or not any(is_native_impl(i) for i in args.impls):
         return None
     from .. import _C
 
@@ -874,7 +905,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--impl", default=None,
                    help=f"comma-separated impls (default: {','.join(CPU_IMPLS)}; on cuda fp16 instead of fp32; "
-                        f"more: {','.join(EXTRA_IMPLS)})")
+                        f"more: {','.join(EXTRA_IMPLS)}; and {FOLDER_IMPL}FOLDER: the native runtime on a folder "
+                        "saved by osengine quantize --out, several of them compared in one interleaved run)")
     p.add_argument("--prefill", default=DEFAULT_PREFILL, help=f"batch x tokens points (default {DEFAULT_PREFILL})")
     p.add_argument("--decode-batch", default=DEFAULT_DECODE_BATCH, help="decode batch sizes (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding (default 16)")
@@ -925,16 +957,16 @@ def parse_points(args) -> None:
     default = CUDA_IMPLS if args.device == "cuda" else CPU_IMPLS
     args.impls = [i for i in (args.impl.split(",") if args.impl else default) if i]
     if args.random and not args.impl:  # they need a real model: quantized folders, GGUFs
-        args.impls = [i for i in args.impls if i not in RUNTIME_IMPLS + LLAMACPP_IMPLS]
+        args.impls = [i for i in args.impls if not is_native_impl(i)]
     known = set(CPU_IMPLS + CUDA_IMPLS + EXTRA_IMPLS + list(FLOAT_IMPLS))
-    unknown = [i for i in args.impls if i not in known]
+    unknown = [i for i in args.impls if i not in known and not i.startswith(FOLDER_IMPL)]
     if unknown:
         raise ValueError(f"unknown impl(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if args.ppl_windows < 1 or args.ppl_seq_len < 2:
         raise ValueError("--ppl-windows must be >= 1 and --ppl-seq-len >= 2")
     args.prepared = json.loads(Path(args.prepared_file).read_text()) if args.prepared_file else {}
     missing = unavailable_impls(args.impls)
-    if args.device == "cuda" and any(i in RUNTIME_IMPLS + LLAMACPP_IMPLS for i in args.impls):
+    if args.device == "cuda" and any(is_native_impl(i) for i in args.impls):
         raise ValueError("the runtime-* and llamacpp-* impls run on the CPU only")
     if missing and args.impl:
         raise ValueError("; ".join(f"{impl}: {why}" for impl, why in missing.items()))
@@ -956,7 +988,7 @@ def unavailable_impls(impls: List[str]) -> dict:
 
     out = {}
     for impl in impls:
-        if impl in RUNTIME_IMPLS and not _C.has_native_runtime():
+        if is_runtime_impl(impl) and not _C.has_native_runtime():
             out[impl] = "osengine was built without the native runtime (docs/runtime.md)"
         if impl in LLAMACPP_IMPLS and importlib.util.find_spec("llama_cpp") is None:
             out[impl] = "llama-cpp-python is not installed (pip install \"osengine[llamacpp]\")"
