@@ -54,9 +54,14 @@ FLOAT_IMPLS = ("fp32", "fp16", "bf16")
 RECIPES = {"w8a8": "w8a8-static", "w4a8": "w4a8-group", "w4a4": "w4a4-engine"}
 
 
+def is_folder_impl(impl: str) -> bool:
+    """runtime:FOLDER, a folder quantized before."""
+    return impl.startswith(FOLDER_IMPL)
+
+
 def is_runtime_impl(impl: str) -> bool:
-    """runtime-w8a8 / -w4a8 / -w4a4 (quantized here) or runtime:FOLDER (a folder quantized before)."""
-    return impl in RUNTIME_IMPLS or impl.startswith(FOLDER_IMPL)
+    """runtime-w8a8 / -w4a8 / -w4a4 (quantized here) or runtime:FOLDER."""
+    return impl in RUNTIME_IMPLS or is_folder_impl(impl)
 
 
 def is_native_impl(impl: str) -> bool:
@@ -275,7 +280,7 @@ def prepare(args) -> dict:
     for impl in runtime:
         if impl in prepared:
             continue
-        if impl.startswith(FOLDER_IMPL):
+        if is_folder_impl(impl):
             prepared[impl] = _saved_folder(impl, prepared["n_vocab"])
             continue
         recipe = args.recipe if (args.recipe and impl == "runtime-w8a8") else bench_native.RUNTIME_IMPLS[impl]
@@ -959,7 +964,7 @@ def parse_points(args) -> None:
     if args.random and not args.impl:  # they need a real model: quantized folders, GGUFs
         args.impls = [i for i in args.impls if not is_native_impl(i)]
     known = set(CPU_IMPLS + CUDA_IMPLS + EXTRA_IMPLS + list(FLOAT_IMPLS))
-    unknown = [i for i in args.impls if i not in known and not i.startswith(FOLDER_IMPL)]
+    unknown = [i for i in args.impls if i not in known and not is_folder_impl(i)]
     if unknown:
         raise ValueError(f"unknown impl(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if args.ppl_windows < 1 or args.ppl_seq_len < 2:
