@@ -56,6 +56,7 @@ whose capture fails is timed eagerly instead (stderr says why; its records have 
 the table). --no-cuda-graph times eager calls (host overhead included). Impls are sampled round-robin as on the CPU;
 median and IQR likewise. --max-call-s (default 2 s) skips an impl at a larger M when its time at a smaller M of the
 same shape, scaled by M, predicts a call longer than that (W4A4 on Hopper runs on the CUDA-core fallback).
+--time-limit S starts no new point after S seconds (benchmarks/gpu_check.py gives it what is left of its budget).
 Ratios are torch_fp16 time / impl time. Targets (LLaMA-7B and -70B shapes): W8A8 >= 1.8x fp16 at M >= 2048;
 w8a8_gemm (int8 codes in, fp16 out, epilogue included) at least as fast as torch._int_mm (int8 in, raw int32 out) at
 every M where _int_mm runs; epilogue cost w8a8_gemm / w8a8_no_epilogue - 1 <= 3%; W4A8 >= 2.5x fp16 at M <= 16.
@@ -94,6 +95,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import osengine
+from osengine.ops import has_cuda_backend
 
 SHAPES = {  # name: (N, K)
     "smollm2": [("smollm2 q/o", 576, 576), ("smollm2 up/gate", 1536, 576), ("smollm2 down", 576, 1536)],
@@ -361,7 +363,7 @@ def cuda_unavailable() -> str | None:
     if not torch.cuda.is_available():
         reasons.append(f"torch {torch.__version__} sees no GPU" +
                        ("" if torch.version.cuda else " (a CPU-only build of torch)"))
-    if not osengine.ops.has_cuda_backend():
+    if not has_cuda_backend():
         reasons.append("osengine was built without the CUDA backend (build it with OSENGINE_CUDA=ON, see "
                        "cpp/src/backends/cuda/README.md)")
     return "; ".join(reasons) or None
@@ -539,10 +541,15 @@ def run_cuda(args) -> list[dict]:
     rotate_bytes = 3 * l2
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
+    start = time.perf_counter()
     for label, n, k in args.shapes:
         w = torch.randn(n, k, generator=gen, device="cuda") * 0.02
         measured = {}  # impl: [(m, seconds per call)] at this shape, for --max-call-s
         for m in args.m:
+            if args.time_limit and time.perf_counter() - start > args.time_limit:
+                print(f"  {label:16s} M={m:<5d} not measured: --time-limit {args.time_limit:g} s reached",
+                      file=sys.stderr, flush=True)
+                continue
             x = make_x(m, k, gen, device="cuda").half()
             impls = []
             for impl in args.impl:
@@ -680,9 +687,9 @@ def table(records: list[dict], impls: list[str], device: str = "cpu") -> str:
     return "\n".join(out)
 
 
-def targets(records: list[dict], device: str = "cpu") -> list[str]:
-    """PASS/FAIL lines for the issue's targets on LLaMA shapes (CPU: LLaMA-7B; CUDA: LLaMA-7B and -70B), computed
-    from the measurements."""
+def target_results(records: list[dict], device: str = "cpu") -> list[tuple[str, str, str]]:
+    """(target, measured, PASS / FAIL / SKIP) for the issue's targets on LLaMA shapes (CPU: LLaMA-7B; CUDA: LLaMA-7B
+    and -70B), computed from the measurements; `measured` names the worst point and how many points meet it."""
     families = ["llama7b"] if device == "cpu" else ["llama7b", "llama70b"]
     llama = {(n, k) for f in families for _, n, k in SHAPES[f]}
     pts = {}
@@ -698,7 +705,6 @@ def targets(records: list[dict], device: str = "cpu") -> list[str]:
             ("epilogue (w8a8_gemm / w8a8_no_epilogue - 1) <= 5%", "w8a8_gemm", "w8a8_no_epilogue", lambda m: True,
              1.05, False),
         ]
-        lines = ["Targets (LLaMA-7B shapes):"]
     else:
         checks = [
             ("W8A8 >= 1.8x torch fp16 at M >= 2048", "torch_fp16", "w8a8", lambda m: m >= 2048, 1.8, True),
@@ -708,20 +714,26 @@ def targets(records: list[dict], device: str = "cpu") -> list[str]:
              1.03, False),
             ("W4A8 >= 2.5x torch fp16 at M <= 16", "torch_fp16", "w4a8", lambda m: m <= 16, 2.5, True),
         ]
-        lines = ["Targets (LLaMA-7B and LLaMA-70B shapes):"]
+    out = []
     for desc, num, den, pick, bound, higher in checks:
         vals = [(v[num] / v[den], n, k, m) for (n, k, m), v in sorted(pts.items())
                 if pick(m) and num in v and den in v]
         if not vals:
-            lines.append(f"  SKIP  {desc}: not measured")
+            out.append((desc, "not measured", "SKIP"))
             continue
         ok = [v for v in vals if (v[0] >= bound if higher else v[0] <= bound)]
         worst = min(vals) if higher else max(vals)
         shown = f"{worst[0]:.2f}x" if higher else f"{100 * (worst[0] - 1):+.1f}%"
-        verdict = "PASS" if len(ok) == len(vals) else "FAIL"
-        lines.append(f"  {verdict}  {desc}: worst {shown} at N={worst[1]} K={worst[2]} M={worst[3]} "
-                     f"({len(ok)}/{len(vals)} points meet it)")
-    return lines
+        out.append((desc, f"worst {shown} at N={worst[1]} K={worst[2]} M={worst[3]} "
+                          f"({len(ok)}/{len(vals)} points meet it)", "PASS" if len(ok) == len(vals) else "FAIL"))
+    return out
+
+
+def targets(records: list[dict], device: str = "cpu") -> list[str]:
+    """The target_results as lines under a heading."""
+    heading = "Targets (LLaMA-7B shapes):" if device == "cpu" else "Targets (LLaMA-7B and LLaMA-70B shapes):"
+    return [heading] + [f"  {verdict}  {desc}: {measured}" for desc, measured, verdict in
+                        target_results(records, device)]
 
 
 def parse_args(argv=None):
@@ -742,6 +754,8 @@ def parse_args(argv=None):
     p.add_argument("--max-call-s", type=float, default=2.0,
                    help="cuda: skip an impl at a larger M when its time at a smaller M, scaled by M, predicts a call "
                         "longer than this (default 2 s)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="--device cuda: start no new point after S seconds; the points measured are reported")
     p.add_argument("--json", action="store_true", help="print one JSON list of records instead of the table")
     p.add_argument("--rotate", action="store_true",
                    help="cpu: the online Hadamard rotation's cost on down_proj inputs (its own shapes, impls and "
@@ -776,6 +790,8 @@ def parse_args(argv=None):
         p.error(f"--backend {args.backend!r}: --device cuda runs the osengine CUDA backend ('auto' or 'cuda')")
     if cuda and args.max_call_s <= 0:
         p.error("--max-call-s must be > 0")
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error("--time-limit must be > 0")
     return args
 
 

@@ -1,6 +1,8 @@
 """benchmarks/gemm.py without running a benchmark: argument defaults per device, and --device cuda's one-line error
 where there is no GPU or no CUDA backend in this build."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,8 @@ def test_cuda_without_gpu_is_a_one_line_error(gemm, capsys):
     assert message.startswith("gemm.py: error: --device cuda: ") and "\n" not in message
     assert "GPU" in message or "CUDA backend" in message
     assert capsys.readouterr().out == ""
+    # the same as a script of its own (this test module's imports must not be what makes it work)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--shapes", "llama7b", "--m", "1",
+                           "--time-limit", "30"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [message]

@@ -203,3 +203,15 @@ def test_separate_shift_pass_gives_the_same_logits():
     assert rel(separate, fused) < 1e-5
     set_shift_mode(model, "fused")
     assert torch.equal(logits(model), fused)
+
+
+def test_random_smollm2_has_smollm2_shapes():
+    # what the GPU check kit benchmarks where SmolLM2's weights package is not installed
+    model = bench.random_model("smollm2", device="meta")
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (576, 1536, 30)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (9, 3, 49152)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    with pytest.raises(ValueError, match="expected one of llama7b, smollm2, tiny"):
+        bench.random_model("gpt5")

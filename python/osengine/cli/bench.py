@@ -84,8 +84,12 @@ REQUIRED_FIELDS = {"device": str, "impl": str, "phase": str, "batch": int, "toke
 # ----------------------------------------------------------------------------------------------------------------
 
 
+RANDOM_MODELS = ["llama7b", "smollm2", "tiny"]
+
+
 def random_model(kind: str, dtype=None, device: str = "cpu"):
-    """A LLaMA with random weights: 'llama7b' (LLaMA-7B shapes) or 'tiny' (for tests)."""
+    """A LLaMA with random weights: 'llama7b' (LLaMA-7B shapes), 'smollm2' (SmolLM2-135M's shapes, for a machine
+    without its weights package: speed does not depend on the values) or 'tiny' (for tests)."""
     import torch
     import transformers
 
@@ -93,12 +97,16 @@ def random_model(kind: str, dtype=None, device: str = "cpu"):
         cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                                        max_position_embeddings=4096)
+    elif kind == "smollm2":
+        cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                       max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
     elif kind == "tiny":
         cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                        max_position_embeddings=256)
     else:
-        raise ValueError(f"random model {kind!r}: expected 'llama7b' or 'tiny'")
+        raise ValueError(f"random model {kind!r}: expected one of {', '.join(RANDOM_MODELS)}")
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg)
@@ -154,7 +162,10 @@ def build_model(impl: str, args):
     if impl in FLOAT_IMPLS:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[impl]
         if args.random:
-            return random_model(args.random, dtype, device)
+            model = random_model(args.random, dtype, device)
+            if device == "cuda":
+                _release_cached_cuda_memory()
+            return model
         if is_checkpoint(source):
             source = load_quantized_manifest(source)["base_model"]
         model, _ = load_fp_model(source, dtype=dtype, device=device)
@@ -186,7 +197,17 @@ def build_model(impl: str, args):
         set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
     if device == "cuda":
         _keep_float_parts(model, float_dtype)
+        _release_cached_cuda_memory()
     return model.eval()
+
+
+def _release_cached_cuda_memory() -> None:
+    """Give the float model's freed memory back to the device: the impls' processes share one GPU, and torch's
+    caching allocator would otherwise keep what quantizing a LLaMA-7B in fp32 took (27 GB) reserved."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _saved_folder(impl: str, n_vocab: int) -> str:
@@ -928,8 +949,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--fp-embeddings", action="store_true",
                    help="keep the embedding table and lm_head in floating point (default: int8 on the engine)")
-    p.add_argument("--random", choices=["llama7b", "tiny"], default=None,
-                   help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes)")
+    p.add_argument("--random", choices=RANDOM_MODELS, default=None,
+                   help="a LLaMA with random weights instead of MODEL ('llama7b': LLaMA-7B shapes; 'smollm2': "
+                        "SmolLM2-135M's)")
     p.add_argument("--random-llama7b", dest="random", action="store_const", const="llama7b",
                    help="same as --random llama7b")
     p.add_argument("--ppl", default=None, metavar="TEXT_FILE",
