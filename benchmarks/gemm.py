@@ -43,8 +43,8 @@ fp16 (the CUDA gemm writes fp32, bf16 or fp16; fp16 is what torch_fp16 returns, 
   w8a8_gemm         gemm() alone on pre-quantized codes, preallocated fp16 out.
   w8a8_no_epilogue  gemm_accumulate() on the same codes, preallocated int32 out.
   w4a8              as w8a8 with int4 per-channel weights.
-  w4a4              quantize_activations(x, bits=4) + int4 packing of the codes with torch ops (osengine's pack_int4
-                    is CPU-only) + gemm_w4a4, fp16 out.
+  w4a4              quantize_activations(x, bits=4) + pack_int4 of the codes (on the GPU: torch's elementwise ops)
+                    + gemm_w4a4, fp16 out.
 
 Method (CUDA). Every impl rotates over distinct copies of its inputs and weights, enough to cover 3x the GPU's L2
 (50 MB on H100: 150 MB) so that weights stream from HBM, as in a real forward pass; fewer where the GPU memory left
@@ -379,12 +379,6 @@ def cuda_copies(bytes_per_copy: int, rotate_bytes: int, budget_bytes: int) -> in
     return max(1, min(CUDA_MAX_COPIES, want, budget_bytes // max(1, bytes_per_copy)))
 
 
-def pack_int4_torch(codes: torch.Tensor) -> torch.Tensor:
-    """osengine.pack_int4's layout with torch ops (it runs on the GPU; osengine's pack_int4 is CPU-only):
-    int8 codes [M, K] in [-8, 7] -> uint8 [M, K/2], even index in the low nibble."""
-    return ((codes[:, 0::2] & 15) | (codes[:, 1::2] << 4)).view(torch.uint8)
-
-
 def build_cuda(impl: str, m: int, n: int, k: int, w: torch.Tensor, x: torch.Tensor, rotate_bytes: int,
                budget_bytes: int):
     """As build(), on the GPU: x fp16 [M, K] and w fp32 [N, K] live on the GPU. Returns (closures, bytes per copy),
@@ -451,7 +445,7 @@ def build_cuda(impl: str, m: int, n: int, k: int, w: torch.Tensor, x: torch.Tens
         else:  # w4a4
             def call(x=x.clone(), packed=packed):
                 q = osengine.quantize_activations(x, bits=4, symmetric=False)
-                return osengine.gemm_w4a4(pack_int4_torch(q.codes), packed, a_scale=q.scale,
+                return osengine.gemm_w4a4(osengine.pack_int4(q.codes), packed, a_scale=q.scale,
                                           a_zero_point=q.zero_point, w_scale=w_scale, bias=bias, out_dtype="float16")
         calls.append(call)
     return calls, per

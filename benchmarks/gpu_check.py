@@ -10,7 +10,8 @@ repository, and it checks its own time budget (--budget-s, default 480 s) as it 
                use it); CUTLASS headers from --cutlass, $CUTLASS_PATH, an installed nvidia-cutlass, or an
                nvidia_cutlass-*.whl in --wheels (unpacked here: headers only)
   import       the installed package imports and has the CUDA backend
-  tests        tests/engine/test_ops_cuda.py: every CUDA op against the scalar reference, bit for bit
+  tests        tests/engine/test_ops_cuda.py: every CUDA op against the scalar reference, bit for bit; and
+               tests/runtime/test_linear_cuda.py: the engine-backed model's layers on the GPU equal the CPU's
   memcheck     compute-sanitizer --tool memcheck on the tests marked `sanitize` (each kernel kind once), torch's
                caching allocator off so that every tensor is its own allocation and an overrun is seen
   racecheck    the same subset under --tool racecheck (shared-memory hazards)
@@ -60,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 480.0
 RESERVE_S = 15.0  # kept back for the summaries and the archive
 SUMMARY_VERSION = 1
-CUDA_TESTS = "tests/engine/test_ops_cuda.py"
+CUDA_TESTS = ["tests/engine/test_ops_cuda.py", "tests/runtime/test_linear_cuda.py"]  # the first: every op
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 GEMM_M = {"llama7b": "1,16,128,512,2048,8192", "llama70b": "1,16,128,2048"}
 E2E = {  # the bench's arguments per model
@@ -134,13 +135,13 @@ def plan(args, arch: str, smollm2_source: list) -> list:
              "raise SystemExit(0 if o.has_cuda_backend() else 'built without the CUDA backend')")
     steps.append(Step("import", "the installed package has the CUDA backend", 10, [python, "-c", probe],
                       needs_gpu=False, env=env))
-    steps.append(Step("tests", "every CUDA op against the reference", 60,
-                      pytest + [f"--junitxml={out / 'tests.xml'}", CUDA_TESTS], cap_s=180, env=env))
-    sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    steps.append(Step("tests", "every CUDA op against the reference; the engine model's layers on the GPU", 60,
+                      pytest + [f"--junitxml={out / 'tests.xml'}", *CUDA_TESTS], cap_s=180, env=env))
+    sanitizer = find_cuda_tool("compute-sanitizer")
     for tool in SANITIZER_TOOLS:
         steps.append(Step(tool, f"compute-sanitizer {tool} on the sanitize subset", 60,
                           [sanitizer, "--tool", tool, "--error-exitcode", "86", "--print-limit", "100"] + pytest
-                          + ["-m", "sanitize", f"--junitxml={out / (tool + '.xml')}", CUDA_TESTS], cap_s=120,
+                          + ["-m", "sanitize", f"--junitxml={out / (tool + '.xml')}", CUDA_TESTS[0]], cap_s=120,
                           env={**env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
     gemm = [python, str(ROOT / "benchmarks" / "gemm.py"), "--device", "cuda", "--min-time", "0.05", "--repeats",
             "3", "--json"]
@@ -158,6 +159,16 @@ def plan(args, arch: str, smollm2_source: list) -> list:
                       bench + smollm2_source + E2E["smollm2"] + ["--save-json", str(out / "e2e-smollm2.json")],
                       cap_s=90, env=env))
     return [s for s in steps if s.name in args.steps]
+
+
+def find_cuda_tool(name: str) -> str:
+    """A CUDA toolkit program: on PATH, beside nvcc, or in /usr/local/cuda/bin (the name alone if nowhere)."""
+    nvcc = shutil.which("nvcc")
+    for candidate in [shutil.which(name), nvcc and str(Path(nvcc).resolve().parent / name),
+                      f"/usr/local/cuda/bin/{name}"]:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return name
 
 
 def smollm2_source() -> list:
@@ -189,7 +200,7 @@ def machine_facts(gpu: Optional[dict]) -> dict:
         "torch": [sys.executable, "-c", "import torch; print(torch.__version__, 'CUDA', torch.version.cuda, "
                                         "'available' if torch.cuda.is_available() else 'unavailable')"],
         "nvcc": ["nvcc", "--version"],
-        "compute_sanitizer": ["compute-sanitizer", "--version"],
+        "compute_sanitizer": [find_cuda_tool("compute-sanitizer"), "--version"],
         "commit": ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
     }
     for key, command in probes.items():

@@ -67,13 +67,6 @@ def test_cuda_tables_and_targets(gemm):
     assert lines[4].startswith("  SKIP  W4A8")
 
 
-def test_pack_int4_torch_matches_osengine(gemm):
-    import torch
-
-    codes = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
-    assert torch.equal(gemm.pack_int4_torch(codes), osengine.ops.pack_int4(codes))
-
-
 def test_cuda_without_gpu_is_a_one_line_error(gemm, capsys):
     import torch
 

@@ -89,3 +89,26 @@ def test_an_output_that_requires_grad_is_refused_by_the_extension():
 def test_unsupported_torch_dtype_is_named():
     with pytest.raises(TypeError, match=r"argument 'x': unsupported dtype"):
         osengine.quantize_activations(torch.randn(2, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 2), (3, 18), (17, 4096), (2, 3, 64)])
+def test_int4_packing_with_torch_ops_matches_the_engine(shape):
+    # CUDA tensors are packed this way (on their GPU); here on the CPU against the engine's own packing
+    from osengine.engine.ops import _pack_int4_torch
+
+    codes = torch.randint(-8, 8, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    ours = _pack_int4_torch(codes)
+    assert ours.dtype == torch.uint8 and ours.shape == shape[:-1] + (shape[-1] // 2,)
+    assert torch.equal(ours, osengine.pack_int4(codes))
+    assert torch.equal(osengine.unpack_int4(ours), codes)
+    strided = torch.randint(-8, 8, (4, 16), dtype=torch.int8)[:, ::2]  # a view whose rows are not contiguous
+    assert torch.equal(_pack_int4_torch(strided), osengine.pack_int4(strided.contiguous()))
+
+
+def test_int4_packing_with_torch_ops_names_bad_codes():
+    from osengine.engine.ops import _pack_int4_torch
+
+    with pytest.raises(TypeError, match=r"osengine.pack_int4: argument 'codes': expected dtype int8, got int32"):
+        _pack_int4_torch(torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"argument 'codes': last dimension must be even .* got \[2, 3\]"):
+        _pack_int4_torch(torch.zeros(2, 3, dtype=torch.int8))

@@ -256,11 +256,28 @@ def gemm_accumulate(a: Any, weights: PackedWeights, *, a_format: str = "int8", o
 
 
 def pack_int4(codes: Any) -> Any:
-    """int8 codes in [-8, 7], last dimension even -> uint8 with two codes per byte (even index in the low nibble)."""
+    """int8 codes in [-8, 7], last dimension even -> uint8 with two codes per byte (even index in the low nibble).
+
+    A CUDA tensor is packed on its GPU with torch's elementwise ops (the engine has no CUDA kernel for it); its codes
+    are not range-checked there, like the other value checks of CUDA data (reading them back would synchronize)."""
     codes = _detach(codes)
+    if _is_torch(codes) and codes.is_cuda:
+        return _pack_int4_torch(codes)
     out = _empty(codes, tuple(codes.shape[:-1]) + (codes.shape[-1] // 2,), "uint8")
     _C.pack_int4(codes, out)
     return out
+
+
+def _pack_int4_torch(codes: Any) -> Any:
+    """pack_int4 of a torch tensor with torch ops, on its device: the same bytes as the engine's packing."""
+    import torch
+
+    if codes.dtype != torch.int8:
+        raise TypeError(f"osengine.pack_int4: argument 'codes': expected dtype int8, got {str(codes.dtype)[6:]}")
+    if codes.ndim < 1 or codes.shape[-1] % 2:
+        raise ValueError(f"osengine.pack_int4: argument 'codes': last dimension must be even to pack two int4 codes "
+                         f"per byte, got {list(codes.shape)}")
+    return ((codes[..., 0::2] & 15) | (codes[..., 1::2] << 4)).view(torch.uint8)
 
 
 def unpack_int4(packed: Any) -> Any:
