@@ -67,3 +67,17 @@ def test_converted_model_runs_on_cuda_like_on_the_cpu(recipe):
         want = on_cpu(input_ids=ids).logits
     # the int ops are exact on both; the float parts (norms, attention) round differently on the GPU
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_float16_activations_stay_float16_on_the_gpu():
+    # an fp16 model's linears: quantize reads fp16 and the GEMM writes fp16 (no float32 passes around them); the
+    # kernels compute in float32 and round the output once, as the CPU's float32 result rounded to float16
+    g = torch.Generator().manual_seed(8)
+    codes, w_scale, _ = symmetric_weight_codes(torch.randn(32, 64, generator=g), 8, "per-channel", 0)
+    x = torch.randn(6, 64, generator=g).half()
+    cpu = EngineLinear(codes, w_scale, None, backend="reference")
+    gpu = EngineLinear(codes.cuda(), w_scale.cuda(), None)
+    with torch.no_grad():
+        got = gpu(x.cuda())
+        want = cpu(x.float())
+    assert got.dtype == torch.float16 and torch.equal(got.cpu(), want.half())

@@ -229,7 +229,9 @@ class EngineLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.prologue.rms_norm is not None:
             x2 = self._normalize(x2)
-        if x2.dtype not in (torch.float32, torch.bfloat16):
+        # The CUDA kernels read and write float16 themselves (no conversion passes around each linear of an fp16
+        # model); the CPU kernels take float32 or bfloat16.
+        if x2.dtype not in (torch.float32, torch.bfloat16) and not (x2.is_cuda and x2.dtype == torch.float16):
             x2 = x2.float()
         shift = self.input_shift
         rotate = self.input_rotation is not None
@@ -242,7 +244,7 @@ class EngineLinear(nn.Module):
                          smooth_scale=self.input_smooth_scale, group_size=self.act_group_size,
                          scale=None if self.act_dynamic else self.act_scale,
                          zero_point=None if self.act_dynamic else self.act_zero_point, rotate=rotate)
-        out_dtype = "bfloat16" if x2.dtype == torch.bfloat16 else "float32"
+        out_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(x2.dtype, "float32")
         zero_point = None if self.act_symmetric else q.zero_point
         # 4-bit codes: CUDA's int4 kernels take them packed two per byte, the CPU's as int8 (see _forward_cpu)
         if self.act_bits <= 4 and self.packed.backend == "cuda":
