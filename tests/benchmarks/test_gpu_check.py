@@ -103,6 +103,28 @@ def test_steps_follow_the_budget(kit, tmp_path):
     assert [(r["name"], r["status"]) for r in recorded] == [("slow", "skipped"), ("overrun", "timed_out")]
 
 
+def test_an_overrunning_step_is_killed_with_its_children(kit, tmp_path):
+    # a benchmark's per-model processes must not outlive its step (they would hold the GPU)
+    args = kit.parse_args(["--out", str(tmp_path), "--budget-s", "300"])
+    runner = kit.Runner(args, kit.time.monotonic())
+    pid_file = tmp_path / "child.pid"
+    parent = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    result = runner.run(kit.Step("parent", "starts a child", 0, [sys.executable, "-c", parent], cap_s=3))
+    assert result.status == "timed_out"
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is immediate; the zombie's parent (init) may take a moment to reap it
+        try:
+            kit.os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if "zombie" in Path(f"/proc/{child}/status").read_text().lower():
+            break
+        kit.time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's child {child} is still running")
+
+
 def test_a_step_is_held_to_its_cap(kit, tmp_path):
     args = kit.parse_args(["--out", str(tmp_path), "--budget-s", "300"])
     runner = kit.Runner(args, kit.time.monotonic())
