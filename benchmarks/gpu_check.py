@@ -70,7 +70,6 @@ E2E = {  # the bench's arguments per model
                 "--decode-batch", "1,8", "--new-tokens", "32", "--repeats", "3"],
     "smollm2": ["--prefill", "1x128,1x512,8x128", "--decode-batch", "1,8", "--new-tokens", "32", "--repeats", "3"],
 }
-STATUSES = ("passed", "failed", "timed_out", "skipped")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ class Step:
 @dataclass
 class StepResult:
     name: str
-    status: str  # one of STATUSES
+    status: str  # passed, failed, timed_out or skipped
     seconds: float = 0.0
     command: str = ""
     log: str = ""
@@ -118,7 +117,7 @@ def local_arch(compute_capability: str) -> str:
     return f"80;{cc}"  # later GPUs: the 8x kernels' PTX (JIT-compiled there) plus native plain kernels
 
 
-def plan(args, arch: str, smollm2_source: list) -> list:
+def plan(args, arch: str, smollm2_model: list) -> list:
     python, out, site = sys.executable, Path(args.out), Path(args.work) / "site"
     env = {"PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
@@ -157,7 +156,7 @@ def plan(args, arch: str, smollm2_source: list) -> list:
                       gemm + ["--shapes", "llama70b", "--m", GEMM_M["llama70b"]], stdout_to="gemm-llama70b.json",
                       cap_s=90, env=env, time_limit_flag="--time-limit"))
     steps.append(Step("e2e-smollm2", "prefill and decode of SmolLM2-135M vs fp16", 45,
-                      bench + smollm2_source + E2E["smollm2"] + ["--save-json", str(out / "e2e-smollm2.json")],
+                      bench + smollm2_model + E2E["smollm2"] + ["--save-json", str(out / "e2e-smollm2.json")],
                       cap_s=90, env=env))
     return [s for s in steps if s.name in args.steps]
 

@@ -162,10 +162,7 @@ def build_model(impl: str, args):
     if impl in FLOAT_IMPLS:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[impl]
         if args.random:
-            model = random_model(args.random, dtype, device)
-            if device == "cuda":
-                _release_cached_cuda_memory()
-            return model
+            return random_model(args.random, dtype, device)
         if is_checkpoint(source):
             source = load_quantized_manifest(source)["base_model"]
         model, _ = load_fp_model(source, dtype=dtype, device=device)
@@ -197,7 +194,6 @@ def build_model(impl: str, args):
         set_shift_mode(model, "separate" if impl.endswith("separate") else "fused")
     if device == "cuda":
         _keep_float_parts(model, float_dtype)
-        _release_cached_cuda_memory()
     return model.eval()
 
 
@@ -489,6 +485,8 @@ class Runner:
 
             set_threads(args.threads)
             self.model = build_model(impls[0], args)
+            if args.device == "cuda":
+                _release_cached_cuda_memory()
             memory = model_memory(self.model)
             total, packed = memory["total"], memory["packed"]
             extra["torch"] = torch.__version__
